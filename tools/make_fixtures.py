@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -178,6 +179,12 @@ def tokenise(folder):
     assert tok.convert_tokens_to_ids("[DEC]") == 30522
     enc = tok(CAPTIONS, padding="max_length", truncation=True, max_length=MAX_LEN, return_tensors="pt")
     return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+def compact_json(obj):
+    """Indented JSON with innermost integer lists (boxes, indices) kept on one line."""
+    text = json.dumps(obj, indent=1, ensure_ascii=False)
+    return re.sub(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
 
 
 def close(a, b, tol, what):
@@ -381,7 +388,8 @@ def run_qpert(name, out, model, sd64, vcfg, qcfg, nq, pv, ids, mask, z, z64, ii,
         "projector_principal_n2": t32(sub["projector_principal_n2"]),
         "gram_rank": torch.from_numpy(gram_rank.copy()).long(),
         "gram_full_rank": torch.from_numpy(full.astype(np.uint8)),
-        "eigengap_min": t32(sub["eigengap_min"]), "ratio_margin": t32(sub["ratio_margin"]),
+        "eigengap_min": t32(sub["eigengap_min"]), "eigengap_at_m": t32(sub["eigengap_at_m"]),
+        "ratio_margin": t32(sub["ratio_margin"]),
         "image_official_comparable": torch.from_numpy(image_official_comparable),
     }
     tensors.update({k: t32(v) for k, v in pis.items()})
@@ -409,13 +417,12 @@ def run_qpert(name, out, model, sd64, vcfg, qcfg, nq, pv, ids, mask, z, z64, ii,
         "head_dim": d,
     }
     with open(os.path.join(out, "qpert.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-        f.write("\n")
+        f.write(compact_json(meta) + "\n")
     nfull = int(full[:, 0, 0].sum())
     print(f"{name}: {nb} boxes, {nfull} full rank, num_components range "
           f"{sub['num_components'].min()}..{sub['num_components'].max()}, min tau margin "
           f"{sub['ratio_margin'].min():.2e}, min rel eigengap (full rank) "
-          f"{sub['eigengap_min'][full].min():.2e}, official-comparable images {image_official_comparable.tolist()}")
+          f"{sub['eigengap_min'][full].min():.2e}, min rel gap at m {sub['eigengap_at_m'].min():.2e}, official-comparable images {image_official_comparable.tolist()}")
     print(f"{name}: f64 perturbed re-implementation max abs diff: "
           + ", ".join(f"{k} {v:.2g}" for k, v in errs.items()))
 

@@ -329,6 +329,7 @@ def key_subspaces(keys, w, box_image, n_heads, tau=0.99, npc=None):
         "projector_principal_n2": np.zeros((nb, nl, n_heads, d, d)),
         "ratio_margin": np.zeros((nb, nl, n_heads)),
         "eigengap_min": np.zeros((nb, nl, n_heads)),
+        "eigengap_at_m": np.zeros((nb, nl, n_heads)),
     }
     for o in range(nb):
         kb = keys[box_image[o]]
@@ -344,8 +345,12 @@ def key_subspaces(keys, w, box_image, n_heads, tau=0.99, npc=None):
                 res["projector_principal"][o, l, h] = projector_principal(v, m)
                 res["projector_official"][o, l, h] = projector_official(v, m)
                 res["projector_principal_n2"][o, l, h] = projector_principal(v, num_components(lam, n=2))
+                for pm in (res["projector_principal"][o, l, h], res["projector_official"][o, l, h]):
+                    assert np.allclose(pm @ pm, pm, atol=1e-9) and np.allclose(pm, pm.T, atol=1e-12)
+                    assert abs(np.trace(pm) - m) < 1e-9
                 res["ratio_margin"][o, l, h] = np.min(np.abs(np.cumsum(lam) / lam.sum() - tau))
                 res["eigengap_min"][o, l, h] = np.min(lam[:-1] - lam[1:]) / lam[0]
+                res["eigengap_at_m"][o, l, h] = (lam[m - 1] - lam[m]) / lam[0] if m < d else 1.0
     return res
 
 
