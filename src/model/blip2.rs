@@ -1,7 +1,7 @@
 //! The BLIP-2 retrieval model and its public forwards: vision tokens Z, cross-attention keys,
 //! ITC image and text features and ITM logits (method.md section 1, "Heads"), with the optional
 //! Q-Pert perturbation Pi of method.md section 5. Follows `Blip2ForImageTextRetrieval.forward` of
-//! transformers 4.47 `models/blip_2/modeling_blip_2.py` (both `use_image_text_matching_head`
+//! transformers 5.24 (the version that generated `tests/fixtures`) `models/blip_2/modeling_blip_2.py` (both `use_image_text_matching_head`
 //! branches). Every forward checks its input shapes and returns `Error::Input` naming the argument.
 
 use std::path::Path;
@@ -14,7 +14,7 @@ use super::config::Blip2Config;
 use super::linear;
 use super::qformer::{CrossKv, QFormerModel};
 use super::vision::VisionModel;
-use super::weights::{load_module, Checkpoint};
+use super::weights::{Checkpoint, load_module};
 use crate::error::{Error, Result};
 
 /// Word and position embeddings of the Q-Former text (`embeddings`). No token-type embedding and
@@ -65,10 +65,15 @@ impl Blip2Config {
         let e = self.image_text_hidden_size;
         Blip2Model {
             vision_model: self.vision_config.init(device),
-            query_tokens: Initializer::Normal { mean: 0.0, std: 0.02 }.init([1, self.num_query_tokens, dq], device),
+            query_tokens: Initializer::Normal {
+                mean: 0.0,
+                std: 0.02,
+            }
+            .init([1, self.num_query_tokens, dq], device),
             embeddings: TextEmbeddings {
                 word_embeddings: EmbeddingConfig::new(q.vocab_size, dq).init(device),
-                position_embeddings: EmbeddingConfig::new(q.max_position_embeddings, dq).init(device),
+                position_embeddings: EmbeddingConfig::new(q.max_position_embeddings, dq)
+                    .init(device),
             },
             qformer: q.init(device),
             vision_projection: linear(dq, e, true, device),
@@ -101,8 +106,17 @@ fn mask_bias(mask: Tensor<2, Int>) -> Tensor<4> {
     ((mask.float() - 1.0) * 10000.0).reshape([b, 1, 1, n])
 }
 
+/// A bad forward argument, named like a path (`pixel_values: expected ...`).
 fn bad_input(argument: &str, msg: impl std::fmt::Display) -> Error {
     Error::input(argument, msg)
+}
+
+/// The values of an Int tensor, read back to the host.
+fn host_ints<const D: usize>(argument: &str, tensor: &Tensor<D, Int>) -> Result<Vec<i64>> {
+    tensor
+        .to_data()
+        .try_into_vec_as::<i64>()
+        .map_err(|e| bad_input(argument, format!("cannot read values: {e:?}")))
 }
 
 impl Blip2Model {
@@ -116,7 +130,9 @@ impl Blip2Model {
 
     /// A model with random weights for benchmarks: same shapes and code path as a loaded one.
     pub fn init_random(config: &Blip2Config, seed: u64, device: &Device) -> Result<Self> {
-        config.validate().map_err(|msg| Error::weights("config.json", msg))?;
+        config
+            .validate()
+            .map_err(|msg| Error::weights("config.json", msg))?;
         device.seed(seed);
         let model = config.init(device);
         model.visit(&mut Materialize);
@@ -132,33 +148,80 @@ impl Blip2Model {
         let v = &self.config.vision_config;
         let [_, t, dv] = z.dims();
         if (t, dv) != (v.num_tokens(), v.hidden_size) {
-            return Err(bad_input("z", format!("expected [b, {}, {}], found {:?}", v.num_tokens(), v.hidden_size, z.dims())));
+            return Err(bad_input(
+                "z",
+                format!(
+                    "expected [b, {}, {}], found {:?}",
+                    v.num_tokens(),
+                    v.hidden_size,
+                    z.dims()
+                ),
+            ));
         }
         Ok(())
     }
 
     fn check_perturbation(&self, perturbation: Option<&Tensor<5>>, b: usize) -> Result<()> {
         let q = &self.config.qformer_config;
-        let expected = [b, q.num_cross_layers(), q.num_attention_heads, q.head_dim(), q.head_dim()];
+        let expected = [
+            b,
+            q.num_cross_layers(),
+            q.num_attention_heads,
+            q.head_dim(),
+            q.head_dim(),
+        ];
         match perturbation {
-            Some(pi) if pi.dims() != expected => {
-                Err(bad_input("perturbation", format!("expected {expected:?}, found {:?}", pi.dims())))
-            }
+            Some(pi) if pi.dims() != expected => Err(bad_input(
+                "perturbation",
+                format!("expected {expected:?}, found {:?}", pi.dims()),
+            )),
             _ => Ok(()),
         }
     }
 
-    fn check_text(&self, input_ids: &Tensor<2, Int>, attention_mask: &Tensor<2, Int>) -> Result<()> {
+    fn check_text(
+        &self,
+        input_ids: &Tensor<2, Int>,
+        attention_mask: &Tensor<2, Int>,
+    ) -> Result<()> {
         let [n, l] = input_ids.dims();
         if attention_mask.dims() != [n, l] {
             return Err(bad_input(
                 "attention_mask",
-                format!("expected the shape of input_ids {:?}, found {:?}", [n, l], attention_mask.dims()),
+                format!(
+                    "expected the shape of input_ids {:?}, found {:?}",
+                    [n, l],
+                    attention_mask.dims()
+                ),
             ));
         }
         let max = self.config.qformer_config.max_position_embeddings;
         if l == 0 || l > max {
-            return Err(bad_input("input_ids", format!("length {l} is not in 1..={max}")));
+            return Err(bad_input(
+                "input_ids",
+                format!("length {l} is not in 1..={max}"),
+            ));
+        }
+        // Out-of-range ids would index past the embedding table; a mask value other than 0/1
+        // would scale the attention bias. Both are small host reads.
+        let vocab = self.config.qformer_config.vocab_size as i64;
+        if let Some(id) = host_ints("input_ids", input_ids)?
+            .into_iter()
+            .find(|&id| !(0..vocab).contains(&id))
+        {
+            return Err(bad_input(
+                "input_ids",
+                format!("token id {id} is outside 0..{vocab}"),
+            ));
+        }
+        if let Some(m) = host_ints("attention_mask", attention_mask)?
+            .into_iter()
+            .find(|&m| m != 0 && m != 1)
+        {
+            return Err(bad_input(
+                "attention_mask",
+                format!("value {m} is not 0 or 1"),
+            ));
         }
         Ok(())
     }
@@ -187,7 +250,11 @@ impl Blip2Model {
     /// Shapes: z [b,t,dv] -> n_cross x [b,h,t,d].
     pub fn cross_attention_keys(&self, z: Tensor<3>) -> Result<Vec<Tensor<4>>> {
         self.check_z(&z)?;
-        Ok(self.qformer.cross_attention_blocks().map(|block| block.attention.key_heads(z.clone())).collect())
+        Ok(self
+            .qformer
+            .cross_attention_blocks()
+            .map(|block| block.attention.key_heads(z.clone()))
+            .collect())
     }
 
     /// The Q-Former output of the queries alone against Z, before the ITC projection; with Pi
@@ -205,24 +272,42 @@ impl Blip2Model {
 
     /// ITC image features F_img, L2-normalised.
     /// Shapes: z [b,t,dv], perturbation [b,n_cross,h,d,d] -> [b,q,e].
-    pub fn image_features(&self, z: Tensor<3>, perturbation: Option<Tensor<5>>) -> Result<Tensor<3>> {
+    pub fn image_features(
+        &self,
+        z: Tensor<3>,
+        perturbation: Option<Tensor<5>>,
+    ) -> Result<Tensor<3>> {
         let out = self.query_output(z, perturbation)?;
         Ok(l2_normalize(self.vision_projection.forward(out)))
     }
 
     /// The Q-Former output at the CLS position of a text-only pass, before the ITC projection.
     /// Shapes: input_ids [n,l] Int, attention_mask [n,l] Int -> [n,dq].
-    pub fn text_cls(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2, Int>) -> Result<Tensor<2>> {
+    pub fn text_cls(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Tensor<2, Int>,
+    ) -> Result<Tensor<2>> {
         self.check_text(&input_ids, &attention_mask)?;
         let [n, _] = input_ids.dims();
-        let out = self.qformer.forward(self.embeddings.forward(input_ids), Some(mask_bias(attention_mask)), 0, &[], None);
+        let out = self.qformer.forward(
+            self.embeddings.forward(input_ids),
+            Some(mask_bias(attention_mask)),
+            0,
+            &[],
+            None,
+        );
         let [_, _, dq] = out.dims();
         Ok(out.narrow(1, 0, 1).reshape([n, dq]))
     }
 
     /// ITC text features f_txt, L2-normalised.
     /// Shapes: input_ids [n,l] Int, attention_mask [n,l] Int -> [n,e].
-    pub fn text_features(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2, Int>) -> Result<Tensor<2>> {
+    pub fn text_features(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Tensor<2, Int>,
+    ) -> Result<Tensor<2>> {
         let cls = self.text_cls(input_ids, attention_mask)?;
         let [n, dq] = cls.dims();
         let features = l2_normalize(self.text_projection.forward(cls.reshape([n, 1, dq])));
@@ -250,24 +335,37 @@ impl Blip2Model {
         self.check_text(&input_ids, &attention_mask)?;
         let [p, _] = input_ids.dims();
         if pair_image.dims() != [p] {
-            return Err(bad_input("pair_image", format!("expected [{p}], found {:?}", pair_image.dims())));
+            return Err(bad_input(
+                "pair_image",
+                format!("expected [{p}], found {:?}", pair_image.dims()),
+            ));
         }
-        let indices = pair_image
-            .to_data()
-            .try_into_vec_as::<i64>()
-            .map_err(|e| bad_input("pair_image", format!("cannot read indices: {e:?}")))?;
+        let indices = host_ints("pair_image", &pair_image)?;
         if let Some(bad) = indices.iter().find(|&&i| i < 0 || i as usize >= b_img) {
-            return Err(bad_input("pair_image", format!("index {bad} is outside 0..{b_img}")));
+            return Err(bad_input(
+                "pair_image",
+                format!("index {bad} is outside 0..{b_img}"),
+            ));
         }
 
-        let cross: Vec<CrossKv> = self.qformer.cross_kv(z).iter().map(|kv| kv.select(pair_image.clone())).collect();
+        let cross: Vec<CrossKv> = self
+            .qformer
+            .cross_kv(z)
+            .iter()
+            .map(|kv| kv.select(pair_image.clone()))
+            .collect();
         let perturbation = perturbation.map(|pi| pi.select(0, pair_image));
         let [_, q, dq] = self.query_tokens.dims();
         let device = input_ids.device();
         let queries = self.query_tokens.val().expand([p, q, dq]);
         let embeddings = Tensor::cat(vec![queries, self.embeddings.forward(input_ids)], 1);
-        let mask = Tensor::cat(vec![Tensor::<2, Int>::ones([p, q], &device), attention_mask], 1);
-        let out = self.qformer.forward(embeddings, Some(mask_bias(mask)), q, &cross, perturbation);
+        let mask = Tensor::cat(
+            vec![Tensor::<2, Int>::ones([p, q], &device), attention_mask],
+            1,
+        );
+        let out = self
+            .qformer
+            .forward(embeddings, Some(mask_bias(mask)), q, &cross, perturbation);
         let logits = self.itm_head.forward(out.narrow(1, 0, q)); // [p, q, 2]
         Ok(logits.narrow(2, 1, 1).mean_dim(1).reshape([p]))
     }

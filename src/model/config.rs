@@ -2,7 +2,7 @@
 //! (method.md section 1). Every absent field takes the Hugging Face default, unknown keys are
 //! ignored and `text_config` (the OPT/T5 language model, unused by retrieval) is skipped, the way
 //! candle reads configs. [`Blip2Config::validate`] then rejects what this crate cannot run.
-//! Defaults follow `configuration_blip_2.py` of transformers 4.47 (`Blip2VisionConfig`,
+//! Defaults follow `configuration_blip_2.py` of transformers 5.24 (the version that generated `tests/fixtures`) (`Blip2VisionConfig`,
 //! `Blip2QFormerConfig`, `Blip2Config`).
 
 use std::path::Path;
@@ -120,12 +120,14 @@ impl Default for QFormerConfig {
 impl QFormerConfig {
     /// Whether layer `j` has a cross-attention block.
     pub fn has_cross_attention(&self, j: usize) -> bool {
-        j % self.cross_attention_frequency == 0
+        j.is_multiple_of(self.cross_attention_frequency)
     }
 
     /// Number of cross-attention layers (6 for the real model).
     pub fn num_cross_layers(&self) -> usize {
-        (0..self.num_hidden_layers).filter(|&j| self.has_cross_attention(j)).count()
+        (0..self.num_hidden_layers)
+            .filter(|&j| self.has_cross_attention(j))
+            .count()
     }
 
     /// Width of one head, d = D_q / H_q.
@@ -208,9 +210,11 @@ impl Blip2Config {
         let v = &self.vision_config;
         let q = &self.qformer_config;
         if !q.use_qformer_text_input {
-            return Err("qformer_config.use_qformer_text_input is false: the Q-Former has no text \
+            return Err(
+                "qformer_config.use_qformer_text_input is false: the Q-Former has no text \
                         feed-forward block, so retrieval (ITC text features, ITM) cannot run"
-                .into());
+                    .into(),
+            );
         }
         let positive = [
             ("vision_config.hidden_size", v.hidden_size),
@@ -224,35 +228,46 @@ impl Blip2Config {
             ("qformer_config.num_hidden_layers", q.num_hidden_layers),
             ("qformer_config.num_attention_heads", q.num_attention_heads),
             ("qformer_config.intermediate_size", q.intermediate_size),
-            ("qformer_config.max_position_embeddings", q.max_position_embeddings),
-            ("qformer_config.cross_attention_frequency", q.cross_attention_frequency),
+            (
+                "qformer_config.max_position_embeddings",
+                q.max_position_embeddings,
+            ),
+            (
+                "qformer_config.cross_attention_frequency",
+                q.cross_attention_frequency,
+            ),
             ("num_query_tokens", self.num_query_tokens),
             ("image_text_hidden_size", self.image_text_hidden_size),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(format!("{name} must be positive"));
         }
-        if v.hidden_size % v.num_attention_heads != 0 {
+        if !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(format!(
                 "vision_config.hidden_size {} is not divisible by num_attention_heads {}",
                 v.hidden_size, v.num_attention_heads
             ));
         }
-        if q.hidden_size % q.num_attention_heads != 0 {
+        if !q.hidden_size.is_multiple_of(q.num_attention_heads) {
             return Err(format!(
                 "qformer_config.hidden_size {} is not divisible by num_attention_heads {}",
                 q.hidden_size, q.num_attention_heads
             ));
         }
-        if v.image_size % v.patch_size != 0 {
+        if !v.image_size.is_multiple_of(v.patch_size) {
             return Err(format!(
                 "vision_config.image_size {} is not a multiple of patch_size {}",
                 v.image_size, v.patch_size
             ));
         }
-        for (name, act) in [("vision_config", &v.hidden_act), ("qformer_config", &q.hidden_act)] {
+        for (name, act) in [
+            ("vision_config", &v.hidden_act),
+            ("qformer_config", &q.hidden_act),
+        ] {
             if act != "gelu" {
-                return Err(format!("{name}.hidden_act {act:?} is not supported (only \"gelu\")"));
+                return Err(format!(
+                    "{name}.hidden_act {act:?} is not supported (only \"gelu\")"
+                ));
             }
         }
         if q.position_embedding_type != "absolute" {
@@ -284,18 +299,41 @@ mod tests {
         let config = parse(r#"{"qformer_config": {"use_qformer_text_input": true}}"#).unwrap();
         let v = &config.vision_config;
         assert_eq!(
-            (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads),
+            (
+                v.hidden_size,
+                v.intermediate_size,
+                v.num_hidden_layers,
+                v.num_attention_heads
+            ),
             (1408, 6144, 39, 16)
         );
-        assert_eq!((v.patch_size, v.image_size, v.layer_norm_eps), (14, 224, 1e-6));
+        assert_eq!(
+            (v.patch_size, v.image_size, v.layer_norm_eps),
+            (14, 224, 1e-6)
+        );
         let q = &config.qformer_config;
         assert_eq!(
-            (q.hidden_size, q.num_hidden_layers, q.num_attention_heads, q.intermediate_size),
+            (
+                q.hidden_size,
+                q.num_hidden_layers,
+                q.num_attention_heads,
+                q.intermediate_size
+            ),
             (768, 12, 12, 3072)
         );
         assert_eq!((q.cross_attention_frequency, q.layer_norm_eps), (2, 1e-12));
-        assert_eq!((q.max_position_embeddings, q.encoder_hidden_size, q.vocab_size), (512, 1408, 30522));
-        assert_eq!((config.num_query_tokens, config.image_text_hidden_size), (32, 256));
+        assert_eq!(
+            (
+                q.max_position_embeddings,
+                q.encoder_hidden_size,
+                q.vocab_size
+            ),
+            (512, 1408, 30522)
+        );
+        assert_eq!(
+            (config.num_query_tokens, config.image_text_hidden_size),
+            (32, 256)
+        );
         assert_eq!(q.num_cross_layers(), 6);
         assert_eq!(q.head_dim(), 64);
     }
@@ -336,7 +374,10 @@ mod tests {
     fn unrunnable_configs_are_rejected() {
         for (text, needle) in [
             (r#"{}"#, "use_qformer_text_input"),
-            (r#"{"qformer_config": {"use_qformer_text_input": false}}"#, "use_qformer_text_input"),
+            (
+                r#"{"qformer_config": {"use_qformer_text_input": false}}"#,
+                "use_qformer_text_input",
+            ),
             (
                 r#"{"qformer_config": {"use_qformer_text_input": true, "num_attention_heads": 7}}"#,
                 "not divisible",
@@ -345,7 +386,10 @@ mod tests {
                 r#"{"qformer_config": {"use_qformer_text_input": true}, "vision_config": {"hidden_act": "quick_gelu"}}"#,
                 "hidden_act",
             ),
-            (r#"{"qformer_config": {"use_qformer_text_input": true}, "vision_config": {"image_size": 100}}"#, "multiple"),
+            (
+                r#"{"qformer_config": {"use_qformer_text_input": true}, "vision_config": {"image_size": 100}}"#,
+                "multiple",
+            ),
             (r#"{"num_query_tokens": "many"}"#, "malformed"),
         ] {
             let err = parse(text).unwrap_err();

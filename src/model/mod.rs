@@ -18,7 +18,7 @@ pub mod weights;
 
 pub use blip2::Blip2Model;
 pub use config::{Blip2Config, QFormerConfig, VisionConfig};
-pub use weights::{fuse_qkv_bias, Checkpoint};
+pub use weights::{Checkpoint, fuse_qkv_bias};
 
 use burn::nn::{Linear, LinearConfig, LinearLayout};
 use burn::tensor::Device;
@@ -26,5 +26,8 @@ use burn::tensor::Device;
 /// A Linear whose weight parameter has PyTorch's `[out, in]` shape (`LinearLayout::Col`), so HF
 /// weights load without a transposition step.
 fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
-    LinearConfig::new(d_in, d_out).with_bias(bias).with_layout(LinearLayout::Col).init(device)
+    LinearConfig::new(d_in, d_out)
+        .with_bias(bias)
+        .with_layout(LinearLayout::Col)
+        .init(device)
 }
