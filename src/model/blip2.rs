@@ -1,8 +1,9 @@
 //! The BLIP-2 retrieval model and its public forwards: vision tokens Z, cross-attention keys,
 //! ITC image and text features and ITM logits (method.md section 1, "Heads"), with the optional
-//! Q-Pert perturbation Pi of method.md section 5. Follows `Blip2ForImageTextRetrieval.forward` of
-//! transformers 5.24 (the version that generated `tests/fixtures`) `models/blip_2/modeling_blip_2.py` (both `use_image_text_matching_head`
-//! branches). Every forward checks its input shapes and returns `Error::Input` naming the argument.
+//! Q-Pert perturbation Pi of method.md section 5. Follows `Blip2ForImageTextRetrieval.forward`
+//! (both `use_image_text_matching_head` branches) in `models/blip_2/modeling_blip_2.py` of
+//! transformers 5.24, the version that generated `tests/fixtures`. Every forward checks its inputs
+//! and returns `Error::Input` naming the argument.
 
 use std::path::Path;
 

@@ -2,8 +2,8 @@
 //! (method.md section 1). Every absent field takes the Hugging Face default, unknown keys are
 //! ignored and `text_config` (the OPT/T5 language model, unused by retrieval) is skipped, the way
 //! candle reads configs. [`Blip2Config::validate`] then rejects what this crate cannot run.
-//! Defaults follow `configuration_blip_2.py` of transformers 5.24 (the version that generated `tests/fixtures`) (`Blip2VisionConfig`,
-//! `Blip2QFormerConfig`, `Blip2Config`).
+//! Defaults follow `Blip2VisionConfig`, `Blip2QFormerConfig` and `Blip2Config` in
+//! `configuration_blip_2.py` of transformers 5.24, the version that generated `tests/fixtures`.
 
 use std::path::Path;
 

@@ -3,7 +3,7 @@
 //! (method.md section 1, "Q-Former"), with the Q-Pert hook of method.md section 5: in each
 //! cross-attention layer l the query heads become q' = q + q Pi_l before the scaled dot product.
 //! Follows `Blip2QFormerMultiHeadAttention`, `Blip2QFormerAttention`, `Blip2QFormerLayer` and
-//! `Blip2QFormerModel` of transformers 5.24 (the version that generated `tests/fixtures`) `models/blip_2/modeling_blip_2.py`.
+//! `Blip2QFormerModel` in `models/blip_2/modeling_blip_2.py` of transformers 5.24.
 
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};

@@ -1,8 +1,8 @@
 //! The BLIP-2 vision tower (EVA ViT-g) that turns an image into the vision tokens Z
 //! (method.md section 1, "Vision tower"). Follows `Blip2VisionEmbeddings`, `Blip2Attention`,
-//! `Blip2MLP`, `Blip2EncoderLayer` and `Blip2VisionModel` of transformers 5.24 (the version that generated `tests/fixtures`)
-//! `models/blip_2/modeling_blip_2.py`: patch conv -> CLS + position -> pre-norm blocks with a fused
-//! qkv projection and exact GELU -> `post_layernorm` on all T tokens.
+//! `Blip2MLP`, `Blip2EncoderLayer` and `Blip2VisionModel` in `models/blip_2/modeling_blip_2.py` of
+//! transformers 5.24: patch conv -> CLS + position -> pre-norm blocks with a fused qkv projection
+//! and exact GELU -> `post_layernorm` on all T tokens.
 
 use burn::module::{Initializer, Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
