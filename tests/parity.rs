@@ -5,8 +5,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use qpert::Error;
+use qpert::model::weights::hf_name;
 use qpert::model::{Blip2Config, Blip2Model};
 use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, TensorView};
@@ -387,6 +389,41 @@ fn real_checkpoint_layout_has_809_tensors_and_1_172_623_618_parameters() {
     assert_eq!(table.len(), 809);
     let params: usize = table.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     assert_eq!(params, 1_172_623_618);
+}
+
+/// Collects (HF name, shape) of every parameter of a module without initialising it.
+#[derive(Default)]
+struct ParamNames {
+    path: Vec<String>,
+    names: Vec<(String, Vec<usize>)>,
+}
+
+impl ModuleVisitor for ParamNames {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let name = hf_name(&self.path.join("."));
+        self.names.push((name, param.lazy_shape().to_vec()));
+    }
+}
+
+#[test]
+fn the_full_model_has_exactly_the_real_checkpoint_tensors() {
+    let config = Blip2Config::itm_vit_g_coco();
+    let model = config.init(&Device::default()); // lazy: nothing is allocated
+    let mut visitor = ParamNames::default();
+    model.visit(&mut visitor);
+    let mut ours = visitor.names;
+    let mut real = hf_tensor_table(&config);
+    ours.sort();
+    real.sort();
+    assert_eq!(ours, real);
 }
 
 /// Deterministic pseudo-random f16 bytes (xorshift), small values.
