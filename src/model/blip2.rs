@@ -1,0 +1,373 @@
+//! The BLIP-2 retrieval model and its public forwards: vision tokens Z, cross-attention keys,
+//! ITC image and text features and ITM logits (method.md section 1, "Heads"), with the optional
+//! Q-Pert perturbation Pi of method.md section 5. Follows `Blip2ForImageTextRetrieval.forward`
+//! (both `use_image_text_matching_head` branches) in `models/blip_2/modeling_blip_2.py` of
+//! transformers 5.24, the version that generated `tests/fixtures`. Every forward checks its inputs
+//! and returns `Error::Input` naming the argument.
+
+use std::path::Path;
+
+use burn::module::{Initializer, Module, ModuleVisitor, Param};
+use burn::nn::{Embedding, EmbeddingConfig, Linear};
+use burn::tensor::{Device, Int, Tensor};
+
+use super::config::Blip2Config;
+use super::linear;
+use super::qformer::{CrossKv, QFormerModel};
+use super::vision::VisionModel;
+use super::weights::{Checkpoint, load_module};
+use crate::error::{Error, Result};
+
+/// Word and position embeddings of the Q-Former text (`embeddings`). No token-type embedding and
+/// no LayerNorm here: the Q-Former's `layernorm` normalises [queries; text] together.
+#[derive(Module, Debug)]
+pub struct TextEmbeddings {
+    /// [V, dq].
+    pub word_embeddings: Embedding,
+    /// [P, dq].
+    pub position_embeddings: Embedding,
+}
+
+impl TextEmbeddings {
+    /// Shapes: input_ids [n,l] -> [n,l,dq] (word + position 0..l-1).
+    pub fn forward(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
+        let [_, l] = input_ids.dims();
+        let positions = Tensor::<1, Int>::arange(0..l as i64, &input_ids.device()).reshape([1, l]);
+        self.word_embeddings.forward(input_ids) + self.position_embeddings.forward(positions)
+    }
+}
+
+/// BLIP-2 for image-text retrieval (`Blip2ForImageTextRetrieval`), f32.
+#[derive(Module, Debug)]
+pub struct Blip2Model {
+    /// The vision tower.
+    pub vision_model: VisionModel,
+    /// The Q learned queries, [1, Q, dq].
+    pub query_tokens: Param<Tensor<3>>,
+    /// Text embeddings.
+    pub embeddings: TextEmbeddings,
+    /// The Q-Former.
+    pub qformer: QFormerModel,
+    /// ITC image head [E, dq].
+    pub vision_projection: Linear,
+    /// ITC text head [E, dq].
+    pub text_projection: Linear,
+    /// ITM head [2, dq] (index 1 is "match").
+    pub itm_head: Linear,
+    #[module(skip)]
+    config: Blip2Config,
+}
+
+impl Blip2Config {
+    /// Builds the model with lazily initialised (random) parameters, the burn way.
+    pub fn init(&self, device: &Device) -> Blip2Model {
+        let q = &self.qformer_config;
+        let dq = q.hidden_size;
+        let e = self.image_text_hidden_size;
+        Blip2Model {
+            vision_model: self.vision_config.init(device),
+            query_tokens: Initializer::Normal {
+                mean: 0.0,
+                std: 0.02,
+            }
+            .init([1, self.num_query_tokens, dq], device),
+            embeddings: TextEmbeddings {
+                word_embeddings: EmbeddingConfig::new(q.vocab_size, dq).init(device),
+                position_embeddings: EmbeddingConfig::new(q.max_position_embeddings, dq)
+                    .init(device),
+            },
+            qformer: q.init(device),
+            vision_projection: linear(dq, e, true, device),
+            text_projection: linear(dq, e, true, device),
+            itm_head: linear(dq, 2, true, device),
+            config: self.clone(),
+        }
+    }
+}
+
+/// Forces every lazily initialised parameter, so that random init is done before timing.
+struct Materialize;
+
+impl ModuleVisitor for Materialize {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let _ = param.val();
+    }
+}
+
+/// L2 normalisation along the last axis, as `torch.nn.functional.normalize` (eps 1e-12).
+fn l2_normalize(x: Tensor<3>) -> Tensor<3> {
+    let norm = x.clone().square().sum_dim(2).sqrt().clamp_min(1e-12);
+    x / norm
+}
+
+/// Additive attention bias from a 0/1 mask: 0 where visible, -10000 where masked.
+/// Shapes: mask [b,n] Int -> [b,1,1,n].
+fn mask_bias(mask: Tensor<2, Int>) -> Tensor<4> {
+    let [b, n] = mask.dims();
+    ((mask.float() - 1.0) * 10000.0).reshape([b, 1, 1, n])
+}
+
+/// A bad forward argument, named like a path (`pixel_values: expected ...`).
+fn bad_input(argument: &str, msg: impl std::fmt::Display) -> Error {
+    Error::input(argument, msg)
+}
+
+/// The values of an Int tensor, read back to the host.
+fn host_ints<const D: usize>(argument: &str, tensor: &Tensor<D, Int>) -> Result<Vec<i64>> {
+    tensor
+        .to_data()
+        .try_into_vec_as::<i64>()
+        .map_err(|e| bad_input(argument, format!("cannot read values: {e:?}")))
+}
+
+impl Blip2Model {
+    /// Loads `<model_dir>/config.json` and the safetensors weights (converted to f32) onto `device`.
+    /// Every parameter must be present with its exact shape; see `weights.rs`.
+    pub fn load(model_dir: &Path, device: &Device) -> Result<Self> {
+        let config = Blip2Config::from_model_dir(model_dir)?;
+        let checkpoint = Checkpoint::open(model_dir)?;
+        load_module(config.init(device), &checkpoint, device)
+    }
+
+    /// A model with random weights for benchmarks: same shapes and code path as a loaded one.
+    pub fn init_random(config: &Blip2Config, seed: u64, device: &Device) -> Result<Self> {
+        config
+            .validate()
+            .map_err(|msg| Error::weights("config.json", msg))?;
+        device.seed(seed);
+        let model = config.init(device);
+        model.visit(&mut Materialize);
+        Ok(model)
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &Blip2Config {
+        &self.config
+    }
+
+    fn check_z(&self, z: &Tensor<3>) -> Result<()> {
+        let v = &self.config.vision_config;
+        let [_, t, dv] = z.dims();
+        if (t, dv) != (v.num_tokens(), v.hidden_size) {
+            return Err(bad_input(
+                "z",
+                format!(
+                    "expected [b, {}, {}], found {:?}",
+                    v.num_tokens(),
+                    v.hidden_size,
+                    z.dims()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_perturbation(&self, perturbation: Option<&Tensor<5>>, b: usize) -> Result<()> {
+        let q = &self.config.qformer_config;
+        let expected = [
+            b,
+            q.num_cross_layers(),
+            q.num_attention_heads,
+            q.head_dim(),
+            q.head_dim(),
+        ];
+        match perturbation {
+            Some(pi) if pi.dims() != expected => Err(bad_input(
+                "perturbation",
+                format!("expected {expected:?}, found {:?}", pi.dims()),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_text(
+        &self,
+        input_ids: &Tensor<2, Int>,
+        attention_mask: &Tensor<2, Int>,
+    ) -> Result<()> {
+        let [n, l] = input_ids.dims();
+        if attention_mask.dims() != [n, l] {
+            return Err(bad_input(
+                "attention_mask",
+                format!(
+                    "expected the shape of input_ids {:?}, found {:?}",
+                    [n, l],
+                    attention_mask.dims()
+                ),
+            ));
+        }
+        let max = self.config.qformer_config.max_position_embeddings;
+        if l == 0 || l > max {
+            return Err(bad_input(
+                "input_ids",
+                format!("length {l} is not in 1..={max}"),
+            ));
+        }
+        // Out-of-range ids would index past the embedding table; a mask value other than 0/1
+        // would scale the attention bias. Both are small host reads.
+        let vocab = self.config.qformer_config.vocab_size as i64;
+        if let Some(id) = host_ints("input_ids", input_ids)?
+            .into_iter()
+            .find(|&id| !(0..vocab).contains(&id))
+        {
+            return Err(bad_input(
+                "input_ids",
+                format!("token id {id} is outside 0..{vocab}"),
+            ));
+        }
+        if let Some(m) = host_ints("attention_mask", attention_mask)?
+            .into_iter()
+            .find(|&m| m != 0 && m != 1)
+        {
+            return Err(bad_input(
+                "attention_mask",
+                format!("value {m} is not 0 or 1"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The vision tokens Z. Rejects images that are not S x S with the configured channels.
+    /// Shapes: pixel_values [b,3,s,s] -> z [b,t,dv].
+    pub fn vision_tokens(&self, pixel_values: Tensor<4>) -> Result<Tensor<3>> {
+        let v = &self.config.vision_config;
+        let [_, c, h, w] = pixel_values.dims();
+        if (c, h, w) != (v.num_channels, v.image_size, v.image_size) {
+            return Err(bad_input(
+                "pixel_values",
+                format!(
+                    "expected [b, {}, {s}, {s}], found {:?}",
+                    v.num_channels,
+                    pixel_values.dims(),
+                    s = v.image_size
+                ),
+            ));
+        }
+        Ok(self.vision_model.forward(pixel_values))
+    }
+
+    /// The key projection of Z in every cross-attention layer, split into heads: what Q-Pert builds
+    /// its subspaces from (method.md section 4).
+    /// Shapes: z [b,t,dv] -> n_cross x [b,h,t,d].
+    pub fn cross_attention_keys(&self, z: Tensor<3>) -> Result<Vec<Tensor<4>>> {
+        self.check_z(&z)?;
+        Ok(self
+            .qformer
+            .cross_attention_blocks()
+            .map(|block| block.attention.key_heads(z.clone()))
+            .collect())
+    }
+
+    /// The Q-Former output of the queries alone against Z, before the ITC projection; with Pi
+    /// applied in every cross-attention layer when given.
+    /// Shapes: z [b,t,dv], perturbation [b,n_cross,h,d,d] -> [b,q,dq].
+    pub fn query_output(&self, z: Tensor<3>, perturbation: Option<Tensor<5>>) -> Result<Tensor<3>> {
+        self.check_z(&z)?;
+        let [b, _, _] = z.dims();
+        self.check_perturbation(perturbation.as_ref(), b)?;
+        let [_, q, dq] = self.query_tokens.dims();
+        let queries = self.query_tokens.val().expand([b, q, dq]);
+        let cross = self.qformer.cross_kv(z);
+        Ok(self.qformer.forward(queries, None, q, &cross, perturbation))
+    }
+
+    /// ITC image features F_img, L2-normalised.
+    /// Shapes: z [b,t,dv], perturbation [b,n_cross,h,d,d] -> [b,q,e].
+    pub fn image_features(
+        &self,
+        z: Tensor<3>,
+        perturbation: Option<Tensor<5>>,
+    ) -> Result<Tensor<3>> {
+        let out = self.query_output(z, perturbation)?;
+        Ok(l2_normalize(self.vision_projection.forward(out)))
+    }
+
+    /// The Q-Former output at the CLS position of a text-only pass, before the ITC projection.
+    /// Shapes: input_ids [n,l] Int, attention_mask [n,l] Int -> [n,dq].
+    pub fn text_cls(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Tensor<2, Int>,
+    ) -> Result<Tensor<2>> {
+        self.check_text(&input_ids, &attention_mask)?;
+        let [n, _] = input_ids.dims();
+        let out = self.qformer.forward(
+            self.embeddings.forward(input_ids),
+            Some(mask_bias(attention_mask)),
+            0,
+            &[],
+            None,
+        );
+        let [_, _, dq] = out.dims();
+        Ok(out.narrow(1, 0, 1).reshape([n, dq]))
+    }
+
+    /// ITC text features f_txt, L2-normalised.
+    /// Shapes: input_ids [n,l] Int, attention_mask [n,l] Int -> [n,e].
+    pub fn text_features(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Tensor<2, Int>,
+    ) -> Result<Tensor<2>> {
+        let cls = self.text_cls(input_ids, attention_mask)?;
+        let [n, dq] = cls.dims();
+        let features = l2_normalize(self.text_projection.forward(cls.reshape([n, 1, dq])));
+        let [_, _, e] = features.dims();
+        Ok(features.reshape([n, e]))
+    }
+
+    /// ITM logits s_itm of pairs (image `pair_image[i]`, text i): the mean over the Q query rows of
+    /// `itm_head(out)[1]` for the joint pass [queries; text] against that image's Z. Each image's
+    /// cross-attention keys and values are computed once and gathered per pair; Pi (per image)
+    /// likewise.
+    /// Shapes: z [b_img,t,dv], pair_image [p] Int (index into b_img), input_ids [p,l] Int,
+    /// attention_mask [p,l] Int, perturbation [b_img,n_cross,h,d,d] -> [p].
+    pub fn itm_logits(
+        &self,
+        z: Tensor<3>,
+        pair_image: Tensor<1, Int>,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Tensor<2, Int>,
+        perturbation: Option<Tensor<5>>,
+    ) -> Result<Tensor<1>> {
+        self.check_z(&z)?;
+        let [b_img, _, _] = z.dims();
+        self.check_perturbation(perturbation.as_ref(), b_img)?;
+        self.check_text(&input_ids, &attention_mask)?;
+        let [p, _] = input_ids.dims();
+        if pair_image.dims() != [p] {
+            return Err(bad_input(
+                "pair_image",
+                format!("expected [{p}], found {:?}", pair_image.dims()),
+            ));
+        }
+        let indices = host_ints("pair_image", &pair_image)?;
+        if let Some(bad) = indices.iter().find(|&&i| i < 0 || i as usize >= b_img) {
+            return Err(bad_input(
+                "pair_image",
+                format!("index {bad} is outside 0..{b_img}"),
+            ));
+        }
+
+        let cross: Vec<CrossKv> = self
+            .qformer
+            .cross_kv(z)
+            .iter()
+            .map(|kv| kv.select(pair_image.clone()))
+            .collect();
+        let perturbation = perturbation.map(|pi| pi.select(0, pair_image));
+        let [_, q, dq] = self.query_tokens.dims();
+        let device = input_ids.device();
+        let queries = self.query_tokens.val().expand([p, q, dq]);
+        let embeddings = Tensor::cat(vec![queries, self.embeddings.forward(input_ids)], 1);
+        let mask = Tensor::cat(
+            vec![Tensor::<2, Int>::ones([p, q], &device), attention_mask],
+            1,
+        );
+        let out = self
+            .qformer
+            .forward(embeddings, Some(mask_bias(mask)), q, &cross, perturbation);
+        let logits = self.itm_head.forward(out.narrow(1, 0, q)); // [p, q, 2]
+        Ok(logits.narrow(2, 1, 1).mean_dim(1).reshape([p]))
+    }
+}

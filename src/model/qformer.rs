@@ -1,0 +1,314 @@
+//! The Q-Former: a post-norm BERT whose first Q rows (the learned queries) also cross-attend to the
+//! vision tokens Z every `cross_attention_frequency` layers and have their own feed-forward block
+//! (method.md section 1, "Q-Former"), with the Q-Pert hook of method.md section 5: in each
+//! cross-attention layer l the query heads become q' = q + q Pi_l before the scaled dot product.
+//! Follows `Blip2QFormerMultiHeadAttention`, `Blip2QFormerAttention`, `Blip2QFormerLayer` and
+//! `Blip2QFormerModel` in `models/blip_2/modeling_blip_2.py` of transformers 5.24.
+
+use burn::module::Module;
+use burn::nn::{LayerNorm, LayerNormConfig, Linear};
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::{Device, Tensor};
+
+use super::config::QFormerConfig;
+use super::linear;
+
+/// Query, key and value projections of one attention block (`attention.attention` or
+/// `crossattention.attention`).
+#[derive(Module, Debug)]
+pub struct QFormerMultiHeadAttention {
+    /// [dq, dq].
+    pub query: Linear,
+    /// [dq, dq] for self-attention, [dq, dv] for cross-attention.
+    pub key: Linear,
+    /// Same shape as `key`.
+    pub value: Linear,
+    num_heads: usize,
+}
+
+impl QFormerMultiHeadAttention {
+    /// Shapes: x [b,n,dq] -> [b,h,n,d].
+    fn split_heads(&self, x: Tensor<3>) -> Tensor<4> {
+        let [b, n, width] = x.dims();
+        x.reshape([b, n, self.num_heads, width / self.num_heads])
+            .swap_dims(1, 2)
+    }
+
+    /// The keys of a sequence split into heads.
+    /// Shapes: x [b,m,dk] -> [b,h,m,d] (dk = dq for self-attention, dv for cross-attention).
+    pub fn key_heads(&self, x: Tensor<3>) -> Tensor<4> {
+        self.split_heads(self.key.forward(x))
+    }
+
+    /// The values of a sequence split into heads.
+    /// Shapes: x [b,m,dk] -> [b,h,m,d].
+    pub fn value_heads(&self, x: Tensor<3>) -> Tensor<4> {
+        self.split_heads(self.value.forward(x))
+    }
+
+    /// Scaled dot-product attention of `hidden`'s queries to given keys and values. The optional
+    /// perturbation Pi turns every query head q into q + q Pi before the scores.
+    /// Shapes: hidden [b,n,dq], keys/values [b,h,m,d], mask_bias [b,1,1,m] (0 or -10000),
+    /// perturbation [b,h,d,d] -> context [b,n,dq].
+    pub fn forward(
+        &self,
+        hidden: Tensor<3>,
+        keys: Tensor<4>,
+        values: Tensor<4>,
+        mask_bias: Option<Tensor<4>>,
+        perturbation: Option<Tensor<4>>,
+    ) -> Tensor<3> {
+        let [b, n, dq] = hidden.dims();
+        let [_, _, _, d] = keys.dims();
+        let q = self.split_heads(self.query.forward(hidden));
+        let q = match perturbation {
+            Some(pi) => q.clone() + q.matmul(pi),
+            None => q,
+        };
+        let scores = q.matmul(keys.swap_dims(2, 3)) / (d as f64).sqrt();
+        let scores = match mask_bias {
+            Some(bias) => scores + bias,
+            None => scores,
+        };
+        softmax(scores, 3)
+            .matmul(values)
+            .swap_dims(1, 2)
+            .reshape([b, n, dq])
+    }
+}
+
+/// `LN(dense(x) + residual)`: the `attention.output` / `output` / `output_query` blocks.
+#[derive(Module, Debug)]
+pub struct QFormerOutput {
+    /// Projection back to dq.
+    pub dense: Linear,
+    /// HF name `LayerNorm` (see `weights::RENAMES`).
+    pub layer_norm: LayerNorm,
+}
+
+impl QFormerOutput {
+    /// Shapes: x [b,n,k], residual [b,n,dq] -> [b,n,dq].
+    pub fn forward(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
+        self.layer_norm.forward(self.dense.forward(x) + residual)
+    }
+}
+
+/// An attention block with its output projection and post-norm (`attention` or `crossattention`).
+#[derive(Module, Debug)]
+pub struct QFormerAttention {
+    /// Projections.
+    pub attention: QFormerMultiHeadAttention,
+    /// `LN(dense(ctx) + hidden)`.
+    pub output: QFormerOutput,
+}
+
+/// The first half of a feed-forward block: gelu(dense(x)).
+#[derive(Module, Debug)]
+pub struct QFormerIntermediate {
+    /// [intermediate, dq].
+    pub dense: Linear,
+}
+
+impl QFormerIntermediate {
+    /// Shapes: x [b,n,dq] -> [b,n,intermediate].
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        gelu(self.dense.forward(x))
+    }
+}
+
+/// The keys and values of Z for one cross-attention layer, computed once per image.
+#[derive(Debug, Clone)]
+pub struct CrossKv {
+    /// [b,h,t,d].
+    pub keys: Tensor<4>,
+    /// [b,h,t,d].
+    pub values: Tensor<4>,
+}
+
+impl CrossKv {
+    /// The same keys and values gathered per pair (`indices` into the batch).
+    /// Shapes: [b,h,t,d] -> [p,h,t,d].
+    pub fn select(&self, indices: burn::tensor::Tensor<1, burn::tensor::Int>) -> Self {
+        Self {
+            keys: self.keys.clone().select(0, indices.clone()),
+            values: self.values.clone().select(0, indices),
+        }
+    }
+}
+
+/// One Q-Former layer (`qformer.encoder.layer.j`).
+#[derive(Module, Debug)]
+pub struct QFormerLayer {
+    /// Self-attention over the whole sequence.
+    pub attention: QFormerAttention,
+    /// Cross-attention of the query rows to Z; present when j % frequency == 0.
+    pub crossattention: Option<QFormerAttention>,
+    /// Text feed-forward, first half.
+    pub intermediate: QFormerIntermediate,
+    /// Text feed-forward, second half and post-norm.
+    pub output: QFormerOutput,
+    /// Query feed-forward, first half.
+    pub intermediate_query: QFormerIntermediate,
+    /// Query feed-forward, second half and post-norm.
+    pub output_query: QFormerOutput,
+}
+
+impl QFormerLayer {
+    /// Shapes: hidden [b,n,dq] (the first `query_len` rows are queries), mask_bias [b,1,1,n],
+    /// cross: keys/values [b,h,t,d] and perturbation [b,h,d,d] for this layer -> [b,n,dq].
+    fn forward(
+        &self,
+        hidden: Tensor<3>,
+        mask_bias: Option<Tensor<4>>,
+        query_len: usize,
+        cross: Option<(&CrossKv, Option<Tensor<4>>)>,
+    ) -> Tensor<3> {
+        let [_, n, _] = hidden.dims();
+        let this = &self.attention;
+        let keys = this.attention.key_heads(hidden.clone());
+        let values = this.attention.value_heads(hidden.clone());
+        let context = this
+            .attention
+            .forward(hidden.clone(), keys, values, mask_bias, None);
+        let attended = this.output.forward(context, hidden);
+        if query_len == 0 {
+            return self.text_ffn(attended);
+        }
+        let mut queries = attended.clone().narrow(1, 0, query_len);
+        if let (Some(block), Some((kv, perturbation))) = (&self.crossattention, cross) {
+            let context = block.attention.forward(
+                queries.clone(),
+                kv.keys.clone(),
+                kv.values.clone(),
+                None,
+                perturbation,
+            );
+            queries = block.output.forward(context, queries);
+        }
+        let queries = self
+            .output_query
+            .forward(self.intermediate_query.forward(queries.clone()), queries);
+        if n == query_len {
+            return queries;
+        }
+        let text = self.text_ffn(attended.narrow(1, query_len, n - query_len));
+        Tensor::cat(vec![queries, text], 1)
+    }
+
+    fn text_ffn(&self, x: Tensor<3>) -> Tensor<3> {
+        self.output.forward(self.intermediate.forward(x.clone()), x)
+    }
+}
+
+/// The layer stack (`qformer.encoder`).
+#[derive(Module, Debug)]
+pub struct QFormerEncoder {
+    /// The layers.
+    pub layer: Vec<QFormerLayer>,
+}
+
+/// The Q-Former (`qformer`): the input LayerNorm and the layers. The token embeddings live in
+/// `Blip2Model::embeddings`, as in HF.
+#[derive(Module, Debug)]
+pub struct QFormerModel {
+    /// LayerNorm over the concatenated [queries; text] input.
+    pub layernorm: LayerNorm,
+    /// The layers.
+    pub encoder: QFormerEncoder,
+}
+
+impl QFormerModel {
+    /// The cross-attention blocks, in layer order.
+    pub fn cross_attention_blocks(&self) -> impl Iterator<Item = &QFormerAttention> {
+        self.encoder
+            .layer
+            .iter()
+            .filter_map(|layer| layer.crossattention.as_ref())
+    }
+
+    /// Keys and values of Z for every cross-attention layer.
+    /// Shapes: z [b,t,dv] -> n_cross x ([b,h,t,d], [b,h,t,d]).
+    pub fn cross_kv(&self, z: Tensor<3>) -> Vec<CrossKv> {
+        self.cross_attention_blocks()
+            .map(|block| CrossKv {
+                keys: block.attention.key_heads(z.clone()),
+                values: block.attention.value_heads(z.clone()),
+            })
+            .collect()
+    }
+
+    /// Runs the layers on un-normalised embeddings. With `query_len` > 0 the first rows are queries
+    /// and `cross` must hold one entry per cross-attention layer (checked by the caller).
+    /// Shapes: embeddings [b,n,dq], mask_bias [b,1,1,n], cross n_cross x [b,h,t,d],
+    /// perturbation [b,n_cross,h,d,d] -> [b,n,dq].
+    pub(crate) fn forward(
+        &self,
+        embeddings: Tensor<3>,
+        mask_bias: Option<Tensor<4>>,
+        query_len: usize,
+        cross: &[CrossKv],
+        perturbation: Option<Tensor<5>>,
+    ) -> Tensor<3> {
+        let mut hidden = self.layernorm.forward(embeddings);
+        let mut c = 0;
+        for layer in &self.encoder.layer {
+            let layer_cross = match (&layer.crossattention, cross.get(c)) {
+                (Some(_), Some(kv)) if query_len > 0 => {
+                    let pi = perturbation.as_ref().map(|pi| {
+                        let [b, _, h, d, _] = pi.dims();
+                        pi.clone().narrow(1, c, 1).reshape([b, h, d, d])
+                    });
+                    c += 1;
+                    Some((kv, pi))
+                }
+                _ => None,
+            };
+            hidden = layer.forward(hidden, mask_bias.clone(), query_len, layer_cross);
+        }
+        hidden
+    }
+}
+
+impl QFormerConfig {
+    /// Builds the Q-Former with lazily initialised (random) parameters.
+    pub fn init(&self, device: &Device) -> QFormerModel {
+        let dq = self.hidden_size;
+        let norm = || {
+            LayerNormConfig::new(dq)
+                .with_epsilon(self.layer_norm_eps)
+                .init(device)
+        };
+        let output = |from: usize| QFormerOutput {
+            dense: linear(from, dq, true, device),
+            layer_norm: norm(),
+        };
+        let attention = |dk: usize| QFormerAttention {
+            attention: QFormerMultiHeadAttention {
+                query: linear(dq, dq, true, device),
+                key: linear(dk, dq, true, device),
+                value: linear(dk, dq, true, device),
+                num_heads: self.num_attention_heads,
+            },
+            output: output(dq),
+        };
+        let intermediate = || QFormerIntermediate {
+            dense: linear(dq, self.intermediate_size, true, device),
+        };
+        let layer = (0..self.num_hidden_layers)
+            .map(|j| QFormerLayer {
+                attention: attention(dq),
+                crossattention: self
+                    .has_cross_attention(j)
+                    .then(|| attention(self.encoder_hidden_size)),
+                intermediate: intermediate(),
+                output: output(self.intermediate_size),
+                intermediate_query: intermediate(),
+                output_query: output(self.intermediate_size),
+            })
+            .collect();
+        QFormerModel {
+            layernorm: norm(),
+            encoder: QFormerEncoder { layer },
+        }
+    }
+}
