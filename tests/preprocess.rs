@@ -1,0 +1,222 @@
+//! Input preprocessing against the Python reference (`method.md` §2): Pillow decode and BICUBIC
+//! resize, HF `BlipImageProcessor` pixel values, HF `BertTokenizer` ids, and bad-input errors.
+//!
+//! Fixtures come from `tools/make_preprocess_fixtures.py` (Pillow 13.0.0, transformers 5.24.0);
+//! see `tests/fixtures/preprocess/manifest.json`.
+
+use std::path::{Path, PathBuf};
+
+use qpert::Error;
+use qpert::data::image::{decode_rgb, pixel_values, preprocess_batch, preprocess_image, resize_bicubic};
+use qpert::data::tokenizer::{CaptionTokenizer, MAX_LEN};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+const PHOTOS: [&str; 5] = ["astronaut", "camera", "chelsea", "coffee", "rocket"];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn manifest() -> Value {
+    let text = std::fs::read_to_string(fixtures().join("preprocess/manifest.json")).expect("manifest.json");
+    serde_json::from_str(&text).expect("manifest.json parses")
+}
+
+fn photo(name: &str) -> PathBuf {
+    fixtures().join(format!("images/{name}.jpg"))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// (max, mean) absolute difference in uint8 levels.
+fn level_diff(a: &[u8], b: &[u8]) -> (u8, f64) {
+    assert_eq!(a.len(), b.len());
+    let max = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0);
+    let sum: u64 = a.iter().zip(b).map(|(x, y)| u64::from(x.abs_diff(*y))).sum();
+    (max, sum as f64 / a.len().max(1) as f64)
+}
+
+#[test]
+fn decode_equals_pillow_on_photos() {
+    let m = manifest();
+    for name in PHOTOS {
+        let img = decode_rgb(&photo(name)).unwrap();
+        let e = &m["photos"][name];
+        assert_eq!((u64::from(img.width()), u64::from(img.height())), (e["width"].as_u64().unwrap(), e["height"].as_u64().unwrap()), "{name}");
+        assert_eq!(sha256_hex(img.as_raw()), e["rgb_sha256"].as_str().unwrap(), "{name}: decoded RGB differs from Pillow");
+    }
+}
+
+#[test]
+fn decode_equals_pillow_on_other_modes() {
+    // Palette, alpha, 1-bit, 16-bit grey PNGs; CMYK, grey, progressive and subsampled JPEGs.
+    let m = manifest();
+    for (case, e) in m["decode_cases"].as_object().unwrap() {
+        let path = fixtures().join("preprocess").join(e["file"].as_str().unwrap());
+        let img = decode_rgb(&path).unwrap_or_else(|err| panic!("{case}: {err}"));
+        assert_eq!(sha256_hex(img.as_raw()), e["rgb_sha256"].as_str().unwrap(), "{case} (Pillow mode {})", e["mode"]);
+    }
+}
+
+#[test]
+fn resize_equals_pillow_bicubic() {
+    let m = manifest();
+    for name in PHOTOS {
+        let img = decode_rgb(&photo(name)).unwrap();
+        for (size, e) in m["photos"][name]["resized"].as_object().unwrap() {
+            let r = resize_bicubic(&img, size.parse().unwrap());
+            if let Some(png) = e["png"].as_str() {
+                let pil = image::open(fixtures().join("preprocess").join(png)).unwrap().to_rgb8();
+                let (max, mean) = level_diff(r.as_raw(), pil.as_raw());
+                assert_eq!(max, 0, "{name} at {size}: max diff {max}, mean {mean}");
+            }
+            assert_eq!(sha256_hex(r.as_raw()), e["sha256"].as_str().unwrap(), "{name} at {size}");
+        }
+    }
+}
+
+#[test]
+fn pixel_values_equal_hf_blip_image_processor() {
+    let m = manifest();
+    let pv = &m["pixel_values"];
+    let size = pv["size"].as_u64().unwrap() as u32;
+    let bytes = std::fs::read(fixtures().join("preprocess").join(pv["file"].as_str().unwrap())).unwrap();
+    let expected: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let path = photo(pv["image"].as_str().unwrap());
+    let ours = pixel_values(&resize_bicubic(&decode_rgb(&path).unwrap(), size));
+    assert_eq!(ours.len(), expected.len());
+    let max = ours.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max <= 1e-6, "max |diff| {max}");
+    // In fact the arithmetic is the same, so the values are bit-identical.
+    assert_eq!(ours, expected);
+    assert_eq!(preprocess_image(&path, size).unwrap(), expected);
+}
+
+#[test]
+fn batch_keeps_order_and_reports_each_failure() {
+    let missing = fixtures().join("images/no-such-photo.jpg");
+    let paths = vec![photo("chelsea"), missing.clone(), photo("camera")];
+    let out = preprocess_batch(&paths, 42);
+    assert_eq!(out.len(), 3);
+    assert_eq!(out[0].as_ref().unwrap(), &preprocess_image(&paths[0], 42).unwrap());
+    assert!(matches!(&out[1], Err(Error::Input { path, .. }) if *path == missing));
+    assert_eq!(out[2].as_ref().unwrap().len(), 3 * 42 * 42);
+}
+
+fn assert_input_error(path: &Path, needle: &str) {
+    let err = decode_rgb(path).err().unwrap_or_else(|| panic!("{} decoded", path.display()));
+    match &err {
+        Error::Input { path: p, .. } => assert_eq!(p, path),
+        other => panic!("expected Error::Input, got {other:?}"),
+    }
+    let line = err.to_string();
+    assert!(!line.contains('\n'), "{line}");
+    assert!(line.starts_with(&path.display().to_string()), "{line}");
+    assert!(line.contains(needle), "{line}");
+}
+
+#[test]
+fn bad_images_are_input_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_input_error(&dir.path().join("missing.jpg"), "no such file");
+
+    let data = std::fs::read(photo("astronaut")).unwrap();
+    let truncated = dir.path().join("truncated.jpg");
+    std::fs::write(&truncated, &data[..data.len() / 2]).unwrap();
+    assert_input_error(&truncated, "JPEG truncated");
+
+    let text = dir.path().join("notes.jpg");
+    std::fs::write(&text, "this is not a picture\n").unwrap();
+    assert_input_error(&text, "not an image");
+
+    let header_only = dir.path().join("header.jpg");
+    std::fs::write(&header_only, &data[..200]).unwrap();
+    assert_input_error(&header_only, "JPEG");
+
+    let garbage = dir.path().join("garbage.jpg");
+    let mut g = vec![0xFF, 0xD8, 0xFF, 0xE0];
+    g.extend(std::iter::repeat_n(0x5Au8, 500));
+    std::fs::write(&garbage, &g).unwrap();
+    assert_input_error(&garbage, "JPEG");
+
+    let empty = dir.path().join("empty.png");
+    std::fs::write(&empty, b"").unwrap();
+    assert_input_error(&empty, "not an image");
+
+    let png = std::fs::read(fixtures().join("preprocess/decode/png_rgb.png")).unwrap();
+    let bad_png = dir.path().join("truncated.png");
+    std::fs::write(&bad_png, &png[..png.len() / 2]).unwrap();
+    assert_input_error(&bad_png, "PNG");
+}
+
+#[test]
+fn tokenizer_equals_hf_bert_tokenizer() {
+    let tok = CaptionTokenizer::from_model_dir(&fixtures().join("preprocess")).unwrap();
+    assert_eq!(tok.token_id("[DEC]"), Some(30522));
+    assert_eq!(tok.vocab_size(), 30523);
+    let text = std::fs::read_to_string(fixtures().join("preprocess/tokens.json")).unwrap();
+    let fixture: Value = serde_json::from_str(&text).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    let captions: Vec<String> = cases.iter().map(|c| c["text"].as_str().unwrap().to_string()).collect();
+    let batch = tok.encode(&captions).unwrap();
+    assert_eq!((batch.n(), batch.len), (cases.len(), MAX_LEN));
+    for (i, c) in cases.iter().enumerate() {
+        let ids: Vec<i32> = c["input_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap() as i32).collect();
+        let mask: Vec<u8> = c["attention_mask"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect();
+        assert_eq!(batch.ids(i), ids.as_slice(), "ids of {:?} (HF tokens {})", captions[i], c["tokens"]);
+        assert_eq!(batch.mask(i), mask.as_slice(), "mask of {:?}", captions[i]);
+    }
+    // Empty batch is fine.
+    assert_eq!(tok.encode(&[]).unwrap().n(), 0);
+}
+
+#[test]
+fn tokenizer_prefers_tokenizer_json_and_names_bad_files() {
+    let dir = tempfile::tempdir().unwrap();
+    // A malformed tokenizer.json is an error naming it, not a fallback to vocab.txt.
+    std::fs::copy(fixtures().join("preprocess/vocab.txt"), dir.path().join("vocab.txt")).unwrap();
+    let json = dir.path().join("tokenizer.json");
+    std::fs::write(&json, "{ not json").unwrap();
+    let err = CaptionTokenizer::from_model_dir(dir.path()).err().expect("malformed tokenizer.json must fail");
+    assert!(matches!(&err, Error::Weights { path, .. } if *path == json), "{err:?}");
+    assert!(!err.to_string().contains('\n'));
+
+    let empty = tempfile::tempdir().unwrap();
+    let err = CaptionTokenizer::from_model_dir(empty.path()).err().expect("missing vocab.txt must fail");
+    assert!(matches!(&err, Error::Weights { path, .. } if *path == empty.path().join("vocab.txt")), "{err:?}");
+}
+
+/// Differences of the alternatives we did not choose, and speed. Run with
+/// `cargo test --test preprocess -- --ignored --nocapture report`.
+#[test]
+#[ignore = "prints measurements; not a check"]
+fn report_alternatives_and_speed() {
+    let m = manifest();
+    for name in PHOTOS {
+        let path = photo(name);
+        let ours = decode_rgb(&path).unwrap();
+        let zune = image::open(&path).unwrap().to_rgb8();
+        let (dmax, dmean) = level_diff(zune.as_raw(), ours.as_raw());
+        print!("{name}: image-crate JPEG decode vs Pillow: max {dmax} mean {dmean:.4}");
+        for size in [364u32, 224, 56, 42] {
+            let pil = resize_bicubic(&ours, size);
+            assert_eq!(sha256_hex(pil.as_raw()), m["photos"][name]["resized"][size.to_string()]["sha256"].as_str().unwrap());
+            let cr = image::imageops::resize(&ours, size, size, image::imageops::FilterType::CatmullRom);
+            let (max, mean) = level_diff(cr.as_raw(), pil.as_raw());
+            print!(" | CatmullRom@{size}: max {max} mean {mean:.3}");
+        }
+        println!();
+    }
+    let reps = 10;
+    for name in PHOTOS {
+        let path = photo(name);
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(resize_bicubic(&decode_rgb(&path).unwrap(), 364));
+        }
+        println!("{name}: decode+resize@364 {:.2} ms (test profile)", t.elapsed().as_secs_f64() * 1e3 / reps as f64);
+    }
+}
