@@ -9,10 +9,9 @@
 use std::cell::Cell;
 use std::io::{BufRead, Read};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use image::{DynamicImage, RgbImage};
-use mozjpeg::ColorSpace;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -400,15 +399,6 @@ pub fn preprocess_image(path: &Path, size: u32) -> Result<Vec<f32>> {
 /// Each image gets its own `Result`, so a caller can record a bad image as skipped and go on.
 pub fn preprocess_batch<P: AsRef<Path> + Sync>(paths: &[P], size: u32) -> Vec<Result<Vec<f32>>> {
     paths.par_iter().map(|p| preprocess_image(p.as_ref(), size)).collect()
-}
-
-/// The paths of a batch that failed, with their errors; a convenience for reporting.
-pub fn failures<P: AsRef<Path>>(paths: &[P], results: &[Result<Vec<f32>>]) -> Vec<(PathBuf, String)> {
-    paths
-        .iter()
-        .zip(results)
-        .filter_map(|(p, r)| r.as_ref().err().map(|e| (p.as_ref().to_path_buf(), e.to_string())))
-        .collect()
 }
 
 #[cfg(test)]

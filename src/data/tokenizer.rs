@@ -74,7 +74,7 @@ impl CaptionTokenizer {
             let t = Tokenizer::from_file(&json).map_err(|e| Error::weights(&json, format!("malformed tokenizer.json: {e}")))?;
             Self { tokenizer: t, source: json }
         } else {
-            Self::from_vocab(&dir.join("vocab.txt"))?
+            Self::build_from_vocab(&dir.join("vocab.txt"))?
         };
         tok.configure()?;
         Ok(tok)
@@ -82,23 +82,29 @@ impl CaptionTokenizer {
 
     /// Builds the tokenizer from a BERT `vocab.txt` (one token per line, id = line number):
     /// WordPiece (`[UNK]`, `##`, 100 chars per word), BertNormalizer (clean text, CJK spacing,
-    /// lowercase, strip accents), BertPreTokenizer, `[CLS] $A [SEP]`, and `[DEC]`.
+    /// lowercase, strip accents), BertPreTokenizer, `[CLS] $A [SEP]`, `[DEC]`, 35 tokens.
+    /// This is what HF `BertTokenizer(vocab.txt, do_lower_case=True)` does.
     pub fn from_vocab(vocab_path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(vocab_path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::weights(vocab_path, "no such file (need vocab.txt or tokenizer.json)"),
-            _ => Error::weights(vocab_path, format!("cannot read: {e}")),
-        })?;
-        let mut vocab = std::collections::HashMap::new();
-        for (i, line) in text.lines().enumerate() {
-            vocab.insert(line.to_string(), i as u32);
+        let mut tok = Self::build_from_vocab(vocab_path)?;
+        tok.configure()?;
+        Ok(tok)
+    }
+
+    fn build_from_vocab(vocab_path: &Path) -> Result<Self> {
+        if !vocab_path.is_file() {
+            return Err(Error::weights(vocab_path, "no such file (need vocab.txt or tokenizer.json)"));
         }
+        let path_str = vocab_path.to_str().ok_or_else(|| Error::weights(vocab_path, "path is not UTF-8"))?;
+        // One token per line, id = line number (trailing whitespace trimmed, as HF does).
+        let vocab = WordPiece::read_file(path_str).map_err(|e| Error::weights(vocab_path, format!("cannot read: {e}")))?;
         for special in BERT_SPECIALS {
             if !vocab.contains_key(special) {
                 return Err(Error::weights(vocab_path, format!("not a BERT vocabulary: no {special}")));
             }
         }
+        let (cls, sep) = (vocab["[CLS]"], vocab["[SEP]"]);
         let wordpiece = WordPiece::builder()
-            .vocab(vocab.clone())
+            .vocab(vocab)
             .unk_token("[UNK]".into())
             .continuing_subword_prefix("##".into())
             .max_input_chars_per_word(100)
@@ -108,7 +114,7 @@ impl CaptionTokenizer {
             .try_single("[CLS] $A [SEP]")
             .and_then(|b| b.try_pair("[CLS] $A [SEP] $B:1 [SEP]:1"))
             .map_err(|e| Error::weights(vocab_path, e))?
-            .special_tokens(vec![("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+            .special_tokens(vec![("[CLS]", cls), ("[SEP]", sep)])
             .build()
             .map_err(|e| Error::weights(vocab_path, format!("cannot build post-processor: {e}")))?;
         let mut tokenizer = Tokenizer::new(wordpiece);
@@ -191,6 +197,19 @@ mod tests {
         assert_eq!(b.n(), 2);
         assert_eq!(b.ids(1)[0], 35);
         assert_eq!(b.mask(0).len(), 35);
+    }
+
+    #[test]
+    fn tokenizer_json_round_trip() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess");
+        let from_vocab = CaptionTokenizer::from_vocab(&fixtures.join("vocab.txt")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), from_vocab.tokenizer.to_string(false).unwrap()).unwrap();
+        let from_json = CaptionTokenizer::from_model_dir(dir.path()).unwrap();
+        assert_eq!(from_json.source, dir.path().join("tokenizer.json"));
+        let caps = vec!["A Café [DEC] 日本".to_string(), "x ".repeat(50)];
+        assert_eq!(from_json.encode(&caps).unwrap(), from_vocab.encode(&caps).unwrap());
+        assert_eq!(from_json.token_id(DEC_TOKEN), Some(30522));
     }
 
     #[test]
