@@ -217,6 +217,6 @@ fn report_alternatives_and_speed() {
         for _ in 0..reps {
             std::hint::black_box(resize_bicubic(&decode_rgb(&path).unwrap(), 364));
         }
-        println!("{name}: decode+resize@364 {:.2} ms (test profile)", t.elapsed().as_secs_f64() * 1e3 / reps as f64);
+        println!("{name}: decode+resize@364 {:.2} ms (this build profile)", t.elapsed().as_secs_f64() * 1e3 / reps as f64);
     }
 }
