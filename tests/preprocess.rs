@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use qpert::Error;
-use qpert::data::image::{decode_rgb, pixel_values, preprocess_batch, preprocess_image, resize_bicubic};
+use qpert::data::image::{decode_rgb, pixel_values, preprocess_batch, preprocess_image, resize_bicubic, resize_bicubic_to};
 use qpert::data::tokenizer::{CaptionTokenizer, MAX_LEN};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -75,6 +75,27 @@ fn resize_equals_pillow_bicubic() {
             }
             assert_eq!(sha256_hex(r.as_raw()), e["sha256"].as_str().unwrap(), "{name} at {size}");
         }
+    }
+}
+
+#[test]
+fn resize_equals_pillow_on_other_paths() {
+    // Vertical pass first (tall sources), upscaling, mixed up/down scaling, non-square targets.
+    let m = manifest();
+    for case in m["resize_cases"].as_array().unwrap() {
+        let mut img = decode_rgb(&fixtures().join(case["source"].as_str().unwrap())).unwrap();
+        if case["transpose"].as_bool().unwrap() {
+            img = image::RgbImage::from_fn(img.height(), img.width(), |x, y| *img.get_pixel(y, x));
+        }
+        if let Some(c) = case["crop"].as_array() {
+            let c: Vec<u32> = c.iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            img = image::imageops::crop_imm(&img, c[0], c[1], c[2] - c[0], c[3] - c[1]).to_image();
+        }
+        let dims = |k: &str| (case[k][0].as_u64().unwrap() as u32, case[k][1].as_u64().unwrap() as u32);
+        assert_eq!((img.width(), img.height()), dims("in"));
+        let (w, h) = dims("out");
+        let r = resize_bicubic_to(&img, w, h);
+        assert_eq!(sha256_hex(r.as_raw()), case["sha256"].as_str().unwrap(), "{case}");
     }
 }
 

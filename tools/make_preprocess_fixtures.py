@@ -112,6 +112,31 @@ def decode_cases(manifest):
     manifest["decode_cases"] = cases
 
 
+def resize_cases(manifest):
+    """Resizes that take the other code paths: vertical pass first (tall sources), upscaling,
+    mixed up/down, non-square targets. Sources are photos transposed/cropped, or decode cases."""
+    cases = []
+    specs = [
+        ("images/coffee.jpg", True, None, [(364, 364), (224, 224), (42, 42)]),
+        ("images/rocket.jpg", True, None, [(364, 364)]),
+        ("images/camera.jpg", False, [0, 0, 512, 100], [(364, 364), (56, 56)]),
+        ("images/chelsea.jpg", False, [100, 0, 160, 300], [(364, 364), (42, 42), (5, 300)]),
+        ("preprocess/decode/png_rgb.png", False, None, [(364, 364), (56, 56), (30, 30), (300, 100), (1, 1)]),
+        ("images/astronaut.jpg", False, None, [(300, 100), (100, 300), (512, 200), (1, 1)]),
+    ]
+    for src, transpose, crop, sizes in specs:
+        im = rgb(ROOT / "tests" / "fixtures" / src)
+        if transpose:
+            im = im.transpose(Image.Transpose.TRANSPOSE)
+        if crop:
+            im = im.crop(tuple(crop))
+        for w, h in sizes:
+            r = im.resize((w, h), Image.BICUBIC)
+            cases.append({"source": src, "transpose": transpose, "crop": crop, "in": [im.width, im.height],
+                          "out": [w, h], "sha256": sha(r.tobytes())})
+    manifest["resize_cases"] = cases
+
+
 def pixel_values(manifest):
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
@@ -225,6 +250,7 @@ def main():
     manifest["pillow_truncated_jpeg_error"] = truncated_jpeg_fails_in_pillow()
     photos(manifest)
     decode_cases(manifest)
+    resize_cases(manifest)
     pixel_values(manifest)
     tokens(manifest)
     (OUT / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
