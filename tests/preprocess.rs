@@ -140,6 +140,16 @@ fn assert_input_error(path: &Path, needle: &str) {
 }
 
 #[test]
+fn trailing_bytes_after_jpeg_are_ignored_like_pillow() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut data = std::fs::read(photo("chelsea")).unwrap();
+    data.extend_from_slice(b"trailing garbage");
+    let path = dir.path().join("trailing.jpg");
+    std::fs::write(&path, &data).unwrap();
+    assert_eq!(decode_rgb(&path).unwrap(), decode_rgb(&photo("chelsea")).unwrap());
+}
+
+#[test]
 fn bad_images_are_input_errors_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     assert_input_error(&dir.path().join("missing.jpg"), "no such file");
@@ -148,6 +158,23 @@ fn bad_images_are_input_errors_naming_the_file() {
     let truncated = dir.path().join("truncated.jpg");
     std::fs::write(&truncated, &data[..data.len() / 2]).unwrap();
     assert_input_error(&truncated, "JPEG truncated");
+
+    // Pillow also refuses a JPEG that lacks only its EOI marker, and a truncated progressive one.
+    let no_eoi = dir.path().join("no_eoi.jpg");
+    std::fs::write(&no_eoi, &data[..data.len() - 2]).unwrap();
+    assert_input_error(&no_eoi, "JPEG truncated");
+    let prog = std::fs::read(fixtures().join("preprocess/decode/jpeg_progressive.jpg")).unwrap();
+    let prog_cut = dir.path().join("progressive_cut.jpg");
+    std::fs::write(&prog_cut, &prog[..prog.len() / 2]).unwrap();
+    assert_input_error(&prog_cut, "JPEG truncated");
+
+    // A header claiming 65000 x 65000 pixels: refused before allocating, like Pillow's bomb check.
+    let mut bomb = data.clone();
+    let sof = bomb.windows(2).position(|w| w == [0xFF, 0xC0] || w == [0xFF, 0xC2]).expect("SOF marker");
+    bomb[sof + 5..sof + 9].copy_from_slice(&[0xFD, 0xE8, 0xFD, 0xE8]);
+    let bomb_path = dir.path().join("bomb.jpg");
+    std::fs::write(&bomb_path, &bomb).unwrap();
+    assert_input_error(&bomb_path, "too large");
 
     let text = dir.path().join("notes.jpg");
     std::fs::write(&text, "this is not a picture\n").unwrap();

@@ -2,7 +2,7 @@
 //! (uint8) → `pixel_values` (scale 1/255, CLIP mean/std, CHW f32).
 //!
 //! The reference is what the HF `BlipImageProcessor` (PIL backend) produces from
-//! `Image.open(path).convert("RGB")`. Every step reproduces the Pillow code bit for bit, so the
+//! `Image.open(path).convert("RGB")`, as LAVIS loads images: no EXIF orientation is applied. Every step reproduces the Pillow code bit for bit, so the
 //! vision tower sees exactly the tensors the Python reference sees; `tests/preprocess.rs` checks
 //! each step against fixtures written by `tools/make_preprocess_fixtures.py` (Pillow 13.0.0).
 
@@ -94,6 +94,10 @@ impl BufRead for EofTracking<'_> {
     }
 }
 
+/// Pillow refuses images above twice `Image.MAX_IMAGE_PIXELS` (89,478,485) as decompression
+/// bombs; so do we, before allocating.
+const MAX_PIXELS: usize = 2 * 89_478_485;
+
 /// libjpeg output before conversion to RGB.
 enum JpegPixels {
     Rgb(Vec<u8>),
@@ -108,6 +112,10 @@ fn decode_jpeg(path: &Path, bytes: &[u8]) -> Result<RgbImage> {
     // `resume_unwind`, so no panic message is printed); catch it and turn it into an `Error`.
     let decoded = catch_unwind(AssertUnwindSafe(|| -> std::io::Result<(usize, usize, JpegPixels)> {
         let dec = mozjpeg::Decompress::builder().from_reader(reader)?;
+        let (w, h) = dec.size();
+        if w.saturating_mul(h) > MAX_PIXELS {
+            return Err(std::io::Error::other(format!("image too large ({w}x{h} pixels; Pillow's limit is {MAX_PIXELS})")));
+        }
         // libjpeg's default output colour space follows the file: YCbCr/RGB → RGB,
         // grey → grey, CMYK/YCCK → CMYK. Pillow asks for the same ("RGB", "L", "CMYK;I").
         let (w, h, pixels) = match dec.image()? {
@@ -137,7 +145,7 @@ fn decode_jpeg(path: &Path, bytes: &[u8]) -> Result<RgbImage> {
     }
     let (w, h, pixels) = match decoded {
         Ok(Ok(v)) => v,
-        Ok(Err(e)) => return Err(Error::input(path, format!("JPEG decode failed: {e}"))),
+        Ok(Err(e)) => return Err(Error::input(path, format!("JPEG: {e}"))),
         Err(payload) => {
             let msg = payload
                 .downcast_ref::<String>()
