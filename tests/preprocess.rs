@@ -117,6 +117,16 @@ fn pixel_values_equal_hf_blip_image_processor() {
 }
 
 #[test]
+fn pixel_values_at_364_equal_hf_bitwise() {
+    let m = manifest();
+    let paths: Vec<PathBuf> = PHOTOS.iter().map(|n| photo(n)).collect();
+    for (name, pv) in PHOTOS.iter().zip(preprocess_batch(&paths, 364)) {
+        let bytes: Vec<u8> = pv.unwrap().iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(sha256_hex(&bytes), m["pixel_values"]["sha256_at_364"][name].as_str().unwrap(), "{name}");
+    }
+}
+
+#[test]
 fn batch_keeps_order_and_reports_each_failure() {
     let missing = fixtures().join("images/no-such-photo.jpg");
     let paths = vec![photo("chelsea"), missing.clone(), photo("camera")];

@@ -19,7 +19,8 @@ What it writes (kept small; all < 2 MB):
   decode/<case>.<ext>  small synthetic images in other modes (palette, RGBA, LA, L, 1-bit, CMYK JPEG,
                        progressive JPEG, odd sizes with 4:2:0), each with the sha256 of Pillow's
                        Image.open(f).convert("RGB").tobytes() in the manifest.
-  pixel_values_chelsea_56.f32  HF BlipImageProcessorPil (size 56) pixel_values[0], CHW, little-endian f32.
+  pixel_values_chelsea_56.f32  HF BlipImageProcessorPil (size 56) pixel_values[0], CHW, little-endian f32;
+                       plus, in the manifest, the sha256 of those bytes at size 364 for every photo.
   tokens.json          strings and ids/masks from HF BertTokenizerLegacy (the pure-Python tokenizer LAVIS
                        used) with [DEC] added as bos_token; checked equal to transformers' BertTokenizer
                        (tokenizers backend) and to tokenizers.BertWordPieceTokenizer.
@@ -152,8 +153,16 @@ def pixel_values(manifest):
     ref = ((x - mean) / std).transpose(2, 0, 1)
     assert np.array_equal(ref, pv), np.abs(ref - pv).max()
     (OUT / "pixel_values_chelsea_56.f32").write_bytes(pv.astype("<f4").tobytes())
+    # At the model's size, 364, only checksums (little-endian f32 bytes, CHW) for every photo.
+    proc364 = BlipImageProcessorPil(size={"height": 364, "width": 364})
+    sha364 = {}
+    for name in NAMES:
+        pv364 = proc364(images=Image.open(PHOTOS / f"{name}.jpg"), return_tensors="np")["pixel_values"][0]
+        assert pv364.shape == (3, 364, 364) and pv364.dtype == np.float32
+        sha364[name] = sha(pv364.astype("<f4").tobytes())
     manifest["pixel_values"] = {"image": "chelsea", "size": 56, "file": "pixel_values_chelsea_56.f32", "shape": [3, 56, 56],
-                                "processor": "transformers BlipImageProcessorPil (resample BICUBIC, OPENAI_CLIP mean/std)"}
+                                "processor": "transformers BlipImageProcessorPil (resample BICUBIC, OPENAI_CLIP mean/std)",
+                                "sha256_at_364": sha364}
 
 
 CAPTIONS = [
