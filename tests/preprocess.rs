@@ -7,7 +7,9 @@
 use std::path::{Path, PathBuf};
 
 use qpert::Error;
-use qpert::data::image::{decode_rgb, pixel_values, preprocess_batch, preprocess_image, resize_bicubic, resize_bicubic_to};
+use qpert::data::image::{
+    decode_rgb, pixel_values, preprocess_batch, preprocess_image, resize_bicubic, resize_bicubic_to,
+};
 use qpert::data::tokenizer::{CaptionTokenizer, MAX_LEN};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -45,8 +47,16 @@ fn decode_equals_pillow_on_photos() {
     for name in PHOTOS {
         let img = decode_rgb(&photo(name)).unwrap();
         let e = &m["photos"][name];
-        assert_eq!((u64::from(img.width()), u64::from(img.height())), (e["width"].as_u64().unwrap(), e["height"].as_u64().unwrap()), "{name}");
-        assert_eq!(sha256_hex(img.as_raw()), e["rgb_sha256"].as_str().unwrap(), "{name}: decoded RGB differs from Pillow");
+        assert_eq!(
+            (u64::from(img.width()), u64::from(img.height())),
+            (e["width"].as_u64().unwrap(), e["height"].as_u64().unwrap()),
+            "{name}"
+        );
+        assert_eq!(
+            sha256_hex(img.as_raw()),
+            e["rgb_sha256"].as_str().unwrap(),
+            "{name}: decoded RGB differs from Pillow"
+        );
     }
 }
 
@@ -261,7 +271,10 @@ fn report_alternatives_and_speed() {
         print!("{name}: image-crate JPEG decode vs Pillow: max {dmax} mean {dmean:.4}");
         for size in [364u32, 224, 56, 42] {
             let pil = resize_bicubic(&ours, size);
-            assert_eq!(sha256_hex(pil.as_raw()), m["photos"][name]["resized"][size.to_string()]["sha256"].as_str().unwrap());
+            assert_eq!(
+                sha256_hex(pil.as_raw()),
+                m["photos"][name]["resized"][size.to_string()]["sha256"].as_str().unwrap()
+            );
             let cr = image::imageops::resize(&ours, size, size, image::imageops::FilterType::CatmullRom);
             let (max, mean) = level_diff(cr.as_raw(), pil.as_raw());
             print!(" | CatmullRom@{size}: max {max} mean {mean:.3}");
@@ -275,6 +288,9 @@ fn report_alternatives_and_speed() {
         for _ in 0..reps {
             std::hint::black_box(resize_bicubic(&decode_rgb(&path).unwrap(), 364));
         }
-        println!("{name}: decode+resize@364 {:.2} ms (this build profile)", t.elapsed().as_secs_f64() * 1e3 / reps as f64);
+        println!(
+            "{name}: decode+resize@364 {:.2} ms (this build profile)",
+            t.elapsed().as_secs_f64() * 1e3 / reps as f64
+        );
     }
 }

@@ -2,9 +2,10 @@
 //! (uint8) → `pixel_values` (scale 1/255, CLIP mean/std, CHW f32).
 //!
 //! The reference is what the HF `BlipImageProcessor` (PIL backend) produces from
-//! `Image.open(path).convert("RGB")`, as LAVIS loads images: no EXIF orientation is applied. Every step reproduces the Pillow code bit for bit, so the
-//! vision tower sees exactly the tensors the Python reference sees; `tests/preprocess.rs` checks
-//! each step against fixtures written by `tools/make_preprocess_fixtures.py` (Pillow 13.0.0).
+//! `Image.open(path).convert("RGB")`, as LAVIS loads images (no EXIF orientation is applied).
+//! Every step reproduces the Pillow code bit for bit, so the vision tower sees exactly the tensors
+//! the Python reference sees; `tests/preprocess.rs` checks each step against fixtures written by
+//! `tools/make_preprocess_fixtures.py` (Pillow 13.0.0, libjpeg-turbo 3.2.0, transformers 5.24.0).
 
 use std::cell::Cell;
 use std::io::{BufRead, Read};
@@ -28,9 +29,10 @@ pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 /// JPEG goes through libjpeg (the `mozjpeg` crate: libjpeg-turbo's decoder with its default
 /// settings, i.e. integer slow DCT and fancy upsampling, the same decoder and settings as Pillow),
 /// which gives Pillow's pixels exactly. The `image` crate's pure-Rust JPEG decoder differs from it
-/// by up to 6 levels (mean up to 0.24) on the test photos, enough to move features by 1e-3. Other formats (PNG) go through the `image` crate, which is lossless, so only
-/// the conversion to RGB has to follow Pillow: grey is replicated, alpha is dropped (not
-/// composited), palettes are looked up, CMYK uses Pillow's `cmyk2rgb`.
+/// by up to 6 levels (mean up to 0.24) on the test photos, enough to move features by 1e-3.
+/// Other formats (PNG) go through the `image` crate, which is lossless, so only the conversion to
+/// RGB has to follow Pillow: grey is replicated, alpha is dropped (not composited), palettes are
+/// looked up, CMYK uses Pillow's `cmyk2rgb`.
 ///
 /// Errors are [`Error::Input`] naming `path`: missing or unreadable file, not an image,
 /// a truncated JPEG (Pillow: "image file is truncated"), corrupt data.
@@ -45,13 +47,11 @@ pub fn decode_rgb_bytes(path: &Path, bytes: &[u8]) -> Result<RgbImage> {
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         return decode_jpeg(path, bytes);
     }
-    let format = image::guess_format(bytes)
-        .map_err(|_| Error::input(path, "not an image (unrecognised format)"))?;
-    let img = image::load_from_memory_with_format(bytes, format)
-        .map_err(|e| {
-            let name = format.extensions_str().first().map_or_else(|| format!("{format:?}"), |x| x.to_uppercase());
-            Error::input(path, format!("{name} decode failed: {e}"))
-        })?;
+    let format = image::guess_format(bytes).map_err(|_| Error::input(path, "not an image (unrecognised format)"))?;
+    let img = image::load_from_memory_with_format(bytes, format).map_err(|e| {
+        let name = format.extensions_str().first().map_or_else(|| format!("{format:?}"), |x| x.to_uppercase());
+        Error::input(path, format!("{name} decode failed: {e}"))
+    })?;
     Ok(dynamic_to_rgb(img))
 }
 
@@ -114,7 +114,9 @@ fn decode_jpeg(path: &Path, bytes: &[u8]) -> Result<RgbImage> {
         let dec = mozjpeg::Decompress::builder().from_reader(reader)?;
         let (w, h) = dec.size();
         if w.saturating_mul(h) > MAX_PIXELS {
-            return Err(std::io::Error::other(format!("image too large ({w}x{h} pixels; Pillow's limit is {MAX_PIXELS})")));
+            return Err(std::io::Error::other(format!(
+                "image too large ({w}x{h} pixels; Pillow's limit is {MAX_PIXELS})"
+            )));
         }
         // libjpeg's default output colour space follows the file: YCbCr/RGB → RGB,
         // grey → grey, CMYK/YCCK → CMYK. Pillow asks for the same ("RGB", "L", "CMYK;I").

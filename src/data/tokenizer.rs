@@ -71,7 +71,8 @@ impl CaptionTokenizer {
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
         let json = dir.join("tokenizer.json");
         let mut tok = if json.is_file() {
-            let t = Tokenizer::from_file(&json).map_err(|e| Error::weights(&json, format!("malformed tokenizer.json: {e}")))?;
+            let t = Tokenizer::from_file(&json)
+                .map_err(|e| Error::weights(&json, format!("malformed tokenizer.json: {e}")))?;
             Self { tokenizer: t, source: json }
         } else {
             Self::build_from_vocab(&dir.join("vocab.txt"))?
@@ -96,7 +97,8 @@ impl CaptionTokenizer {
         }
         let path_str = vocab_path.to_str().ok_or_else(|| Error::weights(vocab_path, "path is not UTF-8"))?;
         // One token per line, id = line number (trailing whitespace trimmed, as HF does).
-        let vocab = WordPiece::read_file(path_str).map_err(|e| Error::weights(vocab_path, format!("cannot read: {e}")))?;
+        let vocab =
+            WordPiece::read_file(path_str).map_err(|e| Error::weights(vocab_path, format!("cannot read: {e}")))?;
         for special in BERT_SPECIALS {
             if !vocab.contains_key(special) {
                 return Err(Error::weights(vocab_path, format!("not a BERT vocabulary: no {special}")));
@@ -178,7 +180,10 @@ impl CaptionTokenizer {
             // Fixed padding and truncation make every row MAX_LEN long; check rather than trust a
             // tokenizer.json that might override them.
             if enc.get_ids().len() != MAX_LEN {
-                return Err(Error::weights(&self.source, format!("tokenizer produced {} tokens, expected {MAX_LEN}", enc.len())));
+                return Err(Error::weights(
+                    &self.source,
+                    format!("tokenizer produced {} tokens, expected {MAX_LEN}", enc.len()),
+                ));
             }
             batch.input_ids.extend(enc.get_ids().iter().map(|&id| id as i32));
             batch.attention_mask.extend(enc.get_attention_mask().iter().map(|&m| m as u8));
