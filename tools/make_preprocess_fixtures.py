@@ -110,6 +110,14 @@ def decode_cases(manifest):
     add("jpeg_444_odd", base, "JPEG", quality=85, subsampling="4:4:4")
     add("jpeg_progressive", base, "JPEG", quality=85, progressive=True)
     add("jpeg_gray", base.convert("L"), "JPEG", quality=85)
+    # For the record: transformers' convert_to_rgb composites alpha onto white, Pillow's convert("RGB")
+    # (used by LAVIS, and by us) drops it.
+    from transformers.image_transforms import convert_to_rgb
+    with Image.open(d / "png_rgba_gradient_alpha.png") as im:
+        hf = np.asarray(convert_to_rgb(im, return_numpy=True))
+    pil = np.asarray(rgb(d / "png_rgba_gradient_alpha.png"))
+    manifest["hf_convert_to_rgb_vs_pillow_on_alpha"] = {"case": "png_rgba_gradient_alpha",
+                                                         "max_abs_diff": int(np.abs(hf.astype(int) - pil).max())}
     manifest["decode_cases"] = cases
 
 

@@ -197,6 +197,11 @@ fn adobe_cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
 /// the same file in: alpha is dropped (Pillow's `rgba2rgb`/`la2rgb`), grey replicated, 16-bit
 /// colour takes the high byte (Pillow's `RGB;16B` raw mode), 16-bit grey is clipped to 255
 /// (Pillow opens it as `I;16`).
+///
+/// Dropping alpha is what LAVIS does (`Image.open(p).convert("RGB")`). Note that the HF image
+/// processors (transformers 5) instead composite transparent images onto white before converting;
+/// the two differ only for images with an alpha channel or palette transparency, which do not
+/// occur in COCO or Flickr30k (all JPEG).
 fn dynamic_to_rgb(img: DynamicImage) -> RgbImage {
     let (w, h) = (img.width(), img.height());
     let px: Vec<u8> = match img {
@@ -388,7 +393,8 @@ pub fn resize_bicubic(img: &RgbImage, size: u32) -> RgbImage {
 ///
 /// The arithmetic is the HF image processor's, so the f32 values agree bit for bit:
 /// `rescale` multiplies in f64 by the f64 `1/255` and rounds to f32, then `normalize` computes
-/// `(x - mean) / std` in f32.
+/// `(x - mean) / std` in f32. (LAVIS's torchvision `ToTensor` divides in f32 by 255 instead; that
+/// gives the same f32 for all 256 levels, see the unit test `rescale_matches_torchvision`.)
 pub fn pixel_values(img: &RgbImage) -> Vec<f32> {
     let plane = img.width() as usize * img.height() as usize;
     let mut out = vec![0f32; 3 * plane];
@@ -455,6 +461,13 @@ mod tests {
         assert!((v[0] - (1.0 - CLIP_MEAN[0]) / CLIP_STD[0]).abs() < 1e-6);
         assert!((v[1] + CLIP_MEAN[0] / CLIP_STD[0]).abs() < 1e-6);
         assert!((v[2] + CLIP_MEAN[1] / CLIP_STD[1]).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rescale_matches_torchvision() {
+        for v in 0..=255u8 {
+            assert_eq!((f64::from(v) * (1.0 / 255.0)) as f32, f32::from(v) / 255.0, "level {v}");
+        }
     }
 
     #[test]
