@@ -120,27 +120,11 @@ fn decode_jpeg(path: &Path, bytes: &[u8]) -> Result<RgbImage> {
         }
         // libjpeg's default output colour space follows the file: YCbCr/RGB → RGB,
         // grey → grey, CMYK/YCCK → CMYK. Pillow asks for the same ("RGB", "L", "CMYK;I").
-        let (w, h, pixels) = match dec.image()? {
-            mozjpeg::Format::RGB(mut d) => {
-                let px = d.read_scanlines::<u8>()?;
-                let size = (d.width(), d.height());
-                d.finish()?;
-                (size.0, size.1, JpegPixels::Rgb(px))
-            }
-            mozjpeg::Format::Gray(mut d) => {
-                let px = d.read_scanlines::<u8>()?;
-                let size = (d.width(), d.height());
-                d.finish()?;
-                (size.0, size.1, JpegPixels::Gray(px))
-            }
-            mozjpeg::Format::CMYK(mut d) => {
-                let px = d.read_scanlines::<u8>()?;
-                let size = (d.width(), d.height());
-                d.finish()?;
-                (size.0, size.1, JpegPixels::Cmyk(px))
-            }
-        };
-        Ok((w, h, pixels))
+        Ok(match dec.image()? {
+            mozjpeg::Format::RGB(d) => read_all(d, JpegPixels::Rgb)?,
+            mozjpeg::Format::Gray(d) => read_all(d, JpegPixels::Gray)?,
+            mozjpeg::Format::CMYK(d) => read_all(d, JpegPixels::Cmyk)?,
+        })
     }));
     if hit_eof.get() {
         return Err(Error::input(path, "JPEG truncated"));
@@ -168,6 +152,18 @@ fn decode_jpeg(path: &Path, bytes: &[u8]) -> Result<RgbImage> {
         JpegPixels::Cmyk(px) => adobe_cmyk_to_rgb(&px),
     };
     RgbImage::from_raw(w32, h32, rgb).ok_or_else(|| Error::input(path, "JPEG decode returned too few rows"))
+}
+
+/// Reads all scanlines and the rest of the file up to EOI (as Pillow does: a missing EOI is a
+/// truncated file).
+fn read_all<R: BufRead>(
+    mut d: mozjpeg::decompress::DecompressStarted<R>,
+    wrap: fn(Vec<u8>) -> JpegPixels,
+) -> std::io::Result<(usize, usize, JpegPixels)> {
+    let px = d.read_scanlines::<u8>()?;
+    let (w, h) = (d.width(), d.height());
+    d.finish()?;
+    Ok((w, h, wrap(px)))
 }
 
 /// Pillow's `l2rgb`: replicate the grey level.
