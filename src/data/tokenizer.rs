@@ -2,8 +2,10 @@
 //! `[CLS] … [SEP]`, padded (right) and truncated to [`MAX_LEN`] = 35 tokens.
 //!
 //! Captions are expected already cleaned (LAVIS `blip_caption`); this module only tokenises.
-//! The result equals HF `BertTokenizer` (with `[DEC]` added as a special token) id for id,
-//! including accents, CJK, emoji and literal special tokens inside the text: see
+//! The result equals, id for id, the pure-Python BERT tokenizer LAVIS used (transformers'
+//! `BertTokenizerLegacy` with `[DEC]` added as `bos_token`), and also transformers 5
+//! `BertTokenizer` and `tokenizers.BertWordPieceTokenizer`, on accents, CJK, emoji, control
+//! characters, literal special tokens inside the text and over-long captions: see
 //! `tests/preprocess.rs` and `tools/make_preprocess_fixtures.py`.
 
 use std::path::{Path, PathBuf};
@@ -72,7 +74,7 @@ impl CaptionTokenizer {
         let json = dir.join("tokenizer.json");
         let mut tok = if json.is_file() {
             let t = Tokenizer::from_file(&json)
-                .map_err(|e| Error::weights(&json, format!("malformed tokenizer.json: {e}")))?;
+                .map_err(|e| Error::weights(&json, format!("malformed tokenizer.json: {}", one_line(&*e))))?;
             Self { tokenizer: t, source: json }
         } else {
             Self::build_from_vocab(&dir.join("vocab.txt"))?
@@ -170,7 +172,7 @@ impl CaptionTokenizer {
         let encodings = self
             .tokenizer
             .encode_batch(inputs, true)
-            .map_err(|e| Error::weights(&self.source, format!("tokenizer failed: {e}")))?;
+            .map_err(|e| Error::weights(&self.source, format!("tokenizer failed: {}", one_line(&*e))))?;
         let mut batch = TokenBatch {
             input_ids: Vec::with_capacity(captions.len() * MAX_LEN),
             attention_mask: Vec::with_capacity(captions.len() * MAX_LEN),
@@ -190,6 +192,11 @@ impl CaptionTokenizer {
         }
         Ok(batch)
     }
+}
+
+/// An error message on one line (the CLI prints each error as one line).
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
