@@ -161,3 +161,122 @@ fn gram_matrices_on_the_device_match_the_reference() {
         assert_close(&rel, &want_rel, 1e-6, &format!("{model} gram"));
     }
 }
+
+mod with_the_model {
+    //! The whole Q-Pert path through the burn model: keys from Z, Pi from the fixture's boxes,
+    //! perturbed ITC image features and ITM logits against the reference's hooked HF model.
+    use super::*;
+    use burn::tensor::{Device, Int, Tensor, TensorData};
+    use qpert::model::Blip2Model;
+    use qpert::qpert::{BatchBoxes, query_perturbation};
+
+    struct Run {
+        fx: Fixture,
+        model: Blip2Model,
+        z: Tensor<3>,
+        keys: Vec<Tensor<4>>,
+        boxes: BatchBoxes,
+        device: Device,
+    }
+
+    fn run(name: &str) -> Run {
+        let fx = Fixture::load(name);
+        let device = Device::default();
+        let model = Blip2Model::load(&fx.dir, &device).unwrap();
+        let shape = fx.reference_shape::<4>("pixel_values");
+        let pixels = Tensor::<4>::from_data(TensorData::new(fx.reference("pixel_values"), shape), &device);
+        let z = model.vision_tokens(pixels).unwrap();
+        let keys = model.cross_attention_keys(z.clone()).unwrap();
+        let mut boxes = BatchBoxes::default();
+        let all = fixture_boxes(&fx);
+        let box_image = fx.qpert_i64("box_image");
+        for (o, (b, w, h)) in all.iter().enumerate() {
+            boxes.push_image(box_image[o] as usize, std::slice::from_ref(b), *w, *h, grid(&fx));
+        }
+        Run { fx, model, z, keys, boxes, device }
+    }
+
+    fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().try_into_vec_as::<f32>().unwrap()
+    }
+
+    impl Run {
+        fn itm(&self, pi: Option<Tensor<5>>) -> Vec<f32> {
+            let text = self.fx.reference_i64("itm_text_index");
+            let image = self.fx.reference_i64("itm_image_index");
+            let ids = self.fx.reference_i64("input_ids");
+            let mask = self.fx.reference_i64("attention_mask");
+            let len = 35;
+            let rows = |all: &[i64]| -> Vec<i64> { text.iter().flat_map(|&t| all[t as usize * len..][..len].to_vec()).collect() };
+            let p = text.len();
+            let int2 = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [p, len]), &self.device);
+            let pair_image = Tensor::<1, Int>::from_data(TensorData::new(image, [p]), &self.device);
+            host(self.model.itm_logits(self.z.clone(), pair_image, int2(rows(&ids)), int2(rows(&mask)), pi).unwrap())
+        }
+    }
+
+    #[test]
+    fn perturbed_features_and_itm_match_the_reference() {
+        for name in MODELS {
+            let r = run(name);
+            let comparable = r.fx.qpert_u8("image_official_comparable");
+            let pair_image = r.fx.reference_i64("itm_image_index");
+            let [b, q, e] = r.fx.qpert_shape::<3>("image_embeds_principal");
+            for (projector, label) in [(ProjectorKind::Principal, "principal"), (ProjectorKind::Official, "official")] {
+                let settings = QpertSettings { projector, ..QpertSettings::published() };
+                let pi = query_perturbation(&r.keys, &r.boxes, &settings).unwrap();
+                let features = host(r.model.image_features(r.z.clone(), Some(pi.clone())).unwrap());
+                let want = r.fx.qpert(&format!("image_embeds_{label}"));
+                let mut compared = 0;
+                for image in 0..b {
+                    if projector == ProjectorKind::Official && comparable[image] == 0 {
+                        continue;
+                    }
+                    let rows = image * q * e..(image + 1) * q * e;
+                    assert_close(&features[rows.clone()], &want[rows], 1e-5, &format!("{name} ITC {label} image {image}"));
+                    compared += 1;
+                }
+                assert!(compared > 0);
+                let itm = r.itm(Some(pi));
+                let want = r.fx.qpert(&format!("itm_logits_{label}"));
+                for (pair, &image) in pair_image.iter().enumerate() {
+                    if projector == ProjectorKind::Official && comparable[image as usize] == 0 {
+                        continue;
+                    }
+                    assert_close(&itm[pair..pair + 1], &want[pair..pair + 1], 1e-5, &format!("{name} ITM {label} pair {pair}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn alpha_zero_and_images_without_boxes_are_bit_identical_to_the_plain_model() {
+        for name in MODELS {
+            let r = run(name);
+            let plain = host(r.model.image_features(r.z.clone(), None).unwrap());
+            let zero = QpertSettings { alpha: 0.0, ..QpertSettings::published() };
+            let pi = query_perturbation(&r.keys, &r.boxes, &zero).unwrap();
+            assert_eq!(host(r.model.image_features(r.z.clone(), Some(pi.clone())).unwrap()), plain, "{name} ITC");
+            assert_eq!(r.itm(Some(pi)), r.itm(None), "{name} ITM");
+
+            let pi = query_perturbation(&r.keys, &r.boxes, &QpertSettings::published()).unwrap();
+            let perturbed = host(r.model.image_features(r.z.clone(), Some(pi)).unwrap());
+            let [_, q, e] = r.fx.qpert_shape::<3>("image_embeds_principal");
+            let without_boxes: Vec<usize> = (0..r.fx.qpert_json["images"].as_array().unwrap().len())
+                .filter(|i| !r.boxes.image.contains(i))
+                .collect();
+            assert!(!without_boxes.is_empty(), "{name}: the fixture has an image without boxes");
+            for image in without_boxes {
+                let rows = image * q * e..(image + 1) * q * e;
+                assert_eq!(perturbed[rows.clone()], plain[rows], "{name} image {image} without boxes");
+            }
+            assert_ne!(perturbed, plain, "{name}: the perturbation changes the images with boxes");
+        }
+    }
+
+    #[test]
+    fn no_boxes_at_all_means_no_perturbation() {
+        let r = run(MODELS[0]);
+        assert!(query_perturbation(&r.keys, &BatchBoxes::default(), &QpertSettings::published()).is_none());
+    }
+}
