@@ -112,7 +112,7 @@ fn index_writes_exact_images_boxes_and_texts() {
     assert_eq!(u32s(&texts, "text_idx"), (0..25).collect::<Vec<u32>>());
     let image_idx = u32s(&texts, "image_idx");
     assert_eq!(image_idx[..6], [0, 0, 0, 0, 0, 1]);
-    assert_eq!(image_idx[14..16], [2, 3]);
+    assert_eq!(image_idx[13..15], [2, 3], "image 2 has four captions");
     assert_eq!(image_idx[24], 4);
     let captions = strings(&texts, "caption");
     let clean = strings(&texts, "caption_clean");
@@ -135,7 +135,9 @@ fn lavis_and_karpathy_splits_give_identical_tables() {
     let out = index(&karpathy, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     for table in ["images", "boxes", "texts"] {
-        assert_eq!(lavis.table("index", table), karpathy.table("index", table), "{table}");
+        let (a, b) = (lavis.table("index", table), karpathy.table("index", table));
+        assert_eq!(a.schema().fields(), b.schema().fields(), "{table}");
+        assert_eq!(a.columns(), b.columns(), "{table}");
     }
 }
 
@@ -236,7 +238,9 @@ fn unimplemented_stages_exit_2_and_run_stops_after_index() {
     let ws = Workspace::new(LAVIS);
     assert_fails(&ws.qpert(&["stage", "extract", "--config", "{config}", "--shard", "2/8"]), 2, &["extract is not implemented yet"]);
     let run = ws.qpert(&["run", "--config", "{config}"]);
-    assert_fails(&run, 2, &["stage extract is not implemented yet", "stages done: index", "pending: extract, text, sim, rerank, report"]);
+    assert_eq!(run.status.code(), Some(2));
+    let last = stderr(&run).lines().last().unwrap_or_default().to_string();
+    assert_eq!(last, "qpert: stage extract is not implemented yet; stages done: index; pending: extract, text, sim, rerank, report");
     assert!(stdout(&run).contains("index: 5 images"));
     assert!(ws.path().join("out/index/manifest.json").exists());
 }
