@@ -137,6 +137,7 @@ fn bad_shard_values() {
 #[test]
 fn unknown_stage_and_verb() {
     let ws = Workspace::new(LAVIS);
-    assert_fails(&ws.qpert(&["stage", "train", "--config", "{config}"]), 2, &["train"]);
+    assert_fails(&ws.qpert(&["stage", "train", "--config", "{config}"]), 2, &["train", "possible values: index, extract"]);
     assert_fails(&ws.qpert(&["frobnicate"]), 2, &["frobnicate"]);
+    assert_fails(&ws.qpert(&[]), 2, &["no command given"]);
 }

@@ -223,6 +223,9 @@ fn strict_fails_on_a_box_outside_its_image() {
     let out = index(&ws, &["--strict"]);
     assert_fails(&out, 1, &["1000003.xml", "image 1000003", "reaches outside", "--strict"]);
     assert!(!ws.path().join("out/index/manifest.json").exists());
+    // Also on an up-to-date index: the warning recorded in its manifest is replayed.
+    assert!(index(&ws, &[]).status.success());
+    assert_fails(&index(&ws, &["--strict"]), 1, &["1000003.xml", "recorded in index's manifest", "--strict"]);
 }
 
 #[test]

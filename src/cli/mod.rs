@@ -24,13 +24,22 @@ pub fn parse() -> Result<Parsed> {
     match Args::try_parse() {
         Ok(args) => Ok(Parsed::Args(args)),
         Err(e) if !e.use_stderr() => Ok(Parsed::Info(e.render().to_string())),
-        Err(e) => Err(Error::Usage(first_line(&e.to_string()))),
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            Err(Error::Usage("no command given: expected stage, run or status (see qpert --help)".into()))
+        }
+        Err(e) => Err(Error::Usage(one_line(&e.to_string()))),
     }
 }
 
-fn first_line(rendered: &str) -> String {
-    let line = rendered.lines().find(|l| !l.trim().is_empty()).unwrap_or("bad command line");
-    line.trim_start_matches("error: ").to_string() + " (see qpert --help)"
+/// Clap's multi-line error as one line: its message and hints, without the usage block.
+fn one_line(rendered: &str) -> String {
+    let parts: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(|l| l.trim_start_matches("error: "))
+        .collect();
+    format!("{} (see qpert --help)", parts.join("; "))
 }
 
 /// Runs a parsed command line.

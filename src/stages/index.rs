@@ -21,7 +21,7 @@ use crate::data::captions::clean_caption;
 use crate::data::dataset::{SplitImage, load_split, resolve_image_path};
 use crate::data::flickr_entities::{ImageBoxes, KeptBox, image_boxes};
 use crate::error::{Error, Result};
-use crate::store::{FileEntry, Fingerprint, StageDir};
+use crate::store::{DataWarning, FileEntry, Fingerprint, Notes, StageDir, StageState};
 
 /// Everything the index depends on: the split file's content, the split name, the image folder,
 /// the box origin, and the content of the Entities files (`Annotations/<id>.xml`,
@@ -113,7 +113,8 @@ impl ImageRecord {
 pub fn run(ctx: &Context) -> Result<Outcome> {
     let dataset = &ctx.config.dataset;
     let stage = ctx.stage_dir(Stage::Index, fingerprint(&ctx.config)?);
-    if !ctx.force && stage.is_complete()? {
+    if let (false, StageState::Done(manifest)) = (ctx.force, stage.state()?) {
+        ctx.check_recorded_warnings(&manifest)?;
         return Ok(Outcome::UpToDate);
     }
     if let Some(entities) = &dataset.entities {
@@ -121,9 +122,10 @@ pub fn run(ctx: &Context) -> Result<Outcome> {
     }
     let (_, split) = load_split(&dataset.annotations, &dataset.split)?;
     let records = read_images(ctx, &split)?;
-    let coverage = report_boxes(ctx, &split, &records)?;
+    let (coverage, warnings) = report_boxes(ctx, &split, &records)?;
     let files = write_tables(&stage, &split, &records)?;
-    stage.finish(files, serde_json::to_value(&coverage).unwrap_or_default(), Vec::new())?;
+    let notes = Notes { warnings, ..Notes::default() };
+    stage.finish(files, serde_json::to_value(&coverage).unwrap_or_default(), notes)?;
     ctx.reporter.info(&coverage.line());
     ctx.reporter.info(&format!("index: wrote {}", stage.path().display()));
     Ok(Outcome::Ran)
@@ -173,7 +175,8 @@ fn image_size(path: &Path) -> Result<(u32, u32)> {
 }
 
 /// Counts coverage and raises the data warnings (outside boxes, size mismatches), in split order.
-fn report_boxes(ctx: &Context, split: &[SplitImage], records: &[ImageRecord]) -> Result<Coverage> {
+fn report_boxes(ctx: &Context, split: &[SplitImage], records: &[ImageRecord]) -> Result<(Coverage, Vec<DataWarning>)> {
+    let mut warnings = Vec::new();
     let mut coverage = Coverage {
         images: records.len(),
         captions: split.iter().map(|s| s.captions.len()).sum(),
@@ -192,7 +195,7 @@ fn report_boxes(ctx: &Context, split: &[SplitImage], records: &[ImageRecord]) ->
                 "image {}: annotation size {w}x{h} differs from the image's {}x{}; boxes use the annotation size",
                 record.image_id, record.width, record.height
             );
-            ctx.data_warning(&xml, &msg)?;
+            warnings.push(ctx.data_warning(&xml, &msg)?);
         }
         for (i, b) in boxes.kept.iter().enumerate().filter(|(_, b)| b.outside) {
             coverage.boxes_outside_image += 1;
@@ -205,10 +208,10 @@ fn report_boxes(ctx: &Context, split: &[SplitImage], records: &[ImageRecord]) ->
                 boxes.size.0,
                 boxes.size.1
             );
-            ctx.data_warning(&xml, &msg)?;
+            warnings.push(ctx.data_warning(&xml, &msg)?);
         }
     }
-    Ok(coverage)
+    Ok((coverage, warnings))
 }
 
 fn annotation_path(ctx: &Context, image_id: &str) -> PathBuf {

@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::store::{Fingerprint, Shard, StageDir, StageState};
+use crate::store::{DataWarning, Fingerprint, Manifest, Shard, StageDir, StageState};
 
 /// The stages, in pipeline order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -161,13 +161,26 @@ pub struct Context {
 }
 
 impl Context {
-    /// A data warning about `path`: reported and tolerated, or an [`Error::Input`] under `--strict`.
-    pub fn data_warning(&self, path: &Path, msg: &str) -> Result<()> {
+    /// A data warning about `path`: reported and returned for the manifest, or an [`Error::Input`]
+    /// under `--strict`.
+    pub fn data_warning(&self, path: &Path, msg: &str) -> Result<DataWarning> {
         if self.strict {
             return Err(Error::input(path, format!("{msg} (a warning, fatal under --strict)")));
         }
         self.reporter.warn(&format!("{}: {msg}", path.display()));
-        Ok(())
+        Ok(DataWarning { path: path.to_path_buf(), message: msg.to_string() })
+    }
+
+    /// Under `--strict`, fails on the first warning an up-to-date stage recorded when it ran, so
+    /// `--strict` means the same whether or not the stage is recomputed.
+    pub fn check_recorded_warnings(&self, manifest: &Manifest) -> Result<()> {
+        match manifest.warnings.first() {
+            Some(w) if self.strict => Err(Error::input(
+                &w.path,
+                format!("{} (a warning recorded in {}'s manifest, fatal under --strict)", w.message, manifest.stage),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// The output folder of `stage`, opened with `fingerprint`.

@@ -156,6 +156,16 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// A data warning raised while a stage ran (e.g. a box reaching outside its image), kept in the
+/// manifest so that `--strict` still fails on an up-to-date stage that had warnings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataWarning {
+    /// The input file the warning is about.
+    pub path: PathBuf,
+    /// What is wrong with it.
+    pub message: String,
+}
+
 /// A stage's `manifest.json`: written last, so its presence with a matching fingerprint means done.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -177,6 +187,9 @@ pub struct Manifest {
     /// Items left out, with reasons.
     #[serde(default)]
     pub skipped: Vec<Skipped>,
+    /// Data warnings raised while the stage ran.
+    #[serde(default)]
+    pub warnings: Vec<DataWarning>,
 }
 
 impl Manifest {

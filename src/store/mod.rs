@@ -28,13 +28,22 @@ use std::path::{Path, PathBuf};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
-pub use manifest::{FileEntry, Fingerprint, Manifest, Skipped};
+pub use manifest::{DataWarning, FileEntry, Fingerprint, Manifest, Skipped};
 pub use shard::Shard;
 
 use crate::error::{Error, Result};
 
 /// File name of a stage's manifest.
 pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// What a stage has to say about its inputs besides its tables: items it left out and data warnings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Notes {
+    /// Items left out, with reasons.
+    pub skipped: Vec<Skipped>,
+    /// Data warnings raised (and tolerated) while running.
+    pub warnings: Vec<DataWarning>,
+}
 
 /// One stage's output folder, opened with the fingerprint its output must have now.
 #[derive(Debug, Clone)]
@@ -176,8 +185,8 @@ impl StageDir {
     }
 
     /// Writes the manifest of an unsharded stage, last, after all its `files`.
-    pub fn finish(&self, files: Vec<FileEntry>, summary: serde_json::Value, skipped: Vec<Skipped>) -> Result<Manifest> {
-        self.write_manifest(1, files, summary, skipped)
+    pub fn finish(&self, files: Vec<FileEntry>, summary: serde_json::Value, notes: Notes) -> Result<Manifest> {
+        self.write_manifest(1, files, summary, notes)
     }
 
     /// For a sharded stage run in `count` parts: when all of them exist with the current
@@ -192,7 +201,7 @@ impl StageDir {
             let path = self.dir.join(shard.part_file_name());
             files.push(FileEntry { name: shard.part_file_name(), rows: parquet::read_row_count(&path)? });
         }
-        self.write_manifest(count, files, summary, Vec::new()).map(Some)
+        self.write_manifest(count, files, summary, Notes::default()).map(Some)
     }
 
     fn write_manifest(
@@ -200,7 +209,7 @@ impl StageDir {
         shards: u32,
         files: Vec<FileEntry>,
         summary: serde_json::Value,
-        skipped: Vec<Skipped>,
+        notes: Notes,
     ) -> Result<Manifest> {
         let manifest = Manifest {
             stage: self.stage.clone(),
@@ -210,7 +219,8 @@ impl StageDir {
             shards,
             files,
             summary,
-            skipped,
+            skipped: notes.skipped,
+            warnings: notes.warnings,
         };
         manifest.write(&self.manifest_path())?;
         Ok(manifest)
@@ -302,7 +312,7 @@ mod tests {
         let old = StageDir::open(out.path(), "index", Fingerprint::new("index").with("dataset.box_origin", 1));
         let (schema, batch) = table(vec![1, 2]);
         let file = old.write_table("images", &schema, &[batch]).unwrap();
-        old.finish(vec![file], serde_json::json!({"images": 2}), vec![]).unwrap();
+        old.finish(vec![file], serde_json::json!({"images": 2}), Notes::default()).unwrap();
         assert!(old.is_complete().unwrap());
         assert_eq!(values(&old.read_table("images").unwrap()), [1, 2]);
 
