@@ -151,9 +151,7 @@ fn read_images(ctx: &Context, split: &[SplitImage]) -> Result<Vec<ImageRecord>> 
 
 fn read_image(ctx: &Context, image: &SplitImage) -> Result<ImageRecord> {
     let dataset = &ctx.config.dataset;
-    let path = resolve_image_path(&dataset.images, &image.path).ok_or_else(|| {
-        Error::input(dataset.images.join(&image.path), "image not found (also tried its file name alone in the image folder)")
-    })?;
+    let path = resolve_image_path(&dataset.images, &image.path).ok_or_else(|| image_not_found(&dataset.images, &image.path))?;
     let (width, height) = image_size(&path)?;
     let image_id = image_id(&path.to_string_lossy());
     let boxes = match &dataset.entities {
@@ -161,6 +159,17 @@ fn read_image(ctx: &Context, image: &SplitImage) -> Result<ImageRecord> {
         None => None,
     };
     Ok(ImageRecord { image_id, path, width, height, boxes })
+}
+
+/// Names the file-name fallback as the missing file, and the joined path too when it differs.
+fn image_not_found(images: &Path, given: &str) -> Error {
+    let joined = images.join(given);
+    let by_name = Path::new(given).file_name().map_or_else(|| joined.clone(), |name| images.join(name));
+    if by_name == joined {
+        Error::input(by_name, "image not found")
+    } else {
+        Error::input(by_name, format!("image not found (nor at {})", joined.display()))
+    }
 }
 
 /// Width and height from the image header (the pixels are decoded later, by `extract`).
