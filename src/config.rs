@@ -231,14 +231,23 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> Error {
     let before = &text[..span.start.min(text.len())];
     let line = before.matches('\n').count() + 1;
     let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    let section = before
+    Error::config(path, format!("line {line}, column {column}{}: {}", section_of(before), e.message().trim()))
+}
+
+/// ` in [section]` for an error inside a section's keys; empty at top level or on a header line.
+fn section_of(before: &str) -> String {
+    let (complete, current) = before.rsplit_once('\n').unwrap_or(("", before));
+    if current.trim_start().starts_with('[') {
+        return String::new();
+    }
+    complete
         .lines()
         .rev()
         .map(str::trim)
-        .find(|l| l.starts_with('[') && !l.starts_with("[["))
-        .map(|l| format!(" in {}", l.split(']').next().unwrap_or(l).to_string() + "]"))
-        .unwrap_or_default();
-    Error::config(path, format!("line {line}, column {column}{section}: {}", e.message().trim()))
+        .find(|l| l.starts_with('[') && !l.starts_with("[[") && l.contains(']'))
+        .and_then(|l| l.split(']').next())
+        .map(|header| format!(" in {header}]"))
+        .unwrap_or_default()
 }
 
 impl<'de> Deserialize<'de> for Npc {
@@ -339,6 +348,14 @@ dir = "out"
         assert!(msg.contains("box_orign"), "{msg}");
         assert!(msg.contains("box_origin") && msg.contains("annotations"), "{msg}");
         assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn unknown_section_is_not_placed_inside_the_previous_one() {
+        let msg = load(&format!("{MINIMAL}\n[extras]\nx = 1\n"), &[]).unwrap_err().to_string();
+        assert!(msg.contains("line 23, column 2: unknown field `extras`"), "{msg}");
+        assert_eq!(section_of("[a]\nx = 1\n[b]\ny"), " in [b]");
+        assert_eq!(section_of("x"), "");
     }
 
     #[test]

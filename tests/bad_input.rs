@@ -5,7 +5,7 @@ mod common;
 
 use std::fs;
 
-use common::{Workspace, assert_fails};
+use common::{Workspace, assert_fails, stdout};
 
 const LAVIS: &str = "flickr30k_test.json";
 
@@ -70,9 +70,11 @@ fn failed_run_leaves_earlier_artifacts_intact() {
     let ws = Workspace::with_copy(LAVIS);
     assert!(index(&ws, &[]).status.success());
     let before = fs::read(ws.path().join("out/index/images.parquet")).unwrap();
+    let table = ws.table("index", "images");
     fs::write(ws.data.join("flickr30k-images/1000004.jpg"), "garbage").unwrap();
     assert_fails(&index(&ws, &["--force"]), 1, &["1000004.jpg"]);
     assert_eq!(fs::read(ws.path().join("out/index/images.parquet")).unwrap(), before);
+    assert_eq!(ws.table("index", "images"), table);
     assert!(ws.path().join("out/index/manifest.json").exists());
 }
 
@@ -139,5 +141,7 @@ fn unknown_stage_and_verb() {
     let ws = Workspace::new(LAVIS);
     assert_fails(&ws.qpert(&["stage", "train", "--config", "{config}"]), 2, &["train", "possible values: index, extract"]);
     assert_fails(&ws.qpert(&["frobnicate"]), 2, &["frobnicate"]);
-    assert_fails(&ws.qpert(&[]), 2, &["no command given"]);
+    let none = ws.qpert(&[]);
+    assert_fails(&none, 2, &["no command given"]);
+    assert!(stdout(&none).is_empty());
 }

@@ -2,8 +2,6 @@
 //! pointing at the `flickr_mini` fixture (or a mutable copy of it), running the built `qpert`
 //! binary there, and reading Parquet artifacts back with the arrow/parquet readers.
 
-#![allow(dead_code)] // each test crate uses a different subset of these helpers
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
