@@ -15,7 +15,7 @@ build:
 demo:
 	@echo "make demo: not available yet."
 	@echo "  Missing: the extract/text/sim/rerank/report stages and the tiny fixture model (issue 5)."
-	@echo "  Available now: cargo run --release -- stage index --config configs/mini.toml"
+	@echo "  Available now: cargo run -- stage index --config configs/mini.toml"
 	@exit 1
 
 reproduce-flickr:
