@@ -142,6 +142,17 @@ fn lavis_and_karpathy_splits_give_identical_tables() {
 }
 
 #[test]
+fn index_is_deterministic() {
+    let ws = Workspace::new(LAVIS);
+    assert!(index(&ws, &[]).status.success());
+    let read = |t: &str| std::fs::read(ws.path().join("out/index").join(t)).unwrap();
+    let first: Vec<Vec<u8>> = ["images.parquet", "boxes.parquet", "texts.parquet", "manifest.json"].map(read).to_vec();
+    assert!(index(&ws, &["--force"]).status.success());
+    let second: Vec<Vec<u8>> = ["images.parquet", "boxes.parquet", "texts.parquet", "manifest.json"].map(read).to_vec();
+    assert!(first == second, "a rerun must give byte-identical artifacts");
+}
+
+#[test]
 fn parquet_files_embed_the_fingerprint() {
     let ws = Workspace::new(LAVIS);
     assert!(index(&ws, &[]).status.success());
