@@ -1,4 +1,4 @@
-//! [`Args`] -> stage [`Context`]: loads the config with its `--set` overrides, picks the device
+//! [`super::Args`] -> stage [`Context`]: loads the config with its `--set` overrides, picks the device
 //! (the only place that knows whether this binary was built with the `cuda` feature), and wires the
 //! output hooks to stdout/stderr, with progress bars only when stderr is a terminal.
 
