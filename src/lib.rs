@@ -17,11 +17,12 @@
 //!
 //! Module map: [`cli`] parses and resolves the command line; [`stages`] runs one stage;
 //! [`model`] is BLIP-2 in burn (one code path for CPU and CUDA); [`qpert`] builds the box weights,
-//! key subspaces and query perturbation; [`data`] reads datasets, images and captions; [`store`]
+//! key subspaces and query perturbation; [`config`] is the strict TOML config; [`data`] reads datasets, images and captions; [`store`]
 //! writes and validates artifacts; [`metrics`] computes ranks and recalls; [`error`] is the one
 //! error type.
 
 pub mod cli;
+pub mod config;
 pub mod data;
 pub mod error;
 pub mod metrics;

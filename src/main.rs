@@ -1,1 +1,19 @@
-fn main() {}
+//! The `qpert` binary: parse the command line, run it, and turn any error into one line on stderr
+//! (`qpert: <file>: <problem>`) and its exit code (2 usage/config, 1 data/runtime). Never a backtrace.
+
+use qpert::cli::{self, Parsed};
+
+fn main() {
+    std::panic::set_hook(Box::new(|info| eprintln!("qpert: internal error (a bug): {info}")));
+    let outcome = cli::parse().and_then(|parsed| match parsed {
+        Parsed::Info(text) => {
+            print!("{text}");
+            Ok(())
+        }
+        Parsed::Args(args) => cli::run(args),
+    });
+    if let Err(e) = outcome {
+        eprintln!("qpert: {}", e.to_string().replace('\n', " "));
+        std::process::exit(e.exit_code());
+    }
+}

@@ -2,9 +2,9 @@
 //! sections 3-5) on the tiny models' fixtures: box weights exactly, Gram matrices, component
 //! counts, both projectors and Pi within 1e-5.
 
-mod common;
+mod reference;
 
-use common::{Fixture, assert_close};
+use reference::{Fixture, assert_close};
 use qpert::qpert::perturbation::{BoxGrams, image_perturbations};
 use qpert::qpert::subspace::KeySubspace;
 use qpert::qpert::{AlphaWeight, Components, ObjectBox, PatchGrid, ProjectorKind, QpertSettings, patch_weights};

@@ -1,1 +1,63 @@
-//! (filled in by its issue)
+//! The command line: [`args`] parses it (clap), [`resolve`] turns it into a stage context, and
+//! [`run`] dispatches the verb. [`parse`] turns clap's multi-line errors into one-line usage errors.
+
+pub mod args;
+pub mod resolve;
+
+use clap::Parser;
+
+pub use args::{Args, Command};
+
+use crate::error::{Error, Result};
+use crate::stages;
+
+/// What parsing the command line gave: arguments to run, or help/version text to print.
+pub enum Parsed {
+    /// Run these.
+    Args(Args),
+    /// `--help` or `--version`: print this on stdout and exit 0.
+    Info(String),
+}
+
+/// Parses the process arguments; a bad command line becomes a one-line [`Error::Usage`].
+pub fn parse() -> Result<Parsed> {
+    match Args::try_parse() {
+        Ok(args) => Ok(Parsed::Args(args)),
+        Err(e) if !e.use_stderr() => Ok(Parsed::Info(e.render().to_string())),
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            Err(Error::Usage("no command given: expected stage, run or status (see qpert --help)".into()))
+        }
+        Err(e) => Err(Error::Usage(one_line(&e.to_string()))),
+    }
+}
+
+/// Clap's multi-line error as one line: its message and hints, without the usage block.
+fn one_line(rendered: &str) -> String {
+    let parts: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(|l| l.trim_start_matches("error: "))
+        .collect();
+    format!("{} (see qpert --help)", parts.join("; "))
+}
+
+/// Runs a parsed command line.
+pub fn run(args: Args) -> Result<()> {
+    match &args.command {
+        Command::Stage { stage, shard, force, common } => {
+            let ctx = resolve::context(common, *force)?;
+            if stages::run_stage(*stage, &ctx, *shard)? == stages::Outcome::UpToDate {
+                ctx.reporter.info(&format!("{stage}: up to date (use --force to recompute)"));
+            }
+            Ok(())
+        }
+        Command::Run { common } => stages::run_pipeline(&resolve::context(common, false)?),
+        Command::Status { common } => {
+            let ctx = resolve::context(common, false)?;
+            ctx.reporter.info(&format!("output: {}", ctx.config.output.dir.display()));
+            stages::status(&ctx.config)?.iter().for_each(|line| ctx.reporter.info(line));
+            Ok(())
+        }
+    }
+}

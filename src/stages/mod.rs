@@ -1,1 +1,306 @@
-//! (filled in by its issue)
+//! The stage framework: the stages in pipeline order ([`Stage`]), the run [`Context`] the CLI hands
+//! in (resolved config, device choice, strictness, output hooks), and the verbs built on them:
+//! [`run_stage`], [`run_pipeline`] and [`status`]. Each stage lives in its own file, named like its
+//! CLI verb and its output folder (`stages/index.rs` ↔ `qpert stage index` ↔ `<output.dir>/index/`),
+//! and provides a `fingerprint(&Config)` and a `run(&Context)`.
+
+pub mod index;
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::store::{DataWarning, Fingerprint, Manifest, Shard, StageDir, StageState};
+
+/// The stages, in pipeline order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stage {
+    /// Annotations + Entities -> images / boxes / texts tables.
+    Index,
+    /// Images -> Q-Pert ITC image features (sharded by image).
+    Extract,
+    /// Captions -> ITC text features (sharded by caption).
+    Text,
+    /// ITC scores -> top-k candidates per query.
+    Sim,
+    /// ITM logits for the top-k pairs (sharded by image).
+    Rerank,
+    /// Ranks, recalls, size bins -> metrics.json and report.md.
+    Report,
+}
+
+impl Stage {
+    /// All stages, in the order `qpert run` runs them.
+    pub const ALL: [Stage; 6] = [Stage::Index, Stage::Extract, Stage::Text, Stage::Sim, Stage::Rerank, Stage::Report];
+
+    /// The stage names, in pipeline order (CLI verbs and folder names).
+    pub const NAMES: [&'static str; 6] = ["index", "extract", "text", "sim", "rerank", "report"];
+
+    /// The stage's name: its CLI verb, its file in `stages/` and its output folder.
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    /// Whether this build implements the stage (the others are pending their issues).
+    pub fn is_implemented(self) -> bool {
+        matches!(self, Stage::Index)
+    }
+
+    /// Whether the stage takes `--shard I/N`.
+    pub fn is_sharded(self) -> bool {
+        matches!(self, Stage::Extract | Stage::Text | Stage::Rerank)
+    }
+
+    /// The fingerprint the stage's output must have under `config`; `None` while unimplemented.
+    pub fn fingerprint(self, config: &Config) -> Result<Option<Fingerprint>> {
+        match self {
+            Stage::Index => index::fingerprint(config).map(Some),
+            _ => Ok(None),
+        }
+    }
+}
+
+impl FromStr for Stage {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Stage> {
+        Stage::ALL
+            .into_iter()
+            .find(|stage| stage.name() == s)
+            .ok_or_else(|| Error::Usage(format!("unknown stage `{s}`; the stages are {}", Stage::NAMES.join(", "))))
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A line-oriented output hook handed in by the CLI.
+pub type Sink = Box<dyn Fn(&str) + Send + Sync>;
+
+/// Where stages send what they have to say: results (`info`, stdout in the CLI), data warnings
+/// (`warn`, stderr) and progress bars (drawn on stderr only when it is a terminal).
+pub struct Reporter {
+    info: Sink,
+    warn: Sink,
+    bars: bool,
+}
+
+impl Reporter {
+    /// A reporter with the given sinks; `bars` enables progress bars.
+    pub fn new(info: Sink, warn: Sink, bars: bool) -> Self {
+        Reporter { info, warn, bars }
+    }
+
+    /// A reporter that says nothing (library use and tests).
+    pub fn quiet() -> Self {
+        Reporter::new(Box::new(|_| {}), Box::new(|_| {}), false)
+    }
+
+    /// Reports a result line.
+    pub fn info(&self, msg: &str) {
+        (self.info)(msg)
+    }
+
+    /// Reports a data warning.
+    pub fn warn(&self, msg: &str) {
+        (self.warn)(msg)
+    }
+
+    /// A progress bar over `len` items with throughput and ETA; hidden when bars are off.
+    pub fn bar(&self, len: u64, label: &str) -> ProgressBar {
+        if !self.bars {
+            return ProgressBar::hidden();
+        }
+        let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({per_sec}, ETA {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+        ProgressBar::new(len).with_style(style).with_message(label.to_string())
+    }
+}
+
+/// The compute device a model stage will use, as resolved by the CLI from `model.device` and the
+/// features this binary was built with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceChoice {
+    /// `cpu` or `cuda`.
+    pub name: String,
+    /// Why the device cannot be used, if it cannot (e.g. CUDA asked of a CPU-only build).
+    pub unavailable: Option<String>,
+}
+
+impl DeviceChoice {
+    /// The device name, or [`Error::Device`] if it cannot be used. Only model stages call this,
+    /// so `index` runs on any build whatever the config asks.
+    pub fn require(&self) -> Result<&str> {
+        match &self.unavailable {
+            Some(why) => Err(Error::Device(why.clone())),
+            None => Ok(&self.name),
+        }
+    }
+}
+
+/// Everything a stage needs to run: built by `cli::resolve`, never from clap types.
+pub struct Context {
+    /// The validated config, overrides applied.
+    pub config: Config,
+    /// The device model stages will use.
+    pub device: DeviceChoice,
+    /// Turn every data warning into an error.
+    pub strict: bool,
+    /// Recompute even when the stage is up to date.
+    pub force: bool,
+    /// Output hooks.
+    pub reporter: Reporter,
+}
+
+impl Context {
+    /// A data warning about `path`: reported and returned for the manifest, or an [`Error::Input`]
+    /// under `--strict`.
+    pub fn data_warning(&self, path: &Path, msg: &str) -> Result<DataWarning> {
+        if self.strict {
+            return Err(Error::input(path, format!("{msg} (a warning, fatal under --strict)")));
+        }
+        self.reporter.warn(&format!("{}: {msg}", path.display()));
+        Ok(DataWarning { path: path.to_path_buf(), message: msg.to_string() })
+    }
+
+    /// Under `--strict`, fails on the first warning an up-to-date stage recorded when it ran, so
+    /// `--strict` means the same whether or not the stage is recomputed.
+    pub fn check_recorded_warnings(&self, manifest: &Manifest) -> Result<()> {
+        match manifest.warnings.first() {
+            Some(w) if self.strict => Err(Error::input(
+                &w.path,
+                format!("{} (a warning recorded in {}'s manifest, fatal under --strict)", w.message, manifest.stage),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The output folder of `stage`, opened with `fingerprint`.
+    pub fn stage_dir(&self, stage: Stage, fingerprint: Fingerprint) -> StageDir {
+        StageDir::open(&self.config.output.dir, stage.name(), fingerprint)
+    }
+}
+
+/// What running a stage did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The stage computed and wrote its output.
+    Ran,
+    /// The output was already complete with the current fingerprint.
+    UpToDate,
+}
+
+/// Runs one stage (or one shard of it). Unimplemented stages are a usage error (exit 2).
+pub fn run_stage(stage: Stage, ctx: &Context, shard: Option<Shard>) -> Result<Outcome> {
+    if let Some(shard) = shard.filter(|s| *s != Shard::ALL && !stage.is_sharded()) {
+        return Err(Error::Usage(format!("stage {stage} is not sharded; drop --shard {shard}")));
+    }
+    match stage {
+        Stage::Index => index::run(ctx),
+        _ => Err(not_implemented(stage)),
+    }
+}
+
+fn not_implemented(stage: Stage) -> Error {
+    Error::Usage(format!("stage {stage} is not implemented yet"))
+}
+
+/// Runs the stages in order, skipping those already up to date, and stops with a usage error at
+/// the first stage this build does not implement, naming the stages still pending.
+pub fn run_pipeline(ctx: &Context) -> Result<()> {
+    for stage in Stage::ALL {
+        if !stage.is_implemented() {
+            let pending: Vec<&str> = Stage::ALL.iter().filter(|s| !s.is_implemented()).map(|s| s.name()).collect();
+            return Err(Error::Usage(format!(
+                "stage {stage} is not implemented yet; stages done: {}; pending: {}",
+                implemented_names().join(", "),
+                pending.join(", ")
+            )));
+        }
+        if run_stage(stage, ctx, None)? == Outcome::UpToDate {
+            ctx.reporter.info(&format!("{stage}: up to date, skipped"));
+        }
+    }
+    Ok(())
+}
+
+fn implemented_names() -> Vec<&'static str> {
+    Stage::ALL.iter().filter(|s| s.is_implemented()).map(|s| s.name()).collect()
+}
+
+/// One line of `qpert status` per stage: `index    done (3 files, fingerprint 1a2b3c4d5e6f)`,
+/// `stale (dataset.box_origin: 1 -> 0)`, `partial: shards 1, 3 of 4 done; missing 2, 4`, `missing`.
+pub fn status(config: &Config) -> Result<Vec<String>> {
+    Stage::ALL.iter().map(|&stage| Ok(format!("{:<8} {}", stage.name(), describe(stage, config)?))).collect()
+}
+
+fn describe(stage: Stage, config: &Config) -> Result<String> {
+    let Some(fingerprint) = stage.fingerprint(config)? else {
+        return Ok("not implemented yet".to_string());
+    };
+    let digest = fingerprint.digest();
+    let dir = StageDir::open(&config.output.dir, stage.name(), fingerprint);
+    Ok(match dir.state()? {
+        StageState::Done(m) => format!("done ({} files, {} shard(s), fingerprint {})", m.files.len(), m.shards, &digest[..12]),
+        StageState::Stale(changes) => format!("stale ({})", changes.join("; ")),
+        StageState::Partial(parts) => describe_parts(&parts),
+        StageState::Missing => "missing".to_string(),
+    })
+}
+
+fn describe_parts(parts: &[crate::store::PartState]) -> String {
+    let count = parts.iter().map(|p| p.shard.count()).max().unwrap_or(1);
+    let list = |fresh: bool| -> Vec<String> {
+        parts.iter().filter(|p| p.shard.count() == count && p.fresh == fresh).map(|p| p.shard.index().to_string()).collect()
+    };
+    let present: Vec<u32> = parts.iter().filter(|p| p.shard.count() == count).map(|p| p.shard.index()).collect();
+    let missing: Vec<String> = (1..=count).filter(|i| !present.contains(i)).map(|i| i.to_string()).collect();
+    let (done, stale) = (list(true), list(false));
+    let mut line = format!("partial: {} of {count} shards done [{}]", done.len(), done.join(", "));
+    if !stale.is_empty() {
+        line += &format!("; stale [{}]", stale.join(", "));
+    }
+    if !missing.is_empty() {
+        line += &format!("; missing [{}]", missing.join(", "));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_round_trip_through_their_names_in_pipeline_order() {
+        for (i, stage) in Stage::ALL.iter().enumerate() {
+            assert_eq!(stage.name(), Stage::NAMES[i]);
+            assert_eq!(stage.name().parse::<Stage>().unwrap(), *stage);
+        }
+        assert!("nope".parse::<Stage>().is_err());
+        assert!(Stage::ALL.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn strict_turns_warnings_into_input_errors() {
+        let config: Config = toml::from_str(include_str!("../../configs/flickr30k.toml")).unwrap();
+        let device = DeviceChoice { name: "cpu".into(), unavailable: None };
+        let ctx = Context { config, device, strict: true, force: false, reporter: Reporter::quiet() };
+        let err = ctx.data_warning(Path::new("a.xml"), "box outside").unwrap_err();
+        assert_eq!(err.exit_code(), 1);
+        assert_eq!(err.to_string(), "a.xml: box outside (a warning, fatal under --strict)");
+    }
+
+    #[test]
+    fn unusable_device_is_a_device_error() {
+        let d = DeviceChoice { name: "cuda".into(), unavailable: Some("built without cuda".into()) };
+        assert!(matches!(d.require(), Err(Error::Device(_))));
+    }
+}

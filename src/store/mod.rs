@@ -1,1 +1,340 @@
-//! (filled in by its issue)
+//! The artifact store: every stage writes into `<output.dir>/<stage>/`, through a [`StageDir`].
+//!
+//! ```text
+//! <output.dir>/index/images.parquet               named tables (unsharded stages)
+//! <output.dir>/extract/part-00002-of-00008.parquet parts (sharded stages, `--shard 2/8`)
+//! <output.dir>/<stage>/manifest.json              written last: fingerprint, files, summary
+//! ```
+//!
+//! Every file is committed atomically ([`commit`]); every Parquet file carries the stage fingerprint
+//! in its key-value metadata ([`parquet`]); the manifest ([`manifest`]) is written only once all of
+//! a stage's files exist with the current fingerprint. Readers go through [`StageDir::read_table`] /
+//! [`StageDir::read_parts`], which refuse anything stale or incomplete: nothing stale is read silently.
+//!
+//! Concurrency (several workers on one shared folder): parts of different shards never share a file
+//! name, temporary files carry the writer's pid, and the manifest of a sharded stage is written by
+//! whichever worker finds all parts present ([`StageDir::finish_parts`]); two workers racing there
+//! write the same content, and the rename is atomic.
+
+pub mod commit;
+pub mod manifest;
+pub mod parquet;
+pub mod shard;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+
+pub use manifest::{DataWarning, FileEntry, Fingerprint, Manifest, Skipped};
+pub use shard::Shard;
+
+use crate::error::{Error, Result};
+
+/// File name of a stage's manifest.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// What a stage has to say about its inputs besides its tables: items it left out and data warnings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Notes {
+    /// Items left out, with reasons.
+    pub skipped: Vec<Skipped>,
+    /// Data warnings raised (and tolerated) while running.
+    pub warnings: Vec<DataWarning>,
+}
+
+/// One stage's output folder, opened with the fingerprint its output must have now.
+#[derive(Debug, Clone)]
+pub struct StageDir {
+    dir: PathBuf,
+    stage: String,
+    fingerprint: Fingerprint,
+}
+
+/// Where a stage stands, as `qpert status` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StageState {
+    /// Complete, with the current fingerprint.
+    Done(Manifest),
+    /// A manifest exists but was made from other inputs; the changed fingerprint entries.
+    Stale(Vec<String>),
+    /// No current manifest, but some parts exist: which shards are fresh and which stale.
+    Partial(Vec<PartState>),
+    /// Nothing written yet.
+    Missing,
+}
+
+/// One part file of a sharded stage found on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartState {
+    /// The shard that wrote it.
+    pub shard: Shard,
+    /// Whether its embedded fingerprint matches the current one.
+    pub fresh: bool,
+}
+
+impl StageDir {
+    /// Opens `<output_dir>/<stage>/` for a stage whose output must match `fingerprint`. Creates
+    /// nothing: writers create the folder on their first write.
+    pub fn open(output_dir: &Path, stage: &str, fingerprint: Fingerprint) -> Self {
+        StageDir { dir: output_dir.join(stage), stage: stage.to_string(), fingerprint }
+    }
+
+    /// The stage folder.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The fingerprint the stage's output must have.
+    pub fn fingerprint(&self) -> &Fingerprint {
+        &self.fingerprint
+    }
+
+    fn manifest_path(&self) -> PathBuf {
+        self.dir.join(MANIFEST_FILE)
+    }
+
+    /// Whether the stage is complete with the current fingerprint.
+    pub fn is_complete(&self) -> Result<bool> {
+        Ok(matches!(self.state()?, StageState::Done(_)))
+    }
+
+    /// The stage's state: done, stale (with what changed), partial (which parts) or missing.
+    pub fn state(&self) -> Result<StageState> {
+        if let Some(manifest) = Manifest::read(&self.manifest_path())? {
+            if manifest.fingerprint == self.fingerprint.digest() {
+                return Ok(StageState::Done(manifest));
+            }
+            let changes = self.fingerprint.changes_since(&manifest.fingerprint());
+            return Ok(StageState::Stale(changes));
+        }
+        let parts = self.part_states()?;
+        Ok(if parts.is_empty() { StageState::Missing } else { StageState::Partial(parts) })
+    }
+
+    /// The part files present, sorted by shard count then index, with their freshness.
+    pub fn part_states(&self) -> Result<Vec<PartState>> {
+        let mut parts = Vec::new();
+        for shard in self.parts_on_disk()? {
+            let fresh = self.file_is_fresh(&self.dir.join(shard.part_file_name()))?;
+            parts.push(PartState { shard, fresh });
+        }
+        parts.sort_by_key(|p| (p.shard.count(), p.shard.index()));
+        Ok(parts)
+    }
+
+    fn parts_on_disk(&self) -> Result<Vec<Shard>> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::artifact(&self.dir, e)),
+        };
+        Ok(entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| Shard::from_part_file_name(&e.file_name().to_string_lossy()))
+            .collect())
+    }
+
+    fn file_is_fresh(&self, path: &Path) -> Result<bool> {
+        let meta = parquet::read_key_value_metadata(path)?;
+        Ok(meta.get(parquet::FINGERPRINT_KEY) == Some(&self.fingerprint.digest()))
+    }
+
+    /// Whether `shard`'s part exists with the current fingerprint (a resumed run skips it).
+    pub fn part_is_fresh(&self, shard: Shard) -> Result<bool> {
+        let path = self.dir.join(shard.part_file_name());
+        Ok(path.exists() && self.file_is_fresh(&path)?)
+    }
+
+    /// Prepares the folder for writing: creates it and removes a manifest that no longer matches,
+    /// so the stage reads as in progress rather than stale or done while it is recomputed.
+    pub fn begin(&self) -> Result<()> {
+        fs::create_dir_all(&self.dir).map_err(|e| Error::artifact(&self.dir, e))?;
+        if let StageState::Stale(_) = self.state()? {
+            fs::remove_file(self.manifest_path()).map_err(|e| Error::artifact(self.manifest_path(), e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the named table `<name>.parquet` (unsharded stages), atomically, fingerprinted.
+    pub fn write_table(&self, name: &str, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<FileEntry> {
+        self.write_file(&format!("{name}.parquet"), schema, batches)
+    }
+
+    /// Writes `shard`'s part `part-IIIII-of-NNNNN.parquet`, atomically, fingerprinted.
+    pub fn write_part(&self, shard: Shard, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<FileEntry> {
+        self.write_file(&shard.part_file_name(), schema, batches)
+    }
+
+    fn write_file(&self, name: &str, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<FileEntry> {
+        self.begin()?;
+        let rows = parquet::write_parquet(&self.dir.join(name), schema, batches, &self.file_metadata())?;
+        Ok(FileEntry { name: name.to_string(), rows })
+    }
+
+    fn file_metadata(&self) -> BTreeMap<String, String> {
+        let entries = serde_json::to_string(self.fingerprint.entries()).unwrap_or_default();
+        BTreeMap::from([
+            (parquet::FINGERPRINT_KEY.to_string(), self.fingerprint.digest()),
+            (parquet::FINGERPRINT_ENTRIES_KEY.to_string(), entries),
+            (parquet::STAGE_KEY.to_string(), self.stage.clone()),
+            (parquet::VERSION_KEY.to_string(), manifest::CODE_VERSION.to_string()),
+        ])
+    }
+
+    /// Writes the manifest of an unsharded stage, last, after all its `files`.
+    pub fn finish(&self, files: Vec<FileEntry>, summary: serde_json::Value, notes: Notes) -> Result<Manifest> {
+        self.write_manifest(1, files, summary, notes)
+    }
+
+    /// For a sharded stage run in `count` parts: when all of them exist with the current
+    /// fingerprint, writes the manifest and returns it; otherwise returns `None` (other workers
+    /// are still running, or some shards were never started).
+    pub fn finish_parts(&self, count: u32, summary: serde_json::Value) -> Result<Option<Manifest>> {
+        let mut files = Vec::new();
+        for shard in Shard::all_of(count)? {
+            if !self.part_is_fresh(shard)? {
+                return Ok(None);
+            }
+            let path = self.dir.join(shard.part_file_name());
+            files.push(FileEntry { name: shard.part_file_name(), rows: parquet::read_row_count(&path)? });
+        }
+        self.write_manifest(count, files, summary, Notes::default()).map(Some)
+    }
+
+    fn write_manifest(
+        &self,
+        shards: u32,
+        files: Vec<FileEntry>,
+        summary: serde_json::Value,
+        notes: Notes,
+    ) -> Result<Manifest> {
+        let manifest = Manifest {
+            stage: self.stage.clone(),
+            qpert_version: manifest::CODE_VERSION.to_string(),
+            fingerprint: self.fingerprint.digest(),
+            fingerprint_entries: self.fingerprint.entries().clone(),
+            shards,
+            files,
+            summary,
+            skipped: notes.skipped,
+            warnings: notes.warnings,
+        };
+        manifest.write(&self.manifest_path())?;
+        Ok(manifest)
+    }
+
+    /// The current manifest, or an error saying the stage is missing, incomplete or stale.
+    pub fn require_complete(&self) -> Result<Manifest> {
+        let stage = &self.stage;
+        match self.state()? {
+            StageState::Done(manifest) => Ok(manifest),
+            StageState::Stale(changes) => Err(Error::artifact(
+                &self.dir,
+                format!("stale ({}); rerun `qpert stage {stage}`", changes.join("; ")),
+            )),
+            StageState::Partial(_) | StageState::Missing => {
+                Err(Error::artifact(&self.dir, format!("incomplete; run `qpert stage {stage}`")))
+            }
+        }
+    }
+
+    /// Reads the named table `<name>.parquet` of a complete, fresh stage.
+    pub fn read_table(&self, name: &str) -> Result<RecordBatch> {
+        self.require_complete()?;
+        self.read_checked(&format!("{name}.parquet"))
+    }
+
+    /// Reads all parts of a complete, fresh sharded stage as one table, in shard order.
+    pub fn read_parts(&self) -> Result<RecordBatch> {
+        let manifest = self.require_complete()?;
+        let batches = manifest.files.iter().map(|f| self.read_checked(&f.name)).collect::<Result<Vec<_>>>()?;
+        let first = batches.first().ok_or_else(|| Error::artifact(&self.dir, "the manifest lists no parts"))?;
+        arrow::compute::concat_batches(&first.schema(), &batches).map_err(|e| Error::artifact(&self.dir, e))
+    }
+
+    fn read_checked(&self, name: &str) -> Result<RecordBatch> {
+        let path = self.dir.join(name);
+        if !self.file_is_fresh(&path)? {
+            return Err(Error::artifact(&path, "fingerprint does not match the manifest (rewritten since?)"));
+        }
+        parquet::read_parquet(&path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, UInt32Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+
+    fn table(values: Vec<u32>) -> (SchemaRef, RecordBatch) {
+        let schema = Arc::new(Schema::new(vec![Field::new("idx", DataType::UInt32, false)]));
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(UInt32Array::from(values))]).unwrap();
+        (schema, batch)
+    }
+
+    fn values(batch: &RecordBatch) -> Vec<u32> {
+        let col = batch.column(0).as_any().downcast_ref::<UInt32Array>().unwrap();
+        (0..col.len()).map(|i| col.value(i)).collect()
+    }
+
+    fn write_shard(stage: &StageDir, shard: Shard, items: &[u32]) {
+        let (schema, batch) = table(items[shard.range(items.len())].to_vec());
+        stage.write_part(shard, &schema, &[batch]).unwrap();
+    }
+
+    #[test]
+    fn parts_written_in_any_order_read_back_as_one_table() {
+        let out = tempfile::tempdir().unwrap();
+        let stage = StageDir::open(out.path(), "extract", Fingerprint::new("extract").with("a", 1));
+        let items: Vec<u32> = (0..10).collect();
+        assert_eq!(stage.state().unwrap(), StageState::Missing);
+        for i in [3, 1] {
+            write_shard(&stage, Shard::new(i, 3).unwrap(), &items);
+            assert!(stage.finish_parts(3, serde_json::Value::Null).unwrap().is_none());
+        }
+        let StageState::Partial(parts) = stage.state().unwrap() else { panic!("expected partial") };
+        assert_eq!(parts.iter().map(|p| (p.shard.index(), p.fresh)).collect::<Vec<_>>(), [(1, true), (3, true)]);
+        assert!(stage.read_parts().is_err(), "an incomplete stage must not be readable");
+        write_shard(&stage, Shard::new(2, 3).unwrap(), &items);
+        let manifest = stage.finish_parts(3, serde_json::Value::Null).unwrap().unwrap();
+        assert_eq!(manifest.files.iter().map(|f| f.rows).sum::<u64>(), 10);
+        assert_eq!(values(&stage.read_parts().unwrap()), items);
+    }
+
+    #[test]
+    fn a_changed_fingerprint_makes_the_stage_stale_and_unreadable() {
+        let out = tempfile::tempdir().unwrap();
+        let old = StageDir::open(out.path(), "index", Fingerprint::new("index").with("dataset.box_origin", 1));
+        let (schema, batch) = table(vec![1, 2]);
+        let file = old.write_table("images", &schema, &[batch]).unwrap();
+        old.finish(vec![file], serde_json::json!({"images": 2}), Notes::default()).unwrap();
+        assert!(old.is_complete().unwrap());
+        assert_eq!(values(&old.read_table("images").unwrap()), [1, 2]);
+
+        let new = StageDir::open(out.path(), "index", Fingerprint::new("index").with("dataset.box_origin", 0));
+        assert_eq!(new.state().unwrap(), StageState::Stale(vec!["dataset.box_origin: 1 -> 0".into()]));
+        let err = new.read_table("images").unwrap_err().to_string();
+        assert!(err.contains("stale (dataset.box_origin: 1 -> 0)"), "{err}");
+        new.begin().unwrap();
+        assert_eq!(new.state().unwrap(), StageState::Missing);
+    }
+
+    #[test]
+    fn a_stale_part_is_reported_and_not_reused() {
+        let out = tempfile::tempdir().unwrap();
+        let items: Vec<u32> = (0..4).collect();
+        let old = StageDir::open(out.path(), "text", Fingerprint::new("text").with("k", 1));
+        write_shard(&old, Shard::new(1, 2).unwrap(), &items);
+        let new = StageDir::open(out.path(), "text", Fingerprint::new("text").with("k", 2));
+        assert!(!new.part_is_fresh(Shard::new(1, 2).unwrap()).unwrap());
+        write_shard(&new, Shard::new(2, 2).unwrap(), &items);
+        assert!(new.finish_parts(2, serde_json::Value::Null).unwrap().is_none());
+        let StageState::Partial(parts) = new.state().unwrap() else { panic!("expected partial") };
+        assert_eq!(parts.iter().map(|p| p.fresh).collect::<Vec<_>>(), [false, true]);
+    }
+}

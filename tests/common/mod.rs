@@ -1,94 +1,139 @@
-//! Shared helpers for the parity tests: loading the committed reference fixtures
-//! (`tests/fixtures/tiny_blip2_*`, written by `tools/make_fixtures.py`) and comparing values.
-#![allow(dead_code)] // each test binary uses a different subset
+//! Test helpers shared by `tests/cli.rs` and `tests/bad_input.rs`: a temp workspace with a config
+//! pointing at the `flickr_mini` fixture (or a mutable copy of it), running the built `qpert`
+//! binary there, and reading Parquet artifacts back with the arrow/parquet readers.
 
-use std::path::PathBuf;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
-use safetensors::SafeTensors;
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-/// One tiny model's fixture folder.
-pub struct Fixture {
-    pub dir: PathBuf,
-    pub config: serde_json::Value,
-    pub qpert_json: serde_json::Value,
-    reference: Vec<u8>,
-    qpert: Vec<u8>,
+/// The committed mini dataset, laid out like real Flickr30K + Entities.
+pub fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flickr_mini")
 }
 
-impl Fixture {
-    pub fn load(name: &str) -> Self {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
-        let read = |f: &str| std::fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(f).display()));
-        let json = |f: &str| serde_json::from_slice(&read(f)).unwrap();
-        Fixture {
-            config: json("config.json"),
-            qpert_json: json("qpert.json"),
-            reference: read("reference.safetensors"),
-            qpert: read("qpert.safetensors"),
-            dir,
+/// A temp folder holding `qpert.toml` (and artifacts under `out/`).
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+    /// The dataset root the config points at.
+    pub data: PathBuf,
+}
+
+impl Workspace {
+    /// A workspace on the committed fixture, reading the split from `annotations/<split_file>`.
+    pub fn new(split_file: &str) -> Workspace {
+        let ws = Workspace { dir: tempfile::tempdir().unwrap(), data: fixture() };
+        ws.write_config(split_file);
+        ws
+    }
+
+    /// A workspace on a private copy of the fixture, which the test may break.
+    pub fn with_copy(split_file: &str) -> Workspace {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        copy_dir(&fixture(), &data);
+        let ws = Workspace { dir, data };
+        ws.write_config(split_file);
+        ws
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path().join("qpert.toml")
+    }
+
+    fn write_config(&self, split_file: &str) {
+        let d = self.data.display();
+        let text = format!(
+            r#"[dataset]
+name = "flickr-mini"
+annotations = "{d}/annotations/{split_file}"
+split = "test"
+images = "{d}/flickr30k-images"
+entities = "{d}/flickr30k_entities"
+box_origin = 1
+
+[model]
+dir = "models/none"
+device = "cpu"
+precision = "f32"
+
+[qpert]
+enabled = true
+alpha = 8.0
+npc = 0.99
+weight = "constant"
+projector = "official"
+
+[rerank]
+enabled = true
+k = 64
+
+[output]
+dir = "out"
+"#
+        );
+        fs::write(self.config(), text).unwrap();
+    }
+
+    /// Runs `qpert <args>` in the workspace; `{config}` in an argument is the config path.
+    pub fn qpert(&self, args: &[&str]) -> Output {
+        let config = self.config().display().to_string();
+        let args: Vec<String> = args.iter().map(|a| a.replace("{config}", &config)).collect();
+        Command::new(env!("CARGO_BIN_EXE_qpert")).args(&args).current_dir(self.path()).output().unwrap()
+    }
+
+    /// Reads `out/<stage>/<table>.parquet`.
+    pub fn table(&self, stage: &str, table: &str) -> RecordBatch {
+        read_parquet(&self.path().join("out").join(stage).join(format!("{table}.parquet")))
+    }
+}
+
+pub fn read_parquet(path: &Path) -> RecordBatch {
+    let file = fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    let schema = builder.schema().clone();
+    let batches: Vec<RecordBatch> = builder.build().unwrap().map(|b| b.unwrap()).collect();
+    arrow::compute::concat_batches(&schema, &batches).unwrap()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), target).unwrap();
         }
     }
-
-    fn tensor<'a>(bytes: &'a [u8], name: &str) -> safetensors::tensor::TensorView<'a> {
-        SafeTensors::deserialize(bytes).unwrap().tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"))
-    }
-
-    fn f32s(bytes: &[u8], name: &str) -> Vec<f32> {
-        let t = Self::tensor(bytes, name);
-        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
-        t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-    }
-
-    fn i64s(bytes: &[u8], name: &str) -> Vec<i64> {
-        let t = Self::tensor(bytes, name);
-        assert_eq!(t.dtype(), safetensors::Dtype::I64, "{name}");
-        t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
-    }
-
-    /// An f32 tensor of `reference.safetensors`.
-    pub fn reference(&self, name: &str) -> Vec<f32> {
-        Self::f32s(&self.reference, name)
-    }
-
-    /// An i64 tensor of `reference.safetensors`.
-    pub fn reference_i64(&self, name: &str) -> Vec<i64> {
-        Self::i64s(&self.reference, name)
-    }
-
-    /// The shape of a tensor of `reference.safetensors`.
-    pub fn reference_shape<const D: usize>(&self, name: &str) -> [usize; D] {
-        Self::tensor(&self.reference, name).shape().try_into().unwrap()
-    }
-
-    /// An f32 tensor of `qpert.safetensors`.
-    pub fn qpert(&self, name: &str) -> Vec<f32> {
-        Self::f32s(&self.qpert, name)
-    }
-
-    /// An i64 tensor of `qpert.safetensors`.
-    pub fn qpert_i64(&self, name: &str) -> Vec<i64> {
-        Self::i64s(&self.qpert, name)
-    }
-
-    /// A u8 tensor of `qpert.safetensors`.
-    pub fn qpert_u8(&self, name: &str) -> Vec<u8> {
-        Self::tensor(&self.qpert, name).data().to_vec()
-    }
-
-    /// The shape of a tensor of `qpert.safetensors`.
-    pub fn qpert_shape<const D: usize>(&self, name: &str) -> [usize; D] {
-        Self::tensor(&self.qpert, name).shape().try_into().unwrap()
-    }
 }
 
-/// Asserts `got` equals `want` element-wise within `tol` absolute, naming the worst element.
-pub fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let (worst, err) = got
-        .iter()
-        .zip(want)
-        .map(|(g, w)| (g - w).abs())
-        .enumerate()
-        .fold((0, 0f32), |(bi, be), (i, e)| if e > be || e.is_nan() { (i, e) } else { (bi, be) });
-    assert!(err <= tol, "{what}: max |diff| {err} at {worst} (got {}, want {}) > {tol}", got[worst], want[worst]);
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts a failure with `code`, exactly one stderr line starting `qpert: ` and containing every
+/// `needle`, and no panic or backtrace text.
+pub fn assert_fails(out: &Output, code: i32, needles: &[&str]) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "expected one stderr line, got: {err}");
+    assert!(err.starts_with("qpert: "), "{err}");
+    for needle in needles {
+        assert!(err.contains(needle), "stderr lacks `{needle}`: {err}");
+    }
+    for bad in ["panicked", "backtrace", "RUST_BACKTRACE", "internal error"] {
+        assert!(!err.contains(bad), "{err}");
+    }
 }

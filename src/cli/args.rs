@@ -1,0 +1,88 @@
+//! The command line (clap derive): verbs, options and their validation. Nothing here touches files;
+//! `resolve` turns [`Args`] into a stage `Context`.
+
+use std::path::PathBuf;
+
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Parser, Subcommand};
+
+use crate::stages::Stage;
+use crate::store::Shard;
+
+/// qpert: BLIP-2 image-text retrieval with Object-Aware Query Perturbation, as staged, resumable,
+/// shardable batch jobs writing Parquet artifacts.
+#[derive(Debug, Parser)]
+#[command(name = "qpert", version, about, after_help = "Examples:
+  qpert stage index --config configs/flickr30k.toml
+  qpert run --config configs/flickr30k.toml
+  qpert status --config configs/flickr30k.toml --set output.dir=cache/alpha4")]
+pub struct Args {
+    /// The verb.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one stage (or one shard of a sharded stage).
+    #[command(after_help = "Stages, in order: index, extract, text, sim, rerank, report.
+Only index is implemented so far; the others exit 2 with \"not implemented yet\".
+
+Examples:
+  qpert stage index --config configs/flickr30k.toml
+  qpert stage index --config configs/flickr30k.toml --set dataset.box_origin=0 --strict
+  qpert stage extract --config configs/coco.toml --shard 2/8")]
+    Stage {
+        /// The stage to run.
+        #[arg(value_parser = PossibleValuesParser::new(Stage::NAMES).try_map(|s| s.parse::<Stage>()))]
+        stage: Stage,
+        /// Process only slice I of N (1-based, e.g. `2/8`) of a sharded stage.
+        #[arg(long, value_name = "I/N", value_parser = |s: &str| s.parse::<Shard>().map_err(|e| e.to_string()))]
+        shard: Option<Shard>,
+        /// Recompute even if the stage is up to date.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Run all stages in order, skipping those already up to date.
+    #[command(after_help = "Examples:
+  qpert run --config configs/flickr30k.toml
+  qpert run --config configs/flickr30k.toml --set qpert.alpha=4 --set output.dir=cache/alpha4")]
+    Run {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Show, per stage, whether it is done, stale, partial (which shards) or missing.
+    #[command(after_help = "Examples:
+  qpert status --config configs/flickr30k.toml
+  qpert status --config configs/flickr30k.toml --set dataset.box_origin=0")]
+    Status {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+/// Options every verb takes.
+#[derive(Debug, clap::Args)]
+pub struct CommonArgs {
+    /// The qpert TOML config (see configs/ and README "Config reference").
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Override a config value, typed and validated like the file: `--set qpert.alpha=4`.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Turn every data warning (e.g. a box reaching outside its image) into an error.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+impl Command {
+    /// The options shared by all verbs.
+    pub fn common(&self) -> &CommonArgs {
+        match self {
+            Command::Stage { common, .. } | Command::Run { common } | Command::Status { common } => common,
+        }
+    }
+}

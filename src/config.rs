@@ -1,0 +1,380 @@
+//! qpert's own TOML config (`configs/*.toml`): strict, every section `deny_unknown_fields`, one `///`
+//! per field (the README's config reference mirrors them). [`Config::load`] reads a file, applies
+//! `--set section.key=value` overrides to the parsed TOML before deserialising, so an override is
+//! typed and validated exactly like the file, then runs [`Config::validate`]. Relative paths are
+//! relative to the current working directory.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::{Error, Result};
+
+/// A whole config file.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The retrieval split and its object annotations.
+    pub dataset: DatasetConfig,
+    /// The BLIP-2 model folder and how to run it.
+    pub model: ModelConfig,
+    /// Object-Aware Query Perturbation settings (method.md sections 4-5).
+    pub qpert: QpertConfig,
+    /// ITM re-ranking of the ITC top-k (method.md section 6).
+    pub rerank: RerankConfig,
+    /// Where artifacts go.
+    pub output: OutputConfig,
+}
+
+/// `[dataset]`: the retrieval split and its object annotations (method.md sections 3 and 8).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// A label for reports, e.g. `flickr30k-test`.
+    pub name: String,
+    /// The split JSON: LAVIS (`[{image, caption: [..]}]`) or Karpathy (`{images: [..]}`), auto-detected.
+    pub annotations: PathBuf,
+    /// The Karpathy split to keep (`split == this`); ignored for LAVIS JSON.
+    #[serde(default = "default_split")]
+    pub split: String,
+    /// The image folder; JSON image paths are joined to it, falling back to the file name alone.
+    pub images: PathBuf,
+    /// Flickr30K Entities folder (`Annotations/<id>.xml` and `Sentences/<id>.txt`); optional.
+    #[serde(default)]
+    pub entities: Option<PathBuf>,
+    /// Origin of the box coordinates: 1 = 1-based (Flickr30K Entities), 0 = 0-based (COCO).
+    /// `1` on COCO reproduces the released code's off-by-one (spec section 3).
+    pub box_origin: u8,
+}
+
+fn default_split() -> String {
+    "test".to_string()
+}
+
+/// `[model]`: the BLIP-2 model and how to run it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A Hugging Face model folder (`config.json`, `model.safetensors`, tokenizer files).
+    pub dir: PathBuf,
+    /// `cuda` or `cpu`.
+    pub device: DeviceKind,
+    /// `f32`, `bf16` or `f16`.
+    pub precision: Precision,
+}
+
+/// The compute device asked for in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    /// An NVIDIA GPU (needs the `cuda` cargo feature).
+    Cuda,
+    /// The CPU backend.
+    Cpu,
+}
+
+/// Floating-point precision of the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// 32-bit float.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+/// `[qpert]`: Object-Aware Query Perturbation (method.md sections 4-5).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QpertConfig {
+    /// Apply the perturbation; `false` gives plain BLIP-2.
+    pub enabled: bool,
+    /// Perturbation strength alpha.
+    pub alpha: f64,
+    /// Key-subspace size: a ratio of explained variance in (0, 1) (e.g. `0.99`), or an integer count of
+    /// principal components (e.g. `16`).
+    pub npc: Npc,
+    /// Per-box weighting of the perturbation.
+    pub weight: Weight,
+    /// How the key subspace projector is built.
+    pub projector: Projector,
+}
+
+/// Size of the key subspace: by explained-variance ratio or by component count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Npc {
+    /// Keep the leading components explaining this fraction of the variance, in (0, 1).
+    Ratio(f64),
+    /// Keep exactly this many components, at least 1.
+    Count(u32),
+}
+
+/// Per-box weighting of the perturbation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Weight {
+    /// The same weight for every box (the released code).
+    Constant,
+    /// Weight by normalised box area.
+    NormArea,
+    /// Weight by inverse normalised box area.
+    NormAreaInv,
+    /// Weight by centred box area.
+    CenteredArea,
+    /// Weight by inverse centred box area.
+    CenteredAreaInv,
+}
+
+/// How the key-subspace projector is built (method.md section 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Projector {
+    /// As in the released code.
+    Official,
+    /// The paper's principal-subspace projector.
+    Principal,
+}
+
+/// `[rerank]`: ITM re-ranking of the ITC top-k.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RerankConfig {
+    /// Re-rank with ITM; `false` reports ITC only.
+    pub enabled: bool,
+    /// Candidates per query re-ranked by ITM, at least 1.
+    pub k: u32,
+}
+
+/// `[output]`: where artifacts go.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// The artifact folder; each stage writes `<dir>/<stage>/`.
+    pub dir: PathBuf,
+}
+
+impl Config {
+    /// Reads `path`, applies `overrides` (`section.key=value`, value parsed as TOML, else taken as a
+    /// string), deserialises strictly and validates. Every failure is an [`Error::Config`] naming the
+    /// file (and line/column, or the `--set` override).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::config(path, e))?;
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
+        let config = if overrides.is_empty() {
+            toml::from_str::<Config>(&text).map_err(|e| toml_error(path, &text, &e))?
+        } else {
+            for o in overrides {
+                apply_override(&mut table, o).map_err(|msg| Error::config(path, format!("--set {o}: {msg}")))?;
+            }
+            toml::Value::Table(table)
+                .try_into::<Config>()
+                .map_err(|e| Error::config(path, format!("with --set {}: {}", overrides.join(" "), e.message())))?
+        };
+        config.validate().map_err(|msg| Error::config(path, msg))?;
+        Ok(config)
+    }
+
+    /// Checks values that the types alone cannot: ranges and non-empty strings.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.dataset.box_origin > 1 {
+            return Err(format!("dataset.box_origin must be 0 or 1, not {}", self.dataset.box_origin));
+        }
+        if self.dataset.name.trim().is_empty() {
+            return Err("dataset.name must not be empty".into());
+        }
+        if !self.qpert.alpha.is_finite() {
+            return Err(format!("qpert.alpha must be a finite number, not {}", self.qpert.alpha));
+        }
+        match self.qpert.npc {
+            Npc::Ratio(r) if !(r > 0.0 && r < 1.0) => return Err(format!("qpert.npc ratio {r} must be in (0, 1)")),
+            Npc::Count(0) => return Err("qpert.npc count must be at least 1".into()),
+            _ => {}
+        }
+        if self.rerank.k == 0 {
+            return Err("rerank.k must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Sets `section.key` (any depth) in `table` to `value` parsed as a TOML value, else as a string.
+fn apply_override(table: &mut toml::Table, assignment: &str) -> std::result::Result<(), String> {
+    let (key, raw) = assignment.split_once('=').ok_or("expected section.key=value")?;
+    let path: Vec<&str> = key.trim().split('.').collect();
+    if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
+        return Err(format!("`{}` is not a section.key path", key.trim()));
+    }
+    let value = parse_override_value(raw.trim());
+    let (last, sections) = path.split_last().ok_or("empty key")?;
+    let mut current = table;
+    for section in sections {
+        let entry = current.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry.as_table_mut().ok_or_else(|| format!("`{section}` is a value, not a section"))?;
+    }
+    current.insert(last.to_string(), value);
+    Ok(())
+}
+
+fn parse_override_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+/// One line: `<file>: line L, column C in [section]: <message>`.
+fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> Error {
+    let Some(span) = e.span() else { return Error::config(path, e.message()) };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    Error::config(path, format!("line {line}, column {column}{}: {}", section_of(before), e.message().trim()))
+}
+
+/// ` in [section]` for an error inside a section's keys; empty at top level or on a header line.
+fn section_of(before: &str) -> String {
+    let (complete, current) = before.rsplit_once('\n').unwrap_or(("", before));
+    if current.trim_start().starts_with('[') {
+        return String::new();
+    }
+    complete
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("[[") && l.contains(']'))
+        .and_then(|l| l.split(']').next())
+        .map(|header| format!(" in {header}]"))
+        .unwrap_or_default()
+}
+
+impl<'de> Deserialize<'de> for Npc {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_any(NpcVisitor)
+    }
+}
+
+struct NpcVisitor;
+
+impl serde::de::Visitor<'_> for NpcVisitor {
+    type Value = Npc;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a ratio in (0, 1) such as 0.99, or an integer count of components such as 16")
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Npc, E> {
+        Ok(Npc::Ratio(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Npc, E> {
+        u32::try_from(v).map(Npc::Count).map_err(|_| E::custom(format!("npc count {v} is out of range")))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Npc, E> {
+        u32::try_from(v).map(Npc::Count).map_err(|_| E::custom(format!("npc count {v} is out of range")))
+    }
+}
+
+impl Serialize for Npc {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        match *self {
+            Npc::Ratio(r) => serializer.serialize_f64(r),
+            Npc::Count(n) => serializer.serialize_u32(n),
+        }
+    }
+}
+
+impl fmt::Display for Npc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Npc::Ratio(r) => write!(f, "ratio {r}"),
+            Npc::Count(n) => write!(f, "count {n}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[dataset]
+name = "t"
+annotations = "a.json"
+images = "img"
+box_origin = 1
+[model]
+dir = "m"
+device = "cpu"
+precision = "f32"
+[qpert]
+enabled = true
+alpha = 8.0
+npc = 0.99
+weight = "constant"
+projector = "official"
+[rerank]
+enabled = true
+k = 64
+[output]
+dir = "out"
+"#;
+
+    fn load(text: &str, overrides: &[&str]) -> Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        Config::load(&path, &overrides)
+    }
+
+    #[test]
+    fn defaults_fill_optional_fields() {
+        let c = load(MINIMAL, &[]).unwrap();
+        assert_eq!(c.dataset.split, "test");
+        assert_eq!(c.dataset.entities, None);
+        assert_eq!(c.qpert.npc, Npc::Ratio(0.99));
+    }
+
+    #[test]
+    fn unknown_key_names_it_its_line_and_the_known_keys() {
+        let text = MINIMAL.replace("box_origin = 1", "box_origin = 1\nbox_orign = 0");
+        let msg = load(&text, &[]).unwrap_err().to_string();
+        assert!(msg.contains("line 7"), "{msg}");
+        assert!(msg.contains("in [dataset]"), "{msg}");
+        assert!(msg.contains("box_orign"), "{msg}");
+        assert!(msg.contains("box_origin") && msg.contains("annotations"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn unknown_section_is_not_placed_inside_the_previous_one() {
+        let msg = load(&format!("{MINIMAL}\n[extras]\nx = 1\n"), &[]).unwrap_err().to_string();
+        assert!(msg.contains("line 23, column 2: unknown field `extras`"), "{msg}");
+        assert_eq!(section_of("[a]\nx = 1\n[b]\ny"), " in [b]");
+        assert_eq!(section_of("x"), "");
+    }
+
+    #[test]
+    fn overrides_are_typed_like_the_file() {
+        let c = load(MINIMAL, &["qpert.alpha=4", "rerank.k=16", "qpert.npc=12", "output.dir=cache/x"]).unwrap();
+        assert_eq!((c.qpert.alpha, c.rerank.k, c.qpert.npc), (4.0, 16, Npc::Count(12)));
+        assert_eq!(c.output.dir, PathBuf::from("cache/x"));
+        let bad_type = load(MINIMAL, &["rerank.k=many"]).unwrap_err().to_string();
+        assert!(bad_type.contains("invalid type"), "{bad_type}");
+        let unknown = load(MINIMAL, &["rerank.kk=3"]).unwrap_err().to_string();
+        assert!(unknown.contains("kk") && unknown.contains("expected"), "{unknown}");
+        assert!(load(MINIMAL, &["rerank"]).is_err());
+    }
+
+    #[test]
+    fn validation_rejects_out_of_range_values() {
+        for o in ["dataset.box_origin=2", "qpert.npc=1.5", "qpert.npc=0", "rerank.k=0"] {
+            let err = load(MINIMAL, &[o]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{o}");
+        }
+    }
+}

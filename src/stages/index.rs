@@ -1,0 +1,321 @@
+//! The `index` stage (method.md sections 2, 3 and 8): the retrieval split plus Flickr30K Entities
+//! annotations -> `index/images.parquet`, `index/boxes.parquet`, `index/texts.parquet`. Image
+//! headers and Entities files are read in parallel (rayon); errors and warnings are reported in
+//! split order whatever the thread timing, so the output is deterministic. The coverage summary is
+//! printed and stored in the manifest.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, ListBuilder, StringArray, StringBuilder, UInt32Array,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::{Context, Outcome, Stage};
+use crate::config::Config;
+use crate::data::captions::clean_caption;
+use crate::data::dataset::{SplitImage, load_split, resolve_image_path};
+use crate::data::flickr_entities::{ImageBoxes, KeptBox, image_boxes};
+use crate::error::{Error, Result};
+use crate::store::{DataWarning, FileEntry, Fingerprint, Notes, StageDir, StageState};
+
+/// Everything the index depends on: the split file's content, the split name, the image folder,
+/// the box origin, and the content of the Entities files (`Annotations/<id>.xml`,
+/// `Sentences/<id>.txt`) of the split's images, so an edited annotation makes the index stale.
+pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
+    let d = &config.dataset;
+    let mut fp = Fingerprint::new(Stage::Index.name())
+        .with_file_contents("dataset.annotations", &d.annotations)?
+        .with("dataset.split", &d.split)
+        .with("dataset.images", d.images.display())
+        .with("dataset.box_origin", d.box_origin);
+    if let Some(entities) = &d.entities {
+        let (_, split) = load_split(&d.annotations, &d.split)?;
+        let files: Vec<PathBuf> = split.iter().flat_map(|s| entities_files(entities, &image_id(&s.path))).collect();
+        fp = fp.with("dataset.entities", entities.display()).with_files_contents("dataset.entities.files", &files)?;
+    }
+    Ok(fp)
+}
+
+/// An image's id: the stem of its file name (`flickr30k-images/123.jpg` -> `123`).
+fn image_id(path: &str) -> String {
+    Path::new(path).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn entities_files(entities: &Path, image_id: &str) -> [PathBuf; 2] {
+    [
+        entities.join("Annotations").join(format!("{image_id}.xml")),
+        entities.join("Sentences").join(format!("{image_id}.txt")),
+    ]
+}
+
+/// The coverage summary of an index run (printed, and stored in the manifest).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Coverage {
+    /// Images in the split.
+    pub images: usize,
+    /// Captions in the split.
+    pub captions: usize,
+    /// Images with an Entities annotation file.
+    pub images_with_annotation: usize,
+    /// Images whose annotation has no kept box (object size 0).
+    pub images_without_kept_box: usize,
+    /// Boxes kept (an object name is mentioned in the captions).
+    pub boxes_kept: usize,
+    /// Boxes dropped (no object name mentioned).
+    pub boxes_dropped: usize,
+    /// Kept boxes reaching outside their image (warned; fatal under `--strict`).
+    pub boxes_outside_image: usize,
+}
+
+impl Coverage {
+    fn line(&self) -> String {
+        format!(
+            "index: {} images, {} captions; {} images with Entities annotations ({} without); \
+             boxes: {} kept, {} dropped (chain not mentioned), {} outside their image; \
+             {} annotated images without a kept box",
+            self.images,
+            self.captions,
+            self.images_with_annotation,
+            self.images - self.images_with_annotation,
+            self.boxes_kept,
+            self.boxes_dropped,
+            self.boxes_outside_image,
+            self.images_without_kept_box
+        )
+    }
+}
+
+/// One image of the split, resolved: its file, header size and kept boxes.
+struct ImageRecord {
+    image_id: String,
+    path: PathBuf,
+    width: u32,
+    height: u32,
+    boxes: Option<ImageBoxes>,
+}
+
+impl ImageRecord {
+    /// -1 without annotation, 0 with no kept box, else the largest kept-box area ratio.
+    fn object_size(&self) -> f32 {
+        match &self.boxes {
+            None => -1.0,
+            Some(b) => b.kept.iter().map(|k| k.area as f32).fold(0.0, f32::max),
+        }
+    }
+}
+
+/// Runs the index stage; skips it when up to date (unless `--force`).
+pub fn run(ctx: &Context) -> Result<Outcome> {
+    let dataset = &ctx.config.dataset;
+    let stage = ctx.stage_dir(Stage::Index, fingerprint(&ctx.config)?);
+    if let (false, StageState::Done(manifest)) = (ctx.force, stage.state()?) {
+        ctx.check_recorded_warnings(&manifest)?;
+        return Ok(Outcome::UpToDate);
+    }
+    if let Some(entities) = &dataset.entities {
+        check_entities_folder(entities)?;
+    }
+    let (_, split) = load_split(&dataset.annotations, &dataset.split)?;
+    let records = read_images(ctx, &split)?;
+    let (coverage, warnings) = report_boxes(ctx, &split, &records)?;
+    let files = write_tables(&stage, &split, &records)?;
+    let notes = Notes { warnings, ..Notes::default() };
+    stage.finish(files, serde_json::to_value(&coverage).unwrap_or_default(), notes)?;
+    ctx.reporter.info(&coverage.line());
+    ctx.reporter.info(&format!("index: wrote {}", stage.path().display()));
+    Ok(Outcome::Ran)
+}
+
+fn check_entities_folder(entities: &Path) -> Result<()> {
+    for sub in ["Annotations", "Sentences"] {
+        if !entities.join(sub).is_dir() {
+            return Err(Error::input(entities, format!("not a Flickr30K Entities folder: no {sub}/ inside")));
+        }
+    }
+    Ok(())
+}
+
+/// Resolves, measures and annotates every image in parallel; the first error in split order wins.
+fn read_images(ctx: &Context, split: &[SplitImage]) -> Result<Vec<ImageRecord>> {
+    let bar = ctx.reporter.bar(split.len() as u64, "index: reading image headers");
+    let results: Vec<Result<ImageRecord>> =
+        split.par_iter().map(|image| read_image(ctx, image)).inspect(|_| bar.inc(1)).collect();
+    bar.finish_and_clear();
+    results.into_iter().collect()
+}
+
+fn read_image(ctx: &Context, image: &SplitImage) -> Result<ImageRecord> {
+    let dataset = &ctx.config.dataset;
+    let path = resolve_image_path(&dataset.images, &image.path).ok_or_else(|| image_not_found(&dataset.images, &image.path))?;
+    let (width, height) = image_size(&path)?;
+    let image_id = image_id(&path.to_string_lossy());
+    let boxes = match &dataset.entities {
+        Some(entities) => image_boxes(entities, &image_id, dataset.box_origin)?,
+        None => None,
+    };
+    Ok(ImageRecord { image_id, path, width, height, boxes })
+}
+
+/// Names the file-name fallback as the missing file, and the joined path too when it differs.
+fn image_not_found(images: &Path, given: &str) -> Error {
+    let joined = images.join(given);
+    let by_name = Path::new(given).file_name().map_or_else(|| joined.clone(), |name| images.join(name));
+    if by_name == joined {
+        Error::input(by_name, "image not found")
+    } else {
+        Error::input(by_name, format!("image not found (nor at {})", joined.display()))
+    }
+}
+
+/// Width and height from the image header (the pixels are decoded later, by `extract`).
+fn image_size(path: &Path) -> Result<(u32, u32)> {
+    let bad = |e: &dyn std::fmt::Display| Error::input(path, format!("cannot read the image: {e}"));
+    image::ImageReader::open(path)
+        .map_err(|e| bad(&e))?
+        .with_guessed_format()
+        .map_err(|e| bad(&e))?
+        .into_dimensions()
+        .map_err(|e| bad(&e))
+}
+
+/// Counts coverage and raises the data warnings (outside boxes, size mismatches), in split order.
+fn report_boxes(ctx: &Context, split: &[SplitImage], records: &[ImageRecord]) -> Result<(Coverage, Vec<DataWarning>)> {
+    let mut warnings = Vec::new();
+    let mut coverage = Coverage {
+        images: records.len(),
+        captions: split.iter().map(|s| s.captions.len()).sum(),
+        ..Coverage::default()
+    };
+    for record in records {
+        let Some(boxes) = &record.boxes else { continue };
+        let xml = annotation_path(ctx, &record.image_id);
+        coverage.images_with_annotation += 1;
+        coverage.boxes_kept += boxes.kept.len();
+        coverage.boxes_dropped += boxes.dropped;
+        coverage.images_without_kept_box += usize::from(boxes.kept.is_empty());
+        if boxes.size != (record.width, record.height) {
+            let (w, h) = boxes.size;
+            let msg = format!(
+                "image {}: annotation size {w}x{h} differs from the image's {}x{}; boxes use the annotation size",
+                record.image_id, record.width, record.height
+            );
+            warnings.push(ctx.data_warning(&xml, &msg)?);
+        }
+        for (i, b) in boxes.kept.iter().enumerate().filter(|(_, b)| b.outside) {
+            coverage.boxes_outside_image += 1;
+            let msg = format!(
+                "image {}: kept box {} (chains {}) {:?} reaches outside the {}x{} image; its mask is clamped, its area is not",
+                record.image_id,
+                i + 1,
+                b.chains.join(","),
+                b.coords,
+                boxes.size.0,
+                boxes.size.1
+            );
+            warnings.push(ctx.data_warning(&xml, &msg)?);
+        }
+    }
+    Ok((coverage, warnings))
+}
+
+fn annotation_path(ctx: &Context, image_id: &str) -> PathBuf {
+    let [xml, _] = entities_files(&ctx.config.dataset.entities.clone().unwrap_or_default(), image_id);
+    xml
+}
+
+/// Writes the three tables, each atomically and fingerprinted.
+fn write_tables(stage: &StageDir, split: &[SplitImage], records: &[ImageRecord]) -> Result<Vec<FileEntry>> {
+    let artifact = |e: arrow::error::ArrowError| Error::artifact(stage.path(), e);
+    let tables = [
+        ("images", images_batch(split, records).map_err(artifact)?),
+        ("boxes", boxes_batch(records).map_err(artifact)?),
+        ("texts", texts_batch(split).map_err(artifact)?),
+    ];
+    tables.iter().map(|(name, batch)| stage.write_table(name, &batch.schema(), std::slice::from_ref(batch))).collect()
+}
+
+type ArrowResult<T> = std::result::Result<T, arrow::error::ArrowError>;
+
+fn batch(columns: Vec<(&str, ArrayRef)>) -> ArrowResult<RecordBatch> {
+    let fields: Vec<Field> = columns.iter().map(|(name, a)| Field::new(*name, a.data_type().clone(), false)).collect();
+    let schema: SchemaRef = Arc::new(Schema::new(fields));
+    RecordBatch::try_new(schema, columns.into_iter().map(|(_, a)| a).collect())
+}
+
+fn u32_column(values: impl Iterator<Item = usize>) -> ArrayRef {
+    Arc::new(UInt32Array::from_iter_values(values.map(|v| v as u32)))
+}
+
+/// `images.parquet`: image_idx, image_id, path, width, height, object_size, num_boxes, num_captions.
+fn images_batch(split: &[SplitImage], records: &[ImageRecord]) -> ArrowResult<RecordBatch> {
+    batch(vec![
+        ("image_idx", u32_column(0..records.len())),
+        ("image_id", Arc::new(StringArray::from_iter_values(records.iter().map(|r| r.image_id.as_str())))),
+        ("path", Arc::new(StringArray::from_iter_values(records.iter().map(|r| r.path.to_string_lossy())))),
+        ("width", Arc::new(UInt32Array::from_iter_values(records.iter().map(|r| r.width)))),
+        ("height", Arc::new(UInt32Array::from_iter_values(records.iter().map(|r| r.height)))),
+        ("object_size", Arc::new(Float32Array::from_iter_values(records.iter().map(ImageRecord::object_size)))),
+        ("num_boxes", u32_column(records.iter().map(|r| r.boxes.as_ref().map_or(0, |b| b.kept.len())))),
+        ("num_captions", u32_column(split.iter().map(|s| s.captions.len()))),
+    ])
+}
+
+/// `boxes.parquet`: image_idx, box [xmin, ymin, xmax, ymax], area, chains, outside_image.
+fn boxes_batch(records: &[ImageRecord]) -> ArrowResult<RecordBatch> {
+    let kept: Vec<(usize, &KeptBox)> = records
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| r.boxes.iter().flat_map(move |b| b.kept.iter().map(move |k| (i, k))))
+        .collect();
+    let coords = Float32Array::from_iter_values(kept.iter().flat_map(|(_, k)| k.coords.map(|c| c as f32)));
+    let item = Arc::new(Field::new_list_field(DataType::Float32, false));
+    let boxes = FixedSizeListArray::try_new(item, 4, Arc::new(coords), None)?;
+    let mut chains = ListBuilder::new(StringBuilder::new())
+        .with_field(Arc::new(Field::new_list_field(DataType::Utf8, false)));
+    for (_, k) in &kept {
+        k.chains.iter().for_each(|c| chains.values().append_value(c));
+        chains.append(true);
+    }
+    batch(vec![
+        ("image_idx", u32_column(kept.iter().map(|(i, _)| *i))),
+        ("box", Arc::new(boxes)),
+        ("area", Arc::new(Float32Array::from_iter_values(kept.iter().map(|(_, k)| k.area as f32)))),
+        ("chains", Arc::new(chains.finish())),
+        ("outside_image", Arc::new(BooleanArray::from_iter(kept.iter().map(|(_, k)| Some(k.outside))))),
+    ])
+}
+
+/// `texts.parquet`: text_idx, image_idx, caption, caption_clean.
+fn texts_batch(split: &[SplitImage]) -> ArrowResult<RecordBatch> {
+    let texts: Vec<(usize, &str)> =
+        split.iter().enumerate().flat_map(|(i, s)| s.captions.iter().map(move |c| (i, c.as_str()))).collect();
+    batch(vec![
+        ("text_idx", u32_column(0..texts.len())),
+        ("image_idx", u32_column(texts.iter().map(|(i, _)| *i))),
+        ("caption", Arc::new(StringArray::from_iter_values(texts.iter().map(|(_, c)| *c)))),
+        ("caption_clean", Arc::new(StringArray::from_iter_values(texts.iter().map(|(_, c)| clean_caption(c))))),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts_run_over_captions_in_split_order_with_uneven_counts() {
+        let split = vec![
+            SplitImage { path: "a.jpg".into(), captions: vec!["A dog.".into()] },
+            SplitImage { path: "b.jpg".into(), captions: vec!["B!".into(), "C  d".into(), "E".into()] },
+        ];
+        let batch = texts_batch(&split).unwrap();
+        let image_idx = batch.column(1).as_any().downcast_ref::<UInt32Array>().unwrap();
+        assert_eq!(image_idx.values().to_vec(), [0, 1, 1, 1]);
+        let clean = batch.column(3).as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!(clean.iter().flatten().collect::<Vec<_>>(), ["a dog", "b", "c d", "e"]);
+    }
+}

@@ -1,0 +1,79 @@
+//! Atomic file commits: every artifact is written to a temporary name in its final folder, flushed to
+//! disk, and renamed into place only when complete, so a reader (or a worker killed mid-write) never
+//! sees a half-written file. Temporary names start with `.` and end in `.tmp`, so listings skip them.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// The temporary name `path` is written under before the rename: `.<name>.<pid>.tmp` beside it.
+/// The pid keeps two workers on one shared folder from writing the same temporary file.
+pub fn temporary_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Whether `name` is a temporary file left by [`write_atomically`] (e.g. by a killed worker).
+pub fn is_temporary(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".tmp")
+}
+
+/// Writes `path` atomically: `write` fills a buffered temporary file, which is synced and renamed
+/// onto `path`. On any error the temporary file is removed and `path` is left as it was.
+pub fn write_atomically<F>(path: &Path, write: F) -> Result<()>
+where
+    F: FnOnce(&mut BufWriter<File>) -> Result<()>,
+{
+    let tmp = temporary_path(path);
+    let outcome = write_and_sync(&tmp, write).and_then(|()| {
+        fs::rename(&tmp, path).map_err(|e| Error::artifact(path, format!("cannot rename into place: {e}")))
+    });
+    if outcome.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    outcome
+}
+
+fn write_and_sync<F>(tmp: &Path, write: F) -> Result<()>
+where
+    F: FnOnce(&mut BufWriter<File>) -> Result<()>,
+{
+    let io = |e: std::io::Error| Error::artifact(tmp, e);
+    let file = File::create(tmp).map_err(io)?;
+    let mut out = BufWriter::new(file);
+    write(&mut out)?;
+    let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomically(path, |out| out.write_all(bytes).map_err(|e| Error::artifact(path, e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_write_leaves_no_file_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.json");
+        let err = write_atomically(&path, |_| Err(Error::artifact("x", "boom")));
+        assert!(err.is_err());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn successful_write_replaces_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.json");
+        write_bytes_atomically(&path, b"one").unwrap();
+        write_bytes_atomically(&path, b"two").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert!(is_temporary(&temporary_path(&path).file_name().unwrap().to_string_lossy()));
+    }
+}

@@ -1,0 +1,147 @@
+//! One test per bad input (issue 2, item 5): each must exit 2 (usage/config) or 1 (data) with a
+//! single stderr line naming the file and the problem, and never panic.
+
+mod common;
+
+use std::fs;
+
+use common::{Workspace, assert_fails, stdout};
+
+const LAVIS: &str = "flickr30k_test.json";
+
+fn index(ws: &Workspace, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["stage", "index", "--config", "{config}"];
+    args.extend_from_slice(extra);
+    ws.qpert(&args)
+}
+
+#[test]
+fn missing_annotation_file() {
+    let ws = Workspace::new("no_such_split.json");
+    assert_fails(&index(&ws, &[]), 1, &["annotations/no_such_split.json", "No such file"]);
+}
+
+#[test]
+fn malformed_split_json_gives_line_and_column() {
+    let ws = Workspace::with_copy(LAVIS);
+    fs::write(ws.data.join("annotations/flickr30k_test.json"), "[\n  {\"image\": \"a.jpg\", \"caption\": [\"x\"]},\n  {\"image\": }\n]").unwrap();
+    assert_fails(&index(&ws, &[]), 1, &["flickr30k_test.json: line 3, column 13"]);
+}
+
+#[test]
+fn split_json_of_the_wrong_shape() {
+    let ws = Workspace::with_copy(LAVIS);
+    fs::write(ws.data.join("annotations/flickr30k_test.json"), "[{\"image\": 3, \"caption\": []}]").unwrap();
+    assert_fails(&index(&ws, &[]), 1, &["flickr30k_test.json: line 1", "invalid type"]);
+}
+
+#[test]
+fn malformed_entities_xml_gives_its_position() {
+    let ws = Workspace::with_copy(LAVIS);
+    let xml = ws.data.join("flickr30k_entities/Annotations/1000002.xml");
+    fs::write(&xml, "<annotation>\n  <size><width>512</width><height>512</heigth></size>\n</annotation>\n").unwrap();
+    assert_fails(&index(&ws, &[]), 1, &["Annotations/1000002.xml: malformed XML at line 2"]);
+}
+
+#[test]
+fn malformed_sentences_file_gives_its_line() {
+    let ws = Workspace::with_copy(LAVIS);
+    let txt = ws.data.join("flickr30k_entities/Sentences/1000002.txt");
+    fs::write(&txt, "[/EN#10/people A man] stands .\n[/EN#10/people A man stands .\n").unwrap();
+    assert_fails(&index(&ws, &[]), 1, &["Sentences/1000002.txt: line 2: phrase", "not closed"]);
+}
+
+#[test]
+fn missing_image() {
+    let ws = Workspace::with_copy(LAVIS);
+    fs::remove_file(ws.data.join("flickr30k-images/1000003.jpg")).unwrap();
+    assert_fails(&index(&ws, &[]), 1, &["1000003.jpg: image not found"]);
+}
+
+#[test]
+fn image_that_does_not_decode() {
+    let ws = Workspace::with_copy(LAVIS);
+    fs::write(ws.data.join("flickr30k-images/1000004.jpg"), "this is not a JPEG").unwrap();
+    assert_fails(&index(&ws, &[]), 1, &["flickr30k-images/1000004.jpg: cannot read the image"]);
+}
+
+#[test]
+fn failed_run_leaves_earlier_artifacts_intact() {
+    let ws = Workspace::with_copy(LAVIS);
+    assert!(index(&ws, &[]).status.success());
+    let before = fs::read(ws.path().join("out/index/images.parquet")).unwrap();
+    let table = ws.table("index", "images");
+    fs::write(ws.data.join("flickr30k-images/1000004.jpg"), "garbage").unwrap();
+    assert_fails(&index(&ws, &["--force"]), 1, &["1000004.jpg"]);
+    assert_eq!(fs::read(ws.path().join("out/index/images.parquet")).unwrap(), before);
+    assert_eq!(ws.table("index", "images"), table);
+    assert!(ws.path().join("out/index/manifest.json").exists());
+}
+
+#[test]
+fn missing_entities_folder() {
+    let ws = Workspace::with_copy(LAVIS);
+    fs::remove_dir_all(ws.data.join("flickr30k_entities/Sentences")).unwrap();
+    assert_fails(&index(&ws, &[]), 1, &["flickr30k_entities: not a Flickr30K Entities folder: no Sentences/"]);
+}
+
+#[test]
+fn unknown_config_key_is_named_with_the_known_keys() {
+    let ws = Workspace::new(LAVIS);
+    let text = fs::read_to_string(ws.config()).unwrap().replace("box_origin = 1", "box_origin = 1\nbox_orign = 0");
+    fs::write(ws.config(), text).unwrap();
+    assert_fails(
+        &index(&ws, &[]),
+        2,
+        &["qpert.toml: line 8", "in [dataset]", "unknown field `box_orign`", "`box_origin`", "`annotations`", "`entities`"],
+    );
+}
+
+#[test]
+fn unknown_config_section() {
+    let ws = Workspace::new(LAVIS);
+    let text = fs::read_to_string(ws.config()).unwrap() + "\n[extras]\nx = 1\n";
+    fs::write(ws.config(), text).unwrap();
+    assert_fails(&index(&ws, &[]), 2, &["qpert.toml", "unknown field `extras`", "`dataset`", "`output`"]);
+}
+
+#[test]
+fn config_value_of_the_wrong_type() {
+    let ws = Workspace::new(LAVIS);
+    let text = fs::read_to_string(ws.config()).unwrap().replace("k = 64", "k = \"sixty-four\"");
+    fs::write(ws.config(), text).unwrap();
+    assert_fails(&index(&ws, &[]), 2, &["qpert.toml: line 23", "in [rerank]", "invalid type: string \"sixty-four\""]);
+}
+
+#[test]
+fn bad_enum_value_lists_the_choices() {
+    let ws = Workspace::new(LAVIS);
+    let text = fs::read_to_string(ws.config()).unwrap().replace("device = \"cpu\"", "device = \"tpu\"");
+    fs::write(ws.config(), text).unwrap();
+    assert_fails(&index(&ws, &[]), 2, &["qpert.toml", "unknown variant `tpu`", "`cuda`", "`cpu`"]);
+}
+
+#[test]
+fn missing_config_file() {
+    let ws = Workspace::new(LAVIS);
+    assert_fails(&ws.qpert(&["status", "--config", "nope.toml"]), 2, &["nope.toml", "No such file"]);
+}
+
+#[test]
+fn bad_shard_values() {
+    let ws = Workspace::new(LAVIS);
+    for (shard, why) in [("0/4", "out of range"), ("5/4", "out of range"), ("x", "expected I/N"), ("1/0", "between 1 and")] {
+        let out = ws.qpert(&["stage", "extract", "--config", "{config}", "--shard", shard]);
+        assert_fails(&out, 2, &["--shard", shard, why]);
+    }
+}
+
+#[test]
+fn unknown_stage_and_verb() {
+    let ws = Workspace::new(LAVIS);
+    assert_fails(&ws.qpert(&["stage", "train", "--config", "{config}"]), 2, &["train", "possible values: index, extract"]);
+    assert_fails(&ws.qpert(&["frobnicate"]), 2, &["frobnicate"]);
+    let none = ws.qpert(&[]);
+    assert_fails(&none, 2, &["no command given"]);
+    assert!(stdout(&none).is_empty());
+}

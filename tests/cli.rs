@@ -1,0 +1,270 @@
+//! End-to-end tests of the `qpert` binary on the `flickr_mini` fixture: the `index` stage with exact
+//! values read back from Parquet, both split formats, `status`, `--set`, `--shard`, stale detection,
+//! `--strict`, and `run`.
+
+mod common;
+
+use arrow::array::{Array, BooleanArray, FixedSizeListArray, Float32Array, ListArray, StringArray, UInt32Array};
+use arrow::datatypes::DataType;
+use arrow::record_batch::RecordBatch;
+use common::{Workspace, assert_fails, stderr, stdout};
+
+const LAVIS: &str = "flickr30k_test.json";
+const KARPATHY: &str = "dataset_flickr30k.json";
+
+fn u32s(batch: &RecordBatch, name: &str) -> Vec<u32> {
+    batch.column_by_name(name).unwrap().as_any().downcast_ref::<UInt32Array>().unwrap().values().to_vec()
+}
+
+fn f32s(batch: &RecordBatch, name: &str) -> Vec<f32> {
+    batch.column_by_name(name).unwrap().as_any().downcast_ref::<Float32Array>().unwrap().values().to_vec()
+}
+
+fn strings(batch: &RecordBatch, name: &str) -> Vec<String> {
+    let col = batch.column_by_name(name).unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+    col.iter().map(|s| s.unwrap().to_string()).collect()
+}
+
+fn boxes(batch: &RecordBatch) -> Vec<[f32; 4]> {
+    let col = batch.column_by_name("box").unwrap().as_any().downcast_ref::<FixedSizeListArray>().unwrap();
+    let values = col.values().as_any().downcast_ref::<Float32Array>().unwrap();
+    values.values().chunks(4).map(|c| [c[0], c[1], c[2], c[3]]).collect()
+}
+
+fn chains(batch: &RecordBatch) -> Vec<Vec<String>> {
+    let col = batch.column_by_name("chains").unwrap().as_any().downcast_ref::<ListArray>().unwrap();
+    (0..col.len())
+        .map(|i| {
+            let v = col.value(i);
+            let s = v.as_any().downcast_ref::<StringArray>().unwrap();
+            s.iter().map(|x| x.unwrap().to_string()).collect()
+        })
+        .collect()
+}
+
+/// Area ratio as qpert computes it: f64, then stored as f32.
+fn area(b: [f64; 4], w: f64, h: f64) -> f32 {
+    ((b[2] - b[0]) * (b[3] - b[1]) / (w * h)) as f32
+}
+
+fn index(ws: &Workspace, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["stage", "index", "--config", "{config}"];
+    args.extend_from_slice(extra);
+    ws.qpert(&args)
+}
+
+#[test]
+fn index_writes_exact_images_boxes_and_texts() {
+    let ws = Workspace::new(LAVIS);
+    let out = index(&ws, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = stdout(&out);
+    assert!(report.contains("5 images, 25 captions; 4 images with Entities annotations (1 without)"), "{report}");
+    assert!(report.contains("boxes: 7 kept, 2 dropped (chain not mentioned), 1 outside their image"), "{report}");
+    assert!(report.contains("1 annotated images without a kept box"), "{report}");
+    let warnings = stderr(&out);
+    assert_eq!(warnings.lines().count(), 1, "{warnings}");
+    assert!(warnings.starts_with("qpert: warning: ") && warnings.contains("1000003.xml: image 1000003: kept box 1"), "{warnings}");
+
+    let images = ws.table("index", "images");
+    assert_eq!(u32s(&images, "image_idx"), [0, 1, 2, 3, 4]);
+    assert_eq!(strings(&images, "image_id"), ["1000001", "1000002", "1000003", "1000004", "1000005"]);
+    assert!(strings(&images, "path")[2].ends_with("flickr_mini/flickr30k-images/1000003.jpg"));
+    assert_eq!(u32s(&images, "width"), [512, 512, 451, 600, 640]);
+    assert_eq!(u32s(&images, "height"), [512, 512, 300, 400, 427]);
+    let sizes = [
+        area([100.0, 30.0, 400.0, 511.0], 512.0, 512.0),
+        area([128.0, 64.0, 384.0, 448.0], 512.0, 512.0),
+        area([100.0, 50.0, 459.0, 299.0], 451.0, 300.0),
+        0.0,
+        -1.0,
+    ];
+    assert_eq!(f32s(&images, "object_size"), sizes);
+    assert_eq!(sizes[1], 0.375);
+    assert_eq!(u32s(&images, "num_boxes"), [4, 1, 2, 0, 0]);
+    assert_eq!(u32s(&images, "num_captions"), [5, 5, 4, 6, 5]);
+
+    let b = ws.table("index", "boxes");
+    assert_eq!(u32s(&b, "image_idx"), [0, 0, 0, 0, 1, 2, 2]);
+    let expected: [[f64; 4]; 7] = [
+        [100.0, 30.0, 400.0, 511.0],
+        [10.0, 10.0, 90.0, 210.0],
+        [300.0, 300.0, 340.0, 340.0],
+        [350.0, 300.0, 390.0, 340.0],
+        [128.0, 64.0, 384.0, 448.0],
+        [100.0, 50.0, 459.0, 299.0],
+        [20.0, 20.0, 120.0, 120.0],
+    ];
+    assert_eq!(boxes(&b), expected.map(|e| e.map(|v| v as f32)));
+    let sizes = [(512.0, 512.0); 5].into_iter().chain([(451.0, 300.0); 2]);
+    let areas: Vec<f32> = expected.iter().zip(sizes).map(|(e, (w, h))| area(*e, w, h)).collect();
+    assert_eq!(f32s(&b, "area"), areas);
+    assert_eq!(f32s(&b, "area")[2], 1600.0 / 262144.0);
+    assert_eq!(chains(&b), [vec!["1"], vec!["2", "3"], vec!["4"], vec!["4"], vec!["10"], vec!["20"], vec!["21"]]);
+    let outside = b.column_by_name("outside_image").unwrap().as_any().downcast_ref::<BooleanArray>().unwrap();
+    assert_eq!(outside.iter().map(Option::unwrap).collect::<Vec<_>>(), [false, false, false, false, false, true, false]);
+    let DataType::FixedSizeList(item, 4) = b.schema().field_with_name("box").unwrap().data_type().clone() else {
+        panic!("box must be FixedSizeList<float32, 4>")
+    };
+    assert_eq!(item.data_type(), &DataType::Float32);
+
+    let texts = ws.table("index", "texts");
+    assert_eq!(u32s(&texts, "text_idx"), (0..25).collect::<Vec<u32>>());
+    let image_idx = u32s(&texts, "image_idx");
+    assert_eq!(image_idx[..6], [0, 0, 0, 0, 0, 1]);
+    assert_eq!(image_idx[13..15], [2, 3], "image 2 has four captions");
+    assert_eq!(image_idx[24], 4);
+    let captions = strings(&texts, "caption");
+    let clean = strings(&texts, "caption_clean");
+    assert_eq!(captions[3], "A person   with the \"shuttle\" (model).");
+    assert_eq!(clean[3], "a person with the shuttle model");
+    assert_eq!(clean[4], "an astronaut smiling happily");
+    assert_eq!(clean[9], "a man looks through a camera");
+    assert_eq!(clean[12], "a cat staring");
+    assert_eq!(clean[13], "the cat's whiskers long & white very cute");
+    assert_eq!(clean[23], "rocket\tat the pad");
+
+    let manifest = std::fs::read_to_string(ws.path().join("out/index/manifest.json")).unwrap();
+    assert!(manifest.contains("\"boxes_outside_image\": 1"), "{manifest}");
+}
+
+#[test]
+fn lavis_and_karpathy_splits_give_identical_tables() {
+    let (lavis, karpathy) = (Workspace::new(LAVIS), Workspace::new(KARPATHY));
+    assert!(index(&lavis, &[]).status.success());
+    let out = index(&karpathy, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for table in ["images", "boxes", "texts"] {
+        let (a, b) = (lavis.table("index", table), karpathy.table("index", table));
+        assert_eq!(a.schema().fields(), b.schema().fields(), "{table}");
+        assert_eq!(a.columns(), b.columns(), "{table}");
+    }
+}
+
+#[test]
+fn index_is_deterministic() {
+    let ws = Workspace::new(LAVIS);
+    assert!(index(&ws, &[]).status.success());
+    let read = |t: &str| std::fs::read(ws.path().join("out/index").join(t)).unwrap();
+    let first: Vec<Vec<u8>> = ["images.parquet", "boxes.parquet", "texts.parquet", "manifest.json"].map(read).to_vec();
+    assert!(index(&ws, &["--force"]).status.success());
+    let second: Vec<Vec<u8>> = ["images.parquet", "boxes.parquet", "texts.parquet", "manifest.json"].map(read).to_vec();
+    assert!(first == second, "a rerun must give byte-identical artifacts");
+}
+
+#[test]
+fn parquet_files_embed_the_fingerprint() {
+    let ws = Workspace::new(LAVIS);
+    assert!(index(&ws, &[]).status.success());
+    let file = std::fs::File::open(ws.path().join("out/index/images.parquet")).unwrap();
+    let reader = parquet::file::reader::SerializedFileReader::new(file).unwrap();
+    use parquet::file::reader::FileReader;
+    let kv = reader.metadata().file_metadata().key_value_metadata().unwrap().clone();
+    let get = |k: &str| kv.iter().find(|e| e.key == k).and_then(|e| e.value.clone()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ws.path().join("out/index/manifest.json")).unwrap()).unwrap();
+    assert_eq!(get("qpert.fingerprint"), manifest["fingerprint"].as_str().unwrap());
+    assert_eq!(get("qpert.stage"), "index");
+    assert!(kv.iter().any(|e| e.key == "ARROW:schema"));
+}
+
+#[test]
+fn status_reports_missing_then_done() {
+    let ws = Workspace::new(LAVIS);
+    let before = stdout(&ws.qpert(&["status", "--config", "{config}"]));
+    assert!(before.contains("index    missing"), "{before}");
+    assert!(before.contains("extract  not implemented yet"), "{before}");
+    assert!(index(&ws, &[]).status.success());
+    let after = stdout(&ws.qpert(&["status", "--config", "{config}"]));
+    assert!(after.contains("index    done (3 files, 1 shard(s), fingerprint "), "{after}");
+}
+
+#[test]
+fn set_overrides_config_values() {
+    let ws = Workspace::new(LAVIS);
+    let out = index(&ws, &["--set", "output.dir=elsewhere", "--set", "dataset.box_origin=0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let b = common::read_parquet(&ws.path().join("elsewhere/index/boxes.parquet"));
+    assert_eq!(boxes(&b)[0], [101.0, 31.0, 401.0, 512.0], "origin 0 leaves coordinates as written");
+    assert!(!ws.path().join("out").exists());
+}
+
+#[test]
+fn bad_set_is_a_config_error() {
+    let ws = Workspace::new(LAVIS);
+    assert_fails(&index(&ws, &["--set", "rerank.k=many"]), 2, &["qpert.toml", "--set", "invalid type"]);
+    assert_fails(&index(&ws, &["--set", "dataset.box_orign=0"]), 2, &["box_orign", "box_origin"]);
+    assert_fails(&index(&ws, &["--set", "novalue"]), 2, &["--set novalue", "section.key=value"]);
+    assert_fails(&index(&ws, &["--set", "dataset.box_origin=3"]), 2, &["box_origin must be 0 or 1"]);
+}
+
+#[test]
+fn changed_config_value_makes_index_stale_and_run_recomputes_it() {
+    let ws = Workspace::new(LAVIS);
+    assert!(index(&ws, &[]).status.success());
+    let again = index(&ws, &[]);
+    assert!(stdout(&again).contains("index: up to date"), "{}", stdout(&again));
+
+    let status = stdout(&ws.qpert(&["status", "--config", "{config}", "--set", "dataset.box_origin=0"]));
+    assert!(status.contains("index    stale (dataset.box_origin: 1 -> 0)"), "{status}");
+
+    let run = ws.qpert(&["run", "--config", "{config}", "--set", "dataset.box_origin=0"]);
+    assert!(stdout(&run).contains("index: 5 images"), "run must recompute: {}", stdout(&run));
+    let b = ws.table("index", "boxes");
+    assert_eq!(boxes(&b)[0], [101.0, 31.0, 401.0, 512.0]);
+    let status = stdout(&ws.qpert(&["status", "--config", "{config}"]));
+    assert!(status.contains("index    stale (dataset.box_origin: 0 -> 1)"), "{status}");
+}
+
+#[test]
+fn edited_entities_file_makes_index_stale() {
+    let ws = Workspace::with_copy(LAVIS);
+    assert!(index(&ws, &[]).status.success());
+    let txt = ws.data.join("flickr30k_entities/Sentences/1000004.txt");
+    std::fs::write(&txt, "[/EN#30/other A cup] of coffee .\n").unwrap();
+    let status = stdout(&ws.qpert(&["status", "--config", "{config}"]));
+    assert!(status.contains("index    stale (dataset.entities.files: "), "{status}");
+    assert!(index(&ws, &[]).status.success());
+    assert_eq!(u32s(&ws.table("index", "images"), "num_boxes"), [4, 1, 2, 1, 0]);
+}
+
+#[test]
+fn strict_fails_on_a_box_outside_its_image() {
+    let ws = Workspace::new(LAVIS);
+    let out = index(&ws, &["--strict"]);
+    assert_fails(&out, 1, &["1000003.xml", "image 1000003", "reaches outside", "--strict"]);
+    assert!(!ws.path().join("out/index/manifest.json").exists());
+    // Also on an up-to-date index: the warning recorded in its manifest is replayed.
+    assert!(index(&ws, &[]).status.success());
+    assert_fails(&index(&ws, &["--strict"]), 1, &["1000003.xml", "recorded in index's manifest", "--strict"]);
+}
+
+#[test]
+fn shard_is_validated_and_rejected_for_the_unsharded_index() {
+    let ws = Workspace::new(LAVIS);
+    assert_fails(&index(&ws, &["--shard", "2/4"]), 2, &["stage index is not sharded"]);
+    let whole = index(&ws, &["--shard", "1/1"]);
+    assert!(whole.status.success(), "{}", stderr(&whole));
+}
+
+#[test]
+fn unimplemented_stages_exit_2_and_run_stops_after_index() {
+    let ws = Workspace::new(LAVIS);
+    assert_fails(&ws.qpert(&["stage", "extract", "--config", "{config}", "--shard", "2/8"]), 2, &["extract is not implemented yet"]);
+    let run = ws.qpert(&["run", "--config", "{config}"]);
+    assert_eq!(run.status.code(), Some(2));
+    let last = stderr(&run).lines().last().unwrap_or_default().to_string();
+    assert_eq!(last, "qpert: stage extract is not implemented yet; stages done: index; pending: extract, text, sim, rerank, report");
+    assert!(stdout(&run).contains("index: 5 images"));
+    assert!(ws.path().join("out/index/manifest.json").exists());
+}
+
+#[test]
+fn help_has_examples() {
+    let ws = Workspace::new(LAVIS);
+    for verb in ["stage", "run", "status"] {
+        let out = ws.qpert(&[verb, "--help"]);
+        assert!(out.status.success());
+        assert!(stdout(&out).contains("Examples:"), "{verb}");
+    }
+}
