@@ -4,12 +4,12 @@
 //! typed and validated exactly like the file, then runs [`Config::validate`]. Relative paths are
 //! relative to the current working directory.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::qpert::{AlphaWeight, Components, ProjectorKind, QpertSettings};
 
 /// A whole config file.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -96,46 +96,14 @@ pub struct QpertConfig {
     pub alpha: f64,
     /// Key-subspace size: a ratio of explained variance in (0, 1) (e.g. `0.99`), or an integer count of
     /// principal components (e.g. `16`).
-    pub npc: Npc,
-    /// Per-box weighting of the perturbation.
-    pub weight: Weight,
-    /// How the key subspace projector is built.
-    pub projector: Projector,
-}
-
-/// Size of the key subspace: by explained-variance ratio or by component count.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Npc {
-    /// Keep the leading components explaining this fraction of the variance, in (0, 1).
-    Ratio(f64),
-    /// Keep exactly this many components, at least 1.
-    Count(u32),
-}
-
-/// Per-box weighting of the perturbation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Weight {
-    /// The same weight for every box (the released code).
-    Constant,
-    /// Weight by normalised box area.
-    NormArea,
-    /// Weight by inverse normalised box area.
-    NormAreaInv,
-    /// Weight by centred box area.
-    CenteredArea,
-    /// Weight by inverse centred box area.
-    CenteredAreaInv,
-}
-
-/// How the key-subspace projector is built (method.md section 4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Projector {
-    /// As in the released code.
-    Official,
-    /// The paper's principal-subspace projector.
-    Principal,
+    pub npc: Components,
+    /// Per-box weighting of the perturbation: `constant` (alpha, published), `norm_area` (alpha a),
+    /// `norm_area_inv` (-alpha a, the released code), `centered_area` (alpha (a - 0.5)),
+    /// `centered_area_inv` (alpha (0.5 - a)).
+    pub weight: AlphaWeight,
+    /// How the key-subspace projector is built: `official` (the released code's V^T D_m V, which gave
+    /// the published numbers) or `principal` (V_m V_m^T, the method as described).
+    pub projector: ProjectorKind,
 }
 
 /// `[rerank]`: ITM re-ranking of the ITC top-k.
@@ -154,6 +122,18 @@ pub struct RerankConfig {
 pub struct OutputConfig {
     /// The artifact folder; each stage writes `<dir>/<stage>/`.
     pub dir: PathBuf,
+}
+
+impl QpertConfig {
+    /// The method's settings, for the `qpert` module.
+    pub fn settings(&self) -> QpertSettings {
+        QpertSettings {
+            alpha: self.alpha as f32,
+            components: self.npc,
+            weight: self.weight,
+            projector: self.projector,
+        }
+    }
 }
 
 impl Config {
@@ -189,8 +169,8 @@ impl Config {
             return Err(format!("qpert.alpha must be a finite number, not {}", self.qpert.alpha));
         }
         match self.qpert.npc {
-            Npc::Ratio(r) if !(r > 0.0 && r < 1.0) => return Err(format!("qpert.npc ratio {r} must be in (0, 1)")),
-            Npc::Count(0) => return Err("qpert.npc count must be at least 1".into()),
+            Components::Ratio(r) if !(r > 0.0 && r < 1.0) => return Err(format!("qpert.npc ratio {r} must be in (0, 1)")),
+            Components::Count(0) => return Err("qpert.npc count must be at least 1".into()),
             _ => {}
         }
         if self.rerank.k == 0 {
@@ -250,52 +230,6 @@ fn section_of(before: &str) -> String {
         .unwrap_or_default()
 }
 
-impl<'de> Deserialize<'de> for Npc {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        deserializer.deserialize_any(NpcVisitor)
-    }
-}
-
-struct NpcVisitor;
-
-impl serde::de::Visitor<'_> for NpcVisitor {
-    type Value = Npc;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a ratio in (0, 1) such as 0.99, or an integer count of components such as 16")
-    }
-
-    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Npc, E> {
-        Ok(Npc::Ratio(v))
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Npc, E> {
-        u32::try_from(v).map(Npc::Count).map_err(|_| E::custom(format!("npc count {v} is out of range")))
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Npc, E> {
-        u32::try_from(v).map(Npc::Count).map_err(|_| E::custom(format!("npc count {v} is out of range")))
-    }
-}
-
-impl Serialize for Npc {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        match *self {
-            Npc::Ratio(r) => serializer.serialize_f64(r),
-            Npc::Count(n) => serializer.serialize_u32(n),
-        }
-    }
-}
-
-impl fmt::Display for Npc {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Npc::Ratio(r) => write!(f, "ratio {r}"),
-            Npc::Count(n) => write!(f, "count {n}"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,7 +270,7 @@ dir = "out"
         let c = load(MINIMAL, &[]).unwrap();
         assert_eq!(c.dataset.split, "test");
         assert_eq!(c.dataset.entities, None);
-        assert_eq!(c.qpert.npc, Npc::Ratio(0.99));
+        assert_eq!(c.qpert.npc, Components::Ratio(0.99));
     }
 
     #[test]
@@ -361,7 +295,7 @@ dir = "out"
     #[test]
     fn overrides_are_typed_like_the_file() {
         let c = load(MINIMAL, &["qpert.alpha=4", "rerank.k=16", "qpert.npc=12", "output.dir=cache/x"]).unwrap();
-        assert_eq!((c.qpert.alpha, c.rerank.k, c.qpert.npc), (4.0, 16, Npc::Count(12)));
+        assert_eq!((c.qpert.alpha, c.rerank.k, c.qpert.npc), (4.0, 16, Components::Count(12)));
         assert_eq!(c.output.dir, PathBuf::from("cache/x"));
         let bad_type = load(MINIMAL, &["rerank.k=many"]).unwrap_err().to_string();
         assert!(bad_type.contains("invalid type"), "{bad_type}");

@@ -9,7 +9,9 @@
 
 use faer::linalg::evd::{self, ComputeEigenvectors};
 use faer::{Mat, Par};
-use serde::{Deserialize, Serialize};
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// How many principal components span a box's key subspace (`[qpert] npc`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -20,15 +22,49 @@ pub enum Components {
     Count(usize),
 }
 
-impl Components {
-    /// `npc` as written in the config: a float below 1 is a ratio, a positive integer a count.
-    pub fn from_npc(npc: f64) -> Option<Self> {
-        if npc > 0.0 && npc < 1.0 {
-            Some(Components::Ratio(npc))
-        } else if npc >= 1.0 && npc.fract() == 0.0 {
-            Some(Components::Count(npc as usize))
-        } else {
-            None
+// `npc` in the config: a float is a ratio, an integer a count (range-checked by `Config::validate`).
+impl<'de> Deserialize<'de> for Components {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_any(ComponentsVisitor)
+    }
+}
+
+struct ComponentsVisitor;
+
+impl serde::de::Visitor<'_> for ComponentsVisitor {
+    type Value = Components;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a ratio in (0, 1) such as 0.99, or an integer count of components such as 16")
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Components, E> {
+        Ok(Components::Ratio(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Components, E> {
+        usize::try_from(v).map(Components::Count).map_err(|_| E::custom(format!("npc count {v} is out of range")))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Components, E> {
+        usize::try_from(v).map(Components::Count).map_err(|_| E::custom(format!("npc count {v} is out of range")))
+    }
+}
+
+impl Serialize for Components {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        match *self {
+            Components::Ratio(r) => serializer.serialize_f64(r),
+            Components::Count(n) => serializer.serialize_u64(n as u64),
+        }
+    }
+}
+
+impl fmt::Display for Components {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Components::Ratio(r) => write!(f, "ratio {r}"),
+            Components::Count(n) => write!(f, "count {n}"),
         }
     }
 }
@@ -224,13 +260,5 @@ mod tests {
         let official = s.projector(ProjectorKind::Official, 2);
         let official_flipped = flipped.projector(ProjectorKind::Official, 2);
         assert!(official.iter().zip(&official_flipped).any(|(a, b)| (a - b).abs() > 1e-3));
-    }
-
-    #[test]
-    fn npc_parses_ratio_or_count() {
-        assert_eq!(Components::from_npc(0.99), Some(Components::Ratio(0.99)));
-        assert_eq!(Components::from_npc(4.0), Some(Components::Count(4)));
-        assert_eq!(Components::from_npc(1.5), None);
-        assert_eq!(Components::from_npc(0.0), None);
     }
 }
