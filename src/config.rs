@@ -62,6 +62,27 @@ pub struct ModelConfig {
     pub device: DeviceKind,
     /// `f32`, `bf16` or `f16`.
     pub precision: Precision,
+    /// Images per model batch in `extract` and `rerank`.
+    #[serde(default = "default_image_batch")]
+    pub image_batch: usize,
+    /// Captions per model batch in `text`.
+    #[serde(default = "default_text_batch")]
+    pub text_batch: usize,
+    /// (image, text) pairs per ITM batch in `rerank`.
+    #[serde(default = "default_pair_batch")]
+    pub pair_batch: usize,
+}
+
+fn default_image_batch() -> usize {
+    16
+}
+
+fn default_text_batch() -> usize {
+    256
+}
+
+fn default_pair_batch() -> usize {
+    128
 }
 
 /// The compute device asked for in the config.
@@ -172,6 +193,9 @@ impl Config {
             Components::Ratio(r) if !(r > 0.0 && r < 1.0) => return Err(format!("qpert.npc ratio {r} must be in (0, 1)")),
             Components::Count(0) => return Err("qpert.npc count must be at least 1".into()),
             _ => {}
+        }
+        if self.model.image_batch == 0 || self.model.text_batch == 0 || self.model.pair_batch == 0 {
+            return Err("model.image_batch, model.text_batch and model.pair_batch must be at least 1".into());
         }
         if self.rerank.k == 0 {
             return Err("rerank.k must be at least 1".into());

@@ -4,6 +4,8 @@
 
 use std::io::IsTerminal;
 
+use burn::tensor::Device;
+
 use super::args::CommonArgs;
 use crate::config::{Config, DeviceKind};
 use crate::error::Result;
@@ -16,20 +18,36 @@ pub fn context(common: &CommonArgs, force: bool) -> Result<Context> {
     Ok(Context { config, device, strict: common.strict, force, reporter: terminal_reporter() })
 }
 
-/// The device for `requested`, marked unavailable when CUDA is asked of a CPU-only build.
+/// The device for `requested`: burn-flex on the CPU; CUDA only in a `cuda` build on a machine whose
+/// driver library loads (selecting CUDA without one would abort the process inside the backend).
 pub fn device_choice(requested: DeviceKind) -> DeviceChoice {
     match requested {
-        DeviceKind::Cpu => DeviceChoice { name: "cpu".into(), unavailable: None },
-        DeviceKind::Cuda if cfg!(feature = "cuda") => DeviceChoice { name: "cuda".into(), unavailable: None },
-        DeviceKind::Cuda => DeviceChoice {
-            name: "cuda".into(),
-            unavailable: Some(
-                "model.device = \"cuda\" but this qpert was built without the `cuda` feature; \
-                 rebuild with `cargo build --release --features cuda` or use --set model.device=cpu"
-                    .into(),
-            ),
-        },
+        DeviceKind::Cpu => DeviceChoice { name: "cpu".into(), device: Ok(Device::flex()) },
+        DeviceKind::Cuda => DeviceChoice { name: "cuda".into(), device: cuda_device() },
     }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device() -> std::result::Result<Device, String> {
+    let driver_present = ["libcuda.so.1", "libcuda.so"].iter().any(|name| {
+        std::env::var("LD_LIBRARY_PATH")
+            .unwrap_or_default()
+            .split(':')
+            .chain(["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/local/cuda/lib64", "/usr/lib/wsl/lib"])
+            .any(|dir| !dir.is_empty() && std::path::Path::new(dir).join(name).exists())
+    });
+    if driver_present {
+        Ok(Device::cuda(0))
+    } else {
+        Err("model.device = \"cuda\" but no CUDA driver (libcuda.so.1) was found; use --set model.device=cpu".into())
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device() -> std::result::Result<Device, String> {
+    Err("model.device = \"cuda\" but this qpert was built without the `cuda` feature; \
+         rebuild with `cargo build --release --features cuda` or use --set model.device=cpu"
+        .into())
 }
 
 fn terminal_reporter() -> Reporter {

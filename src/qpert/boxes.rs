@@ -19,18 +19,6 @@ pub struct ObjectBox {
     pub ymax: f32,
 }
 
-impl ObjectBox {
-    /// Area ratio a = (xmax - xmin) (ymax - ymin) / (H W) on the unclamped coordinates, as released.
-    pub fn area(&self, width: u32, height: u32) -> f32 {
-        (self.xmax - self.xmin) * (self.ymax - self.ymin) / (height as f32 * width as f32)
-    }
-
-    /// Whether the box reaches outside a `width` x `height` image (the mask slicing clamps it).
-    pub fn is_outside(&self, width: u32, height: u32) -> bool {
-        self.xmin < 0.0 || self.ymin < 0.0 || self.xmax > width as f32 || self.ymax > height as f32
-    }
-}
-
 /// Geometry of the vision tower input: side `image_size` (S) split into `patch_size` (p) patches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PatchGrid {
@@ -112,7 +100,6 @@ mod tests {
     fn whole_image_covers_every_patch() {
         let b = ObjectBox { xmin: 0.0, ymin: 0.0, xmax: 8.0, ymax: 8.0 };
         assert_eq!(patch_weights(&b, 8, 8, GRID), vec![0.0, 1.0, 1.0, 1.0, 1.0]);
-        assert_eq!(b.area(8, 8), 1.0);
     }
 
     #[test]
@@ -140,11 +127,9 @@ mod tests {
         // The released COCO path shifts a 0-based box at x = 0 to -1: m[:, -1:5] is empty.
         let b = ObjectBox { xmin: -1.0, ymin: 0.0, xmax: 5.0, ymax: 8.0 };
         assert_eq!(patch_weights(&b, 8, 8, GRID), vec![0.0; 5]);
-        assert!(b.is_outside(8, 8));
-        // A box past the right/bottom edge is clamped by the slice; its area is not.
+        // A box past the right/bottom edge is clamped by the slice.
         let b = ObjectBox { xmin: 4.0, ymin: 4.0, xmax: 12.0, ymax: 12.0 };
         assert_eq!(patch_weights(&b, 8, 8, GRID), vec![0.0, 0.0, 0.0, 0.0, 1.0]);
-        assert_eq!(b.area(8, 8), 1.0);
     }
 
     #[test]

@@ -27,13 +27,12 @@ pub struct BatchBoxes {
 }
 
 impl BatchBoxes {
-    /// Adds the boxes of the batch's image `image` (annotation size `width` x `height`).
-    pub fn push_image(&mut self, image: usize, boxes: &[ObjectBox], width: u32, height: u32, grid: PatchGrid) {
-        for b in boxes {
-            self.weights.extend(patch_weights(b, width, height, grid));
-            self.image.push(image);
-            self.area.push(b.area(width, height));
-        }
+    /// Adds a box of the batch's image `image`, whose mask is built at `mask_width` x `mask_height`
+    /// (the annotation's image size) and whose area ratio is `area`.
+    pub fn push(&mut self, image: usize, object: &ObjectBox, area: f32, mask_width: u32, mask_height: u32, grid: PatchGrid) {
+        self.weights.extend(patch_weights(object, mask_width, mask_height, grid));
+        self.image.push(image);
+        self.area.push(area);
     }
 
     /// Number of boxes.

@@ -21,6 +21,8 @@ use crate::data::captions::clean_caption;
 use crate::data::dataset::{SplitImage, load_split, resolve_image_path};
 use crate::data::flickr_entities::{ImageBoxes, KeptBox, image_boxes};
 use crate::error::{Error, Result};
+use crate::qpert::ObjectBox;
+use crate::store::columns::Table;
 use crate::store::{DataWarning, FileEntry, Fingerprint, Notes, StageDir, StageState};
 
 /// Everything the index depends on: the split file's content, the split name, the image folder,
@@ -265,28 +267,31 @@ fn images_batch(split: &[SplitImage], records: &[ImageRecord]) -> ArrowResult<Re
     ])
 }
 
-/// `boxes.parquet`: image_idx, box [xmin, ymin, xmax, ymax], area, chains, outside_image.
+/// `boxes.parquet`: image_idx, box [xmin, ymin, xmax, ymax], area, chains, outside_image, and the
+/// annotation's size (`mask_width`, `mask_height`: the box mask is built at that size, spec section 3).
 fn boxes_batch(records: &[ImageRecord]) -> ArrowResult<RecordBatch> {
-    let kept: Vec<(usize, &KeptBox)> = records
+    let kept: Vec<(usize, &KeptBox, (u32, u32))> = records
         .iter()
         .enumerate()
-        .flat_map(|(i, r)| r.boxes.iter().flat_map(move |b| b.kept.iter().map(move |k| (i, k))))
+        .flat_map(|(i, r)| r.boxes.iter().flat_map(move |b| b.kept.iter().map(move |k| (i, k, b.size))))
         .collect();
-    let coords = Float32Array::from_iter_values(kept.iter().flat_map(|(_, k)| k.coords.map(|c| c as f32)));
+    let coords = Float32Array::from_iter_values(kept.iter().flat_map(|(_, k, _)| k.coords.map(|c| c as f32)));
     let item = Arc::new(Field::new_list_field(DataType::Float32, false));
     let boxes = FixedSizeListArray::try_new(item, 4, Arc::new(coords), None)?;
     let mut chains = ListBuilder::new(StringBuilder::new())
         .with_field(Arc::new(Field::new_list_field(DataType::Utf8, false)));
-    for (_, k) in &kept {
+    for (_, k, _) in &kept {
         k.chains.iter().for_each(|c| chains.values().append_value(c));
         chains.append(true);
     }
     batch(vec![
-        ("image_idx", u32_column(kept.iter().map(|(i, _)| *i))),
+        ("image_idx", u32_column(kept.iter().map(|(i, _, _)| *i))),
         ("box", Arc::new(boxes)),
-        ("area", Arc::new(Float32Array::from_iter_values(kept.iter().map(|(_, k)| k.area as f32)))),
+        ("area", Arc::new(Float32Array::from_iter_values(kept.iter().map(|(_, k, _)| k.area as f32)))),
         ("chains", Arc::new(chains.finish())),
-        ("outside_image", Arc::new(BooleanArray::from_iter(kept.iter().map(|(_, k)| Some(k.outside))))),
+        ("outside_image", Arc::new(BooleanArray::from_iter(kept.iter().map(|(_, k, _)| Some(k.outside))))),
+        ("mask_width", Arc::new(UInt32Array::from_iter_values(kept.iter().map(|(_, _, size)| size.0)))),
+        ("mask_height", Arc::new(UInt32Array::from_iter_values(kept.iter().map(|(_, _, size)| size.1)))),
     ])
 }
 
@@ -317,5 +322,80 @@ mod tests {
         assert_eq!(image_idx.values().to_vec(), [0, 1, 1, 1]);
         let clean = batch.column(3).as_any().downcast_ref::<StringArray>().unwrap();
         assert_eq!(clean.iter().flatten().collect::<Vec<_>>(), ["a dog", "b", "c d", "e"]);
+    }
+}
+
+/// The index tables, read back for the later stages.
+pub struct IndexTables {
+    /// Per image: its file and header size.
+    pub images: Vec<IndexImage>,
+    /// Per image: its kept boxes (empty without annotation or kept box).
+    pub boxes: Vec<Vec<IndexBox>>,
+    /// Per caption, in text_idx order: its image and cleaned caption.
+    pub texts: Vec<IndexText>,
+}
+
+/// One image of the split.
+pub struct IndexImage {
+    pub path: PathBuf,
+    /// Max kept-box area ratio; 0 with no kept box; -1 without annotation.
+    pub object_size: f32,
+}
+
+/// One kept box, as the Q-Pert weights need it.
+pub struct IndexBox {
+    pub object: ObjectBox,
+    pub area: f32,
+    /// The annotation's image size, at which the released code builds the box mask.
+    pub mask_width: u32,
+    pub mask_height: u32,
+}
+
+/// One caption of the split.
+pub struct IndexText {
+    pub image_idx: u32,
+    pub caption_clean: String,
+}
+
+impl IndexTables {
+    /// Reads the complete, fresh index of `config` (an error names what to run otherwise).
+    pub fn read(config: &Config) -> Result<IndexTables> {
+        let stage = StageDir::open(&config.output.dir, Stage::Index.name(), fingerprint(config)?);
+        let (images, boxes, texts) = (stage.read_table("images")?, stage.read_table("boxes")?, stage.read_table("texts")?);
+        let path = |name: &str| stage.path().join(format!("{name}.parquet"));
+        let (images_path, boxes_path, texts_path) = (path("images"), path("boxes"), path("texts"));
+
+        let t = Table::new(&images, &images_path);
+        let paths = t.strings("path")?;
+        let sizes = t.f32s("object_size")?;
+        let images: Vec<IndexImage> = (0..images.num_rows())
+            .map(|i| IndexImage { path: PathBuf::from(paths.value(i)), object_size: sizes[i] })
+            .collect();
+
+        let t = Table::new(&boxes, &boxes_path);
+        let (owner, coords, area) = (t.u32s("image_idx")?, t.f32_rows("box", 4)?, t.f32s("area")?);
+        let (mask_width, mask_height) = (t.u32s("mask_width")?, t.u32s("mask_height")?);
+        let mut per_image: Vec<Vec<IndexBox>> = (0..images.len()).map(|_| Vec::new()).collect();
+        for (o, &image) in owner.iter().enumerate() {
+            let c = &coords[o * 4..o * 4 + 4];
+            let slot = per_image
+                .get_mut(image as usize)
+                .ok_or_else(|| Error::artifact(&boxes_path, format!("box {o} names image {image}, not in the index")))?;
+            slot.push(IndexBox {
+                object: ObjectBox { xmin: c[0], ymin: c[1], xmax: c[2], ymax: c[3] },
+                area: area[o],
+                mask_width: mask_width[o],
+                mask_height: mask_height[o],
+            });
+        }
+
+        let t = Table::new(&texts, &texts_path);
+        let (owner, captions) = (t.u32s("image_idx")?, t.strings("caption_clean")?);
+        let texts = owner
+            .iter()
+            .enumerate()
+            .map(|(i, &image_idx)| IndexText { image_idx, caption_clean: captions.value(i).to_string() })
+            .collect();
+        Ok(IndexTables { images, boxes: per_image, texts })
     }
 }

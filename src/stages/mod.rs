@@ -4,12 +4,18 @@
 //! CLI verb and its output folder (`stages/index.rs` ↔ `qpert stage index` ↔ `<output.dir>/index/`),
 //! and provides a `fingerprint(&Config)` and a `run(&Context)`.
 
+pub mod extract;
 pub mod index;
+pub mod rerank;
+pub mod runtime;
+pub mod sim;
+pub mod text;
 
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
+use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::Config;
@@ -47,7 +53,7 @@ impl Stage {
 
     /// Whether this build implements the stage (the others are pending their issues).
     pub fn is_implemented(self) -> bool {
-        matches!(self, Stage::Index)
+        !matches!(self, Stage::Report)
     }
 
     /// Whether the stage takes `--shard I/N`.
@@ -59,6 +65,10 @@ impl Stage {
     pub fn fingerprint(self, config: &Config) -> Result<Option<Fingerprint>> {
         match self {
             Stage::Index => index::fingerprint(config).map(Some),
+            Stage::Extract => extract::fingerprint(config).map(Some),
+            Stage::Text => text::fingerprint(config).map(Some),
+            Stage::Sim => sim::fingerprint(config).map(Some),
+            Stage::Rerank => rerank::fingerprint(config).map(Some),
             _ => Ok(None),
         }
     }
@@ -126,23 +136,20 @@ impl Reporter {
 }
 
 /// The compute device a model stage will use, as resolved by the CLI from `model.device` and the
-/// features this binary was built with.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// features this binary was built with (the only place that knows them).
+#[derive(Debug, Clone, PartialEq)]
 pub struct DeviceChoice {
     /// `cpu` or `cuda`.
     pub name: String,
-    /// Why the device cannot be used, if it cannot (e.g. CUDA asked of a CPU-only build).
-    pub unavailable: Option<String>,
+    /// The burn device, or why it cannot be used (e.g. CUDA asked of a CPU-only build).
+    pub device: std::result::Result<Device, String>,
 }
 
 impl DeviceChoice {
-    /// The device name, or [`Error::Device`] if it cannot be used. Only model stages call this,
-    /// so `index` runs on any build whatever the config asks.
-    pub fn require(&self) -> Result<&str> {
-        match &self.unavailable {
-            Some(why) => Err(Error::Device(why.clone())),
-            None => Ok(&self.name),
-        }
+    /// The device, or [`Error::Device`] if it cannot be used. Only model stages call this, so
+    /// `index` runs on any build whatever the config asks.
+    pub fn require(&self) -> Result<&Device> {
+        self.device.as_ref().map_err(|why| Error::Device(why.clone()))
     }
 }
 
@@ -205,6 +212,10 @@ pub fn run_stage(stage: Stage, ctx: &Context, shard: Option<Shard>) -> Result<Ou
     }
     match stage {
         Stage::Index => index::run(ctx),
+        Stage::Extract => extract::run(ctx, shard.unwrap_or(Shard::ALL)),
+        Stage::Text => text::run(ctx, shard.unwrap_or(Shard::ALL)),
+        Stage::Sim => sim::run(ctx),
+        Stage::Rerank => rerank::run(ctx, shard.unwrap_or(Shard::ALL)),
         _ => Err(not_implemented(stage)),
     }
 }
@@ -224,6 +235,10 @@ pub fn run_pipeline(ctx: &Context) -> Result<()> {
                 implemented_names().join(", "),
                 pending.join(", ")
             )));
+        }
+        if stage == Stage::Rerank && !ctx.config.rerank.enabled {
+            ctx.reporter.info("rerank: disabled in the config ([rerank] enabled = false), skipped");
+            continue;
         }
         if run_stage(stage, ctx, None)? == Outcome::UpToDate {
             ctx.reporter.info(&format!("{stage}: up to date, skipped"));
@@ -291,7 +306,7 @@ mod tests {
     #[test]
     fn strict_turns_warnings_into_input_errors() {
         let config: Config = toml::from_str(include_str!("../../configs/flickr30k.toml")).unwrap();
-        let device = DeviceChoice { name: "cpu".into(), unavailable: None };
+        let device = DeviceChoice { name: "cpu".into(), device: Ok(Device::flex()) };
         let ctx = Context { config, device, strict: true, force: false, reporter: Reporter::quiet() };
         let err = ctx.data_warning(Path::new("a.xml"), "box outside").unwrap_err();
         assert_eq!(err.exit_code(), 1);
@@ -300,7 +315,7 @@ mod tests {
 
     #[test]
     fn unusable_device_is_a_device_error() {
-        let d = DeviceChoice { name: "cuda".into(), unavailable: Some("built without cuda".into()) };
+        let d = DeviceChoice { name: "cuda".into(), device: Err("built without cuda".into()) };
         assert!(matches!(d.require(), Err(Error::Device(_))));
     }
 }

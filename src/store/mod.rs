@@ -16,6 +16,7 @@
 //! whichever worker finds all parts present ([`StageDir::finish_parts`]); two workers racing there
 //! write the same content, and the rename is atomic.
 
+pub mod columns;
 pub mod commit;
 pub mod manifest;
 pub mod parquet;

@@ -1,0 +1,113 @@
+//! The `extract` stage (sharded by image; method.md sections 1-5): decode and resize each image on
+//! CPU threads while the model works on the previous batch, compute the vision tokens Z, the Q-Pert
+//! perturbation from the image's kept boxes, and the (perturbed) ITC image features.
+//!
+//! Output `extract/part-IIIII-of-NNNNN.parquet`: `image_idx` u32, `query_embeds`
+//! FixedSizeList<float32, Q*E> (row-major Q x E, rows L2-normalised), `perturbed` bool; Q and E in
+//! the schema metadata (`qpert.queries`, `qpert.embed_dim`).
+//!
+//! Z is not cached: `rerank` recomputes it once per image, so each image's ViT runs at most twice
+//! in an evaluation and changing alpha never needs stored vision tokens (see README, "Design").
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{BooleanArray, Float32Array, UInt32Array};
+use arrow::record_batch::RecordBatch;
+
+use super::index::{self, IndexTables};
+use super::runtime;
+use super::{Context, Outcome, Stage};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::store::columns::{fixed_size_list, record_batch_with_metadata};
+use crate::store::{Fingerprint, Shard};
+
+/// Schema metadata key for Q.
+pub const QUERIES_KEY: &str = "qpert.queries";
+/// Schema metadata key for E.
+pub const EMBED_DIM_KEY: &str = "qpert.embed_dim";
+
+/// The index, the model, and the Q-Pert settings (only when enabled): changing alpha or the
+/// projector invalidates this stage and those after it, never `index` or `text`.
+pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
+    let q = &config.qpert;
+    let mut fp = Fingerprint::new(Stage::Extract.name())
+        .with_input(Stage::Index.name(), &index::fingerprint(config)?)
+        .with("qpert.enabled", q.enabled);
+    if q.enabled {
+        fp = fp
+            .with("qpert.alpha", q.alpha)
+            .with("qpert.npc", q.npc)
+            .with("qpert.weight", format!("{:?}", q.weight))
+            .with("qpert.projector", format!("{:?}", q.projector));
+    }
+    runtime::with_model(fp, config)
+}
+
+/// Runs one shard of `extract`; skips it when its part is fresh (unless `--force`).
+pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
+    let stage = ctx.stage_dir(Stage::Extract, fingerprint(&ctx.config)?);
+    if !ctx.force && stage.part_is_fresh(shard)? {
+        stage.finish_parts(shard.count(), serde_json::Value::Null)?;
+        return Ok(Outcome::UpToDate);
+    }
+    let index = IndexTables::read(&ctx.config)?;
+    let (model, device) = runtime::load_model(ctx)?;
+    let grid = runtime::patch_grid(&model);
+    let range = shard.range(index.images.len());
+    let bar = ctx.reporter.bar(range.len() as u64, &format!("extract {shard}"));
+    let mut features = ImageFeatures::default();
+    let batch_size = ctx.config.model.image_batch;
+    runtime::for_each_image_batch(&index, range, batch_size, grid.image_size, &device, |images, pixel_values| {
+        let boxes = runtime::batch_boxes(&index, images, grid);
+        let z = model.vision_tokens(pixel_values)?;
+        let perturbation = runtime::perturbation(&model, &z, &boxes, &ctx.config)?;
+        let perturbed: Vec<bool> = (0..images.len()).map(|slot| perturbation.is_some() && boxes.image.contains(&slot)).collect();
+        features.push(images, &perturbed, runtime::host(model.image_features(z, perturbation)?));
+        bar.inc(images.len() as u64);
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+
+    let (q, e) = (model.config().num_query_tokens, model.config().image_text_hidden_size);
+    let perturbed = features.perturbed.iter().filter(|&&p| p).count();
+    let batch = features.into_batch(q, e).map_err(|err| Error::artifact(stage.path(), err))?;
+    stage.write_part(shard, &batch.schema(), std::slice::from_ref(&batch))?;
+    let summary = serde_json::json!({ "images": batch.num_rows(), "perturbed_images": perturbed });
+    ctx.reporter.info(&format!(
+        "extract {shard}: {} images ({perturbed} perturbed) -> {}",
+        batch.num_rows(),
+        stage.path().display()
+    ));
+    stage.finish_parts(shard.count(), summary)?;
+    Ok(Outcome::Ran)
+}
+
+/// The rows of an `extract` part, accumulated batch by batch.
+#[derive(Default)]
+struct ImageFeatures {
+    image_idx: Vec<u32>,
+    embeds: Vec<f32>,
+    perturbed: Vec<bool>,
+}
+
+impl ImageFeatures {
+    fn push(&mut self, images: &[usize], perturbed: &[bool], embeds: Vec<f32>) {
+        self.image_idx.extend(images.iter().map(|&i| i as u32));
+        self.perturbed.extend_from_slice(perturbed);
+        self.embeds.extend(embeds);
+    }
+
+    fn into_batch(self, q: usize, e: usize) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
+        let metadata = HashMap::from([(QUERIES_KEY.to_string(), q.to_string()), (EMBED_DIM_KEY.to_string(), e.to_string())]);
+        record_batch_with_metadata(
+            vec![
+                ("image_idx", Arc::new(UInt32Array::from(self.image_idx))),
+                ("query_embeds", fixed_size_list(Arc::new(Float32Array::from(self.embeds)), q * e)?),
+                ("perturbed", Arc::new(BooleanArray::from(self.perturbed))),
+            ],
+            metadata,
+        )
+    }
+}

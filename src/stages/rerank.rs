@@ -1,0 +1,166 @@
+//! The `rerank` stage (sharded by image; method.md section 6.2): ITM logits for the union of both
+//! directions' ITC top-k pairs, each pair scored once, grouped by image so that each image's Z, its
+//! Q-Pert perturbation and its cross-attention keys/values are computed once for all its pairs.
+//!
+//! Output `rerank/part-IIIII-of-NNNNN.parquet`, one row per scored pair: `image_idx`, `text_idx`
+//! u32, `itc`, `itm`, `score` (= itm + itc) f32, and `in_i2t` / `in_t2i` bool saying which
+//! direction's top-k selected the pair (each direction ranks only its own pairs).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{BooleanArray, Float32Array, UInt32Array};
+
+use super::index::IndexTables;
+use super::runtime::{self, ints};
+use super::{Context, Outcome, Stage};
+use crate::config::Config;
+use crate::data::tokenizer::MAX_LEN;
+use crate::error::{Error, Result};
+use crate::store::columns::{Table, record_batch};
+use crate::store::{Fingerprint, Shard};
+
+/// The candidates (sim, which depends on the features and k), the perturbation settings and the
+/// model (both through extract), and the tokens (through text).
+pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
+    Ok(Fingerprint::new(Stage::Rerank.name())
+        .with_input(Stage::Sim.name(), &super::sim::fingerprint(config)?)
+        .with_input(Stage::Extract.name(), &super::extract::fingerprint(config)?)
+        .with_input(Stage::Text.name(), &super::text::fingerprint(config)?))
+}
+
+/// A candidate pair of an image.
+#[derive(Debug, Clone, Copy, Default)]
+struct Candidate {
+    itc: f32,
+    in_i2t: bool,
+    in_t2i: bool,
+}
+
+/// Rows of a `rerank` part.
+#[derive(Default)]
+struct ScoredPairs {
+    image_idx: Vec<u32>,
+    text_idx: Vec<u32>,
+    itc: Vec<f32>,
+    itm: Vec<f32>,
+    in_i2t: Vec<bool>,
+    in_t2i: Vec<bool>,
+}
+
+/// Runs one shard of `rerank`; skips it when its part is fresh (unless `--force`).
+pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
+    let stage = ctx.stage_dir(Stage::Rerank, fingerprint(&ctx.config)?);
+    if !ctx.force && stage.part_is_fresh(shard)? {
+        stage.finish_parts(shard.count(), serde_json::Value::Null)?;
+        return Ok(Outcome::UpToDate);
+    }
+    let index = IndexTables::read(&ctx.config)?;
+    let candidates = read_candidates(ctx, index.images.len())?;
+    let (ids, mask) = read_tokens(ctx, index.texts.len())?;
+    let (model, device) = runtime::load_model(ctx)?;
+    let grid = runtime::patch_grid(&model);
+    let range = shard.range(index.images.len());
+    let pairs_in_shard: usize = candidates[range.clone()].iter().map(BTreeMap::len).sum();
+    let bar = ctx.reporter.bar(pairs_in_shard as u64, &format!("rerank {shard}"));
+    let pair_batch = ctx.config.model.pair_batch;
+    let mut out = ScoredPairs::default();
+    runtime::for_each_image_batch(&index, range, ctx.config.model.image_batch, grid.image_size, &device, |images, pixel_values| {
+        let boxes = runtime::batch_boxes(&index, images, grid);
+        let z = model.vision_tokens(pixel_values)?;
+        let perturbation = runtime::perturbation(&model, &z, &boxes, &ctx.config)?;
+        // (slot in the batch, image, text, candidate) in image then text order.
+        let pairs: Vec<(usize, usize, u32, Candidate)> = images
+            .iter()
+            .enumerate()
+            .flat_map(|(slot, &image)| candidates[image].iter().map(move |(&text, &c)| (slot, image, text, c)))
+            .collect();
+        for chunk in pairs.chunks(pair_batch) {
+            let p = chunk.len();
+            let token_rows = |all: &[i32]| -> Vec<i64> {
+                chunk.iter().flat_map(|&(_, _, t, _)| all[t as usize * MAX_LEN..][..MAX_LEN].iter().map(|&v| v as i64)).collect()
+            };
+            let pair_image = ints(chunk.iter().map(|&(slot, ..)| slot as i64).collect(), [p], &device);
+            let logits = model.itm_logits(
+                z.clone(),
+                pair_image,
+                ints(token_rows(&ids), [p, MAX_LEN], &device),
+                ints(token_rows(&mask), [p, MAX_LEN], &device),
+                perturbation.clone(),
+            )?;
+            for (&(_, image, text, c), itm) in chunk.iter().zip(runtime::host(logits)) {
+                out.push(image as u32, text, c, itm);
+            }
+            bar.inc(p as u64);
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+
+    let rows = out.image_idx.len();
+    let batch = out.into_batch().map_err(|e| Error::artifact(stage.path(), e))?;
+    stage.write_part(shard, &batch.schema(), std::slice::from_ref(&batch))?;
+    ctx.reporter.info(&format!("rerank {shard}: {rows} pairs scored with ITM -> {}", stage.path().display()));
+    stage.finish_parts(shard.count(), serde_json::json!({ "k": ctx.config.rerank.k }))?;
+    Ok(Outcome::Ran)
+}
+
+impl ScoredPairs {
+    fn push(&mut self, image: u32, text: u32, c: Candidate, itm: f32) {
+        self.image_idx.push(image);
+        self.text_idx.push(text);
+        self.itc.push(c.itc);
+        self.itm.push(itm);
+        self.in_i2t.push(c.in_i2t);
+        self.in_t2i.push(c.in_t2i);
+    }
+
+    fn into_batch(self) -> std::result::Result<arrow::record_batch::RecordBatch, arrow::error::ArrowError> {
+        let score: Vec<f32> = self.itm.iter().zip(&self.itc).map(|(m, c)| m + c).collect();
+        record_batch(vec![
+            ("image_idx", Arc::new(UInt32Array::from(self.image_idx))),
+            ("text_idx", Arc::new(UInt32Array::from(self.text_idx))),
+            ("itc", Arc::new(Float32Array::from(self.itc))),
+            ("itm", Arc::new(Float32Array::from(self.itm))),
+            ("score", Arc::new(Float32Array::from(score))),
+            ("in_i2t", Arc::new(BooleanArray::from(self.in_i2t))),
+            ("in_t2i", Arc::new(BooleanArray::from(self.in_t2i))),
+        ])
+    }
+}
+
+/// Per image, its candidate texts (union of both directions' top-k) in text order.
+fn read_candidates(ctx: &Context, n_images: usize) -> Result<Vec<BTreeMap<u32, Candidate>>> {
+    let sim = ctx.stage_dir(Stage::Sim, super::sim::fingerprint(&ctx.config)?);
+    let mut candidates = vec![BTreeMap::new(); n_images];
+    for (table, image_column, text_column, i2t) in
+        [("i2t_topk", "image_idx", "text_idx", true), ("t2i_topk", "image_idx", "text_idx", false)]
+    {
+        let batch = sim.read_table(table)?;
+        let path = sim.path().join(format!("{table}.parquet"));
+        let t = Table::new(&batch, &path);
+        let (images, texts, itc) = (t.u32s(image_column)?, t.u32s(text_column)?, t.f32s("itc")?);
+        for ((&image, &text), &score) in images.iter().zip(texts).zip(itc) {
+            let slot = candidates
+                .get_mut(image as usize)
+                .ok_or_else(|| Error::artifact(&path, format!("image {image} is not in the index")))?;
+            let c: &mut Candidate = slot.entry(text).or_default();
+            c.itc = score;
+            if i2t { c.in_i2t = true } else { c.in_t2i = true }
+        }
+    }
+    Ok(candidates)
+}
+
+/// The token ids and masks the `text` stage used, row-major [texts, MAX_LEN].
+fn read_tokens(ctx: &Context, n_texts: usize) -> Result<(Vec<i32>, Vec<i32>)> {
+    let text = ctx.stage_dir(Stage::Text, super::text::fingerprint(&ctx.config)?);
+    let batch = text.read_parts()?;
+    let t = Table::new(&batch, text.path());
+    if batch.num_rows() != n_texts {
+        return Err(Error::artifact(text.path(), format!("{} captions, the index has {n_texts}", batch.num_rows())));
+    }
+    let ids = t.i32_rows("input_ids", MAX_LEN)?.to_vec();
+    let mask = t.u8_rows("attention_mask", MAX_LEN)?.iter().map(|&m| m as i32).collect();
+    Ok((ids, mask))
+}

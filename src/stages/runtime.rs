@@ -1,0 +1,138 @@
+//! What the model stages share: the model folder's identity in a fingerprint, loading the model on
+//! the resolved device, image batches prefetched on CPU threads, the Q-Pert perturbation of a
+//! batch, and host vectors to tensors and back.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::mpsc::sync_channel;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use super::Context;
+use super::index::IndexTables;
+use crate::data::image::preprocess_batch;
+use crate::qpert::{BatchBoxes, PatchGrid, query_perturbation};
+use crate::config::{Config, Precision};
+use crate::error::{Error, Result};
+use crate::model::Blip2Model;
+use crate::store::Fingerprint;
+
+/// Adds the model folder's identity: `config.json` and tokenizer files by content, the
+/// safetensors files by size, mtime and header hash (hashing 4.7 GB on every run would cost more
+/// than the stage it guards), and the run precision.
+pub fn with_model(fp: Fingerprint, config: &Config) -> Result<Fingerprint> {
+    let dir = &config.model.dir;
+    let mut fp = fp
+        .with_file_contents("model.config", &dir.join("config.json"))?
+        .with("model.precision", format!("{:?}", config.model.precision).to_lowercase());
+    for name in ["vocab.txt", "tokenizer.json"] {
+        let path = dir.join(name);
+        if path.exists() {
+            fp = fp.with_file_contents(&format!("model.{name}"), &path)?;
+        }
+    }
+    for path in safetensors_files(dir)? {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        fp = fp.with_safetensors(&format!("model.{name}"), &path)?;
+    }
+    Ok(fp)
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::weights(dir, format!("cannot read the model folder: {e}")))?;
+    let mut files: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Loads the model of `ctx`'s config on its device (f32; see README for the precision status).
+pub fn load_model(ctx: &Context) -> Result<(Blip2Model, Device)> {
+    let device = ctx.device.require()?.clone();
+    if ctx.config.model.precision != Precision::F32 {
+        return Err(Error::config(
+            &ctx.config.model.dir,
+            "model.precision: only f32 is implemented so far (bf16/f16 come with the GPU speed issue)",
+        ));
+    }
+    let model = Blip2Model::load(&ctx.config.model.dir, &device)?;
+    Ok((model, device))
+}
+
+/// A float tensor from host values.
+pub fn floats<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// An int tensor from host values.
+pub fn ints<const D: usize>(values: Vec<i64>, shape: [usize; D], device: &Device) -> Tensor<D, Int> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// A float tensor's values on the host, row-major.
+pub fn host<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor.into_data().try_into_vec_as::<f32>().expect("model outputs are float tensors")
+}
+
+/// Decodes and resizes the images `range` of the split in batches of `batch_size` on the rayon
+/// pool, at most two batches ahead of the model, and calls `work(split_positions, pixel_values)`
+/// for each batch in order on this thread. The first image that fails to decode stops the stage
+/// with an error naming it (parts already written stay).
+/// Shapes: pixel_values [b,3,s,s].
+pub fn for_each_image_batch(
+    index: &IndexTables,
+    range: Range<usize>,
+    batch_size: usize,
+    size: usize,
+    device: &Device,
+    mut work: impl FnMut(&[usize], Tensor<4>) -> Result<()>,
+) -> Result<()> {
+    std::thread::scope(|scope| {
+        let (sender, receiver) = sync_channel::<(Vec<usize>, Vec<Result<Vec<f32>>>)>(2);
+        let images = &index.images;
+        scope.spawn(move || {
+            for start in range.clone().step_by(batch_size) {
+                let batch: Vec<usize> = (start..(start + batch_size).min(range.end)).collect();
+                let paths: Vec<&Path> = batch.iter().map(|&i| images[i].path.as_path()).collect();
+                let pixels = preprocess_batch(&paths, size as u32);
+                if sender.send((batch, pixels)).is_err() {
+                    return; // the model side stopped on an error
+                }
+            }
+        });
+        for (batch, pixels) in receiver {
+            let pixels: Vec<f32> = pixels.into_iter().collect::<Result<Vec<_>>>()?.concat();
+            work(&batch, floats(pixels, [batch.len(), 3, size, size], device))?;
+        }
+        Ok(())
+    })
+}
+
+/// The kept boxes of a batch's images (`images` = split positions) as Q-Pert token weights.
+pub fn batch_boxes(index: &IndexTables, images: &[usize], grid: PatchGrid) -> BatchBoxes {
+    let mut boxes = BatchBoxes::default();
+    for (slot, &image) in images.iter().enumerate() {
+        for b in &index.boxes[image] {
+            boxes.push(slot, &b.object, b.area, b.mask_width, b.mask_height, grid);
+        }
+    }
+    boxes
+}
+
+/// Pi for a batch's Z when Q-Pert is enabled and some image has a box; `None` leaves the batch
+/// unperturbed. Shapes: z [b,t,dv] -> Pi [b, layers, h, d, d].
+pub fn perturbation(model: &Blip2Model, z: &Tensor<3>, boxes: &BatchBoxes, config: &Config) -> Result<Option<Tensor<5>>> {
+    if !config.qpert.enabled || boxes.is_empty() {
+        return Ok(None);
+    }
+    let keys = model.cross_attention_keys(z.clone())?;
+    Ok(query_perturbation(&keys, boxes, &config.qpert.settings()))
+}
+
+/// The vision tower's patch grid.
+pub fn patch_grid(model: &Blip2Model) -> PatchGrid {
+    let v = &model.config().vision_config;
+    PatchGrid { image_size: v.image_size, patch_size: v.patch_size }
+}
