@@ -357,6 +357,24 @@ def main():
         errs["itc"] = close(itc, torch.einsum("bqe,ne->bqn", img_hf, txt_hf).max(dim=1).values, HF_TOL,
                             f"{variant} itc")
         errs["itm"] = close(itm, itm_hf, HF_TOL, f"{variant} itm")
+        if pi is not None:
+            # sensitivity: Pi from the HF float32 keys (as an f32 implementation would get them)
+            keys32 = torch.stack([hf.qformer.encoder.layer[j].crossattention.attention.key(z_hf)
+                                  for j in ref.cross_layers(qcfg)], dim=1).numpy()
+            sub32 = ref.key_subspaces(keys32, w, box_image, H, tau=vc["tau"])
+            assert np.array_equal(sub32["num_components"], sub["num_components"])
+            pi32k = torch.from_numpy(ref.combine(sub32[f"projector_{vc['projector']}"], areas, box_image, B,
+                                                 vc["alpha"], vc["weight"]))
+            _, img32k = ref.image_features(sd, qcfg, nq, z, pi=pi32k)
+            errs["itc_with_pi_from_f32_keys"] = close(
+                itc, torch.einsum("bqe,ne->bqn", img32k, txt).max(dim=1).values, HF_TOL, "itc, Pi from f32 keys")
+            # images without kept boxes (or without annotation) are not perturbed
+            _, img0 = ref.image_features(sd, qcfg, nq, z)
+            for i in range(B):
+                if i not in box_image:
+                    assert torch.equal(img[i], img0[i]), i
+                else:
+                    assert (img[i] - img0[i]).abs().max() > 1e-2, i
 
         # released ranking semantics
         i2t = np.full((B, N), -100.0)
@@ -379,7 +397,6 @@ def main():
 
         m_i2t, o_i2t = topk_gaps(itc, K)
         m_t2i, o_t2i = topk_gaps(itc.T, K)
-        _, ro_i2t = topk_gaps(np.where(i2t > -100, i2t, -np.inf), K)
         gaps = {
             "itc_topk_membership_i2t": m_i2t, "itc_topk_membership_t2i": m_t2i,
             "itc_topk_order_i2t": o_i2t, "itc_topk_order_t2i": o_t2i,
