@@ -55,7 +55,7 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
     let index = IndexTables::read(&ctx.config)?;
     let (model, device) = runtime::load_model(ctx)?;
     let grid = runtime::patch_grid(&model);
-    let range = shard.range(index.images.len());
+    let range = shard.batch_range(index.images.len(), ctx.config.model.image_batch);
     let bar = ctx.reporter.bar(range.len() as u64, &format!("extract {shard}"));
     let mut features = ImageFeatures::default();
     let batch_size = ctx.config.model.image_batch;

@@ -60,7 +60,7 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
     let (ids, mask) = read_tokens(ctx, index.texts.len())?;
     let (model, device) = runtime::load_model(ctx)?;
     let grid = runtime::patch_grid(&model);
-    let range = shard.range(index.images.len());
+    let range = shard.batch_range(index.images.len(), ctx.config.model.image_batch);
     let pairs_in_shard: usize = candidates[range.clone()].iter().map(BTreeMap::len).sum();
     let bar = ctx.reporter.bar(pairs_in_shard as u64, &format!("rerank {shard}"));
     let pair_batch = ctx.config.model.pair_batch;

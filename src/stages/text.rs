@@ -35,7 +35,7 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
     let index = IndexTables::read(&ctx.config)?;
     let tokenizer = CaptionTokenizer::from_model_dir(&ctx.config.model.dir)?;
     let (model, device) = runtime::load_model(ctx)?;
-    let range = shard.range(index.texts.len());
+    let range = shard.batch_range(index.texts.len(), ctx.config.model.text_batch);
     let captions: Vec<String> = index.texts[range.clone()].iter().map(|t| t.caption_clean.clone()).collect();
     let tokens = tokenizer.encode(&captions)?;
     let bar = ctx.reporter.bar(captions.len() as u64, &format!("text {shard}"));

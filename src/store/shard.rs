@@ -53,6 +53,14 @@ impl Shard {
         bound(self.index - 1)..bound(self.index)
     }
 
+    /// Like [`Shard::range`], but over whole batches of `batch` items: every batch then holds the
+    /// same items however the stage is sharded, so batched model code gives bit-identical results
+    /// for any sharding (matrix kernels may round differently for different batch shapes).
+    pub fn batch_range(self, len: usize, batch: usize) -> Range<usize> {
+        let batches = self.range(len.div_ceil(batch));
+        (batches.start * batch).min(len)..(batches.end * batch).min(len)
+    }
+
     /// The part file this shard writes, e.g. `part-00002-of-00008.parquet`.
     pub fn part_file_name(self) -> String {
         format!("part-{:05}-of-{:05}.parquet", self.index, self.count)
@@ -96,6 +104,19 @@ impl fmt::Display for Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_ranges_cover_everything_in_whole_batches() {
+        for count in 1..6 {
+            let ranges: Vec<Range<usize>> = (1..=count).map(|i| Shard::new(i, count).unwrap().batch_range(23, 4)).collect();
+            assert_eq!(ranges.first().unwrap().start, 0);
+            assert_eq!(ranges.last().unwrap().end, 23);
+            for w in ranges.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+                assert!(w[0].end % 4 == 0 || w[0].end == 23);
+            }
+        }
+    }
 
     fn ranges(len: usize, count: u32) -> Vec<Range<usize>> {
         Shard::all_of(count).unwrap().into_iter().map(|s| s.range(len)).collect()

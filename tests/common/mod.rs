@@ -2,6 +2,9 @@
 //! pointing at the `flickr_mini` fixture (or a mutable copy of it), running the built `qpert`
 //! binary there, and reading Parquet artifacts back with the arrow/parquet readers.
 
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -62,6 +65,8 @@ box_origin = 1
 dir = "models/none"
 device = "cpu"
 precision = "f32"
+image_batch = 2
+text_batch = 4
 
 [qpert]
 enabled = true

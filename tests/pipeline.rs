@@ -1,0 +1,169 @@
+//! The whole pipeline through the binary on the mini dataset with the tiny model, against the
+//! independent Python reference (`tools/reference_e2e.py` -> `tests/fixtures/e2e/`), plus the
+//! guarantees of the artifact store across stages: sharding, staleness and resumption.
+
+mod common;
+
+use std::path::Path;
+
+use arrow::array::{Array, BooleanArray, Float32Array, UInt32Array};
+use arrow::record_batch::RecordBatch;
+use common::{Workspace, read_parquet, stderr};
+
+fn model_dir() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_blip2_a").display().to_string()
+}
+
+fn expected(variant: &str) -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/e2e/expected_{variant}.json"));
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// `--set` arguments for the reference's settings of `variant`.
+fn settings(variant: &str) -> Vec<String> {
+    let mut sets = vec![format!("model.dir={}", model_dir()), "rerank.k=3".to_string()];
+    match variant {
+        "principal" => sets.push("qpert.projector=principal".into()),
+        "plain" => sets.push("qpert.enabled=false".into()),
+        _ => unreachable!(),
+    }
+    sets.into_iter().flat_map(|s| ["--set".to_string(), s]).collect()
+}
+
+fn stage(ws: &Workspace, variant: &str, args: &[&str]) {
+    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    all.extend(["--config".into(), "{config}".into()]);
+    all.extend(settings(variant));
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    let out = ws.qpert(&refs);
+    assert_eq!(out.status.code(), Some(0), "qpert {args:?}: {}", stderr(&out));
+}
+
+fn run_model_stages(ws: &Workspace, variant: &str) {
+    for name in ["index", "extract", "text", "sim", "rerank"] {
+        stage(ws, variant, &["stage", name]);
+    }
+}
+
+fn u32s(batch: &RecordBatch, name: &str) -> Vec<u32> {
+    batch.column_by_name(name).unwrap().as_any().downcast_ref::<UInt32Array>().unwrap().values().to_vec()
+}
+
+fn f32s(batch: &RecordBatch, name: &str) -> Vec<f32> {
+    batch.column_by_name(name).unwrap().as_any().downcast_ref::<Float32Array>().unwrap().values().to_vec()
+}
+
+fn bools(batch: &RecordBatch, name: &str) -> Vec<bool> {
+    let c = batch.column_by_name(name).unwrap().as_any().downcast_ref::<BooleanArray>().unwrap();
+    (0..c.len()).map(|i| c.value(i)).collect()
+}
+
+fn parts(ws: &Workspace, stage: &str) -> RecordBatch {
+    let dir = ws.path().join("out").join(stage);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("part-"))
+        .collect();
+    files.sort();
+    let batches: Vec<RecordBatch> = files.iter().map(|f| read_parquet(f)).collect();
+    arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+}
+
+fn close(got: f32, want: &serde_json::Value, what: &str) {
+    let want = want.as_f64().unwrap() as f32;
+    assert!((got - want).abs() <= 1e-5, "{what}: got {got}, want {want}");
+}
+
+#[test]
+fn every_stage_matches_the_python_reference() {
+    for variant in ["principal", "plain"] {
+        let ws = Workspace::new("flickr30k_test.json");
+        run_model_stages(&ws, variant);
+        let want = expected(variant);
+        let itc = &want["itc"];
+
+        // Top-k in both directions: the same candidates in the same order, the same ITC scores.
+        for (table, query, item, lists) in [("i2t_topk", "image_idx", "text_idx", "i2t_topk"), ("t2i_topk", "text_idx", "image_idx", "t2i_topk")] {
+            let t = ws.table("sim", table);
+            let (queries, items, scores) = (u32s(&t, query), u32s(&t, item), f32s(&t, "itc"));
+            let mut row = 0;
+            for (q, list) in want[lists].as_array().unwrap().iter().enumerate() {
+                for expected_item in list.as_array().unwrap() {
+                    assert_eq!((queries[row], items[row] as u64), (q as u32, expected_item.as_u64().unwrap()), "{variant} {table} row {row}");
+                    let (i, t) = if query == "image_idx" { (q, items[row] as usize) } else { (items[row] as usize, q) };
+                    close(scores[row], &itc[i][t], &format!("{variant} itc[{i}][{t}]"));
+                    row += 1;
+                }
+            }
+            assert_eq!(row, queries.len());
+        }
+        // Ground-truth ITC ranks.
+        assert_eq!(u32s(&ws.table("sim", "i2t_ranks"), "itc_rank"), to_u32s(&want["ranks"]["itc"]["i2t"]), "{variant}");
+        assert_eq!(u32s(&ws.table("sim", "t2i_ranks"), "itc_rank"), to_u32s(&want["ranks"]["itc"]["t2i"]), "{variant}");
+
+        // ITM re-ranking: the union of both directions' pairs, each once, in (image, text) order.
+        let r = parts(&ws, "rerank");
+        let pairs = want["pairs"].as_array().unwrap();
+        assert_eq!(r.num_rows(), pairs.len(), "{variant}: scored pairs");
+        let (images, texts, itm, score) = (u32s(&r, "image_idx"), u32s(&r, "text_idx"), f32s(&r, "itm"), f32s(&r, "score"));
+        let (in_i2t, in_t2i) = (bools(&r, "in_i2t"), bools(&r, "in_t2i"));
+        for (row, p) in pairs.iter().enumerate() {
+            assert_eq!((images[row] as u64, texts[row] as u64), (p["image"].as_u64().unwrap(), p["text"].as_u64().unwrap()));
+            close(itm[row], &p["itm"], &format!("{variant} itm {row}"));
+            close(score[row], &p["score"], &format!("{variant} score {row}"));
+            assert_eq!((in_i2t[row], in_t2i[row]), (p["in_i2t"].as_bool().unwrap(), p["in_t2i"].as_bool().unwrap()));
+        }
+    }
+}
+
+fn to_u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn any_sharding_gives_identical_tables() {
+    let single = Workspace::new("flickr30k_test.json");
+    run_model_stages(&single, "principal");
+    let sharded = Workspace::new("flickr30k_test.json");
+    stage(&sharded, "principal", &["stage", "index"]);
+    for (name, count) in [("extract", 2), ("text", 3), ("sim", 1), ("rerank", 3)] {
+        // Out of order on purpose: the stage completes when its last part lands.
+        for i in (1..=count).rev() {
+            let mut args = vec!["stage", name];
+            let shard = format!("{i}/{count}");
+            if count > 1 {
+                args.extend(["--shard", &shard]);
+            }
+            stage(&sharded, "principal", &args);
+        }
+    }
+    for name in ["extract", "text", "rerank"] {
+        let (a, b) = (parts(&single, name), parts(&sharded, name));
+        assert_eq!(a.schema(), b.schema(), "{name} schema");
+        for (i, (x, y)) in a.columns().iter().zip(b.columns()).enumerate() {
+            assert_eq!(x, y, "{name} column {}", a.schema().field(i).name());
+        }
+    }
+    for table in ["i2t_topk", "t2i_topk", "i2t_ranks", "t2i_ranks"] {
+        assert_eq!(single.table("sim", table), sharded.table("sim", table), "sim {table}");
+    }
+}
+
+#[test]
+fn changing_alpha_makes_only_the_perturbed_stages_stale() {
+    let ws = Workspace::new("flickr30k_test.json");
+    run_model_stages(&ws, "principal");
+    let mut args: Vec<String> = vec!["status".into(), "--config".into(), "{config}".into()];
+    args.extend(settings("principal"));
+    args.extend(["--set".into(), "qpert.alpha=4".into()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let status = common::stdout(&ws.qpert(&refs));
+    let line = |stage: &str| status.lines().find(|l| l.starts_with(stage)).unwrap_or_default().to_string();
+    assert!(line("index").contains("done"), "{status}");
+    assert!(line("text").contains("done"), "{status}");
+    for stale in ["extract", "sim", "rerank"] {
+        assert!(line(stale).contains("stale"), "{stale}: {status}");
+    }
+    assert!(line("extract").contains("qpert.alpha"), "{status}");
+}
