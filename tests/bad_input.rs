@@ -108,9 +108,9 @@ fn unknown_config_section() {
 #[test]
 fn config_value_of_the_wrong_type() {
     let ws = Workspace::new(LAVIS);
-    let text = fs::read_to_string(ws.config()).unwrap().replace("k = 64", "k = \"sixty-four\"");
+    let text = fs::read_to_string(ws.config()).unwrap().replace("k = 3\n", "k = \"sixty-four\"\n");
     fs::write(ws.config(), text).unwrap();
-    assert_fails(&index(&ws, &[]), 2, &["qpert.toml: line 23", "in [rerank]", "invalid type: string \"sixty-four\""]);
+    assert_fails(&index(&ws, &[]), 2, &["qpert.toml: line 25", "in [rerank]", "invalid type: string \"sixty-four\""]);
 }
 
 #[test]

@@ -173,7 +173,8 @@ fn status_reports_missing_then_done() {
     let ws = Workspace::new(LAVIS);
     let before = stdout(&ws.qpert(&["status", "--config", "{config}"]));
     assert!(before.contains("index    missing"), "{before}");
-    assert!(before.contains("extract  not implemented yet"), "{before}");
+    assert!(before.contains("extract  missing"), "{before}");
+    assert!(before.contains("report   not implemented yet"), "{before}");
     assert!(index(&ws, &[]).status.success());
     let after = stdout(&ws.qpert(&["status", "--config", "{config}"]));
     assert!(after.contains("index    done (3 files, 1 shard(s), fingerprint "), "{after}");
@@ -248,15 +249,15 @@ fn shard_is_validated_and_rejected_for_the_unsharded_index() {
 }
 
 #[test]
-fn unimplemented_stages_exit_2_and_run_stops_after_index() {
+fn unimplemented_stages_exit_2_and_run_stops_after_rerank() {
     let ws = Workspace::new(LAVIS);
-    assert_fails(&ws.qpert(&["stage", "extract", "--config", "{config}", "--shard", "2/8"]), 2, &["extract is not implemented yet"]);
+    assert_fails(&ws.qpert(&["stage", "report", "--config", "{config}"]), 2, &["report is not implemented yet"]);
     let run = ws.qpert(&["run", "--config", "{config}"]);
     assert_eq!(run.status.code(), Some(2));
     let last = stderr(&run).lines().last().unwrap_or_default().to_string();
-    assert_eq!(last, "qpert: stage extract is not implemented yet; stages done: index; pending: extract, text, sim, rerank, report");
+    assert_eq!(last, "qpert: stage report is not implemented yet; stages done: index, extract, text, sim, rerank; pending: report");
     assert!(stdout(&run).contains("index: 5 images"));
-    assert!(ws.path().join("out/index/manifest.json").exists());
+    assert!(ws.path().join("out/rerank/manifest.json").exists());
 }
 
 #[test]

@@ -10,24 +10,20 @@ use arrow::array::{Array, BooleanArray, Float32Array, UInt32Array};
 use arrow::record_batch::RecordBatch;
 use common::{Workspace, read_parquet, stderr};
 
-fn model_dir() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_blip2_a").display().to_string()
-}
-
 fn expected(variant: &str) -> serde_json::Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/e2e/expected_{variant}.json"));
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
-/// `--set` arguments for the reference's settings of `variant`.
+/// `--set` arguments for the reference's settings of `variant` (the workspace config already
+/// names the tiny model and k = 3).
 fn settings(variant: &str) -> Vec<String> {
-    let mut sets = vec![format!("model.dir={}", model_dir()), "rerank.k=3".to_string()];
-    match variant {
-        "principal" => sets.push("qpert.projector=principal".into()),
-        "plain" => sets.push("qpert.enabled=false".into()),
+    let set = match variant {
+        "principal" => "qpert.projector=principal",
+        "plain" => "qpert.enabled=false",
         _ => unreachable!(),
-    }
-    sets.into_iter().flat_map(|s| ["--set".to_string(), s]).collect()
+    };
+    vec!["--set".to_string(), set.to_string()]
 }
 
 fn stage(ws: &Workspace, variant: &str, args: &[&str]) {

@@ -258,8 +258,11 @@ pub fn status(config: &Config) -> Result<Vec<String>> {
 }
 
 fn describe(stage: Stage, config: &Config) -> Result<String> {
-    let Some(fingerprint) = stage.fingerprint(config)? else {
-        return Ok("not implemented yet".to_string());
+    // A stage whose inputs cannot be fingerprinted (no model folder yet, say) is reported, not fatal.
+    let fingerprint = match stage.fingerprint(config) {
+        Ok(Some(fingerprint)) => fingerprint,
+        Ok(None) => return Ok("not implemented yet".to_string()),
+        Err(e) => return Ok(format!("missing (cannot fingerprint its inputs: {e})")),
     };
     let digest = fingerprint.digest();
     let dir = StageDir::open(&config.output.dir, stage.name(), fingerprint);

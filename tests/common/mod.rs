@@ -52,6 +52,8 @@ impl Workspace {
 
     fn write_config(&self, split_file: &str) {
         let d = self.data.display();
+        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_blip2_a");
+        let model = model.display();
         let text = format!(
             r#"[dataset]
 name = "flickr-mini"
@@ -62,7 +64,7 @@ entities = "{d}/flickr30k_entities"
 box_origin = 1
 
 [model]
-dir = "models/none"
+dir = "{model}"
 device = "cpu"
 precision = "f32"
 image_batch = 2
@@ -77,7 +79,7 @@ projector = "official"
 
 [rerank]
 enabled = true
-k = 64
+k = 3
 
 [output]
 dir = "out"
