@@ -145,3 +145,78 @@ fn unknown_stage_and_verb() {
     assert_fails(&none, 2, &["no command given"]);
     assert!(stdout(&none).is_empty());
 }
+
+// ---- Bad inputs of the model stages (issue 5, item 8) ----
+
+fn stage(ws: &Workspace, name: &str) -> std::process::Output {
+    ws.qpert(&["stage", name, "--config", "{config}"])
+}
+
+fn run_through(ws: &Workspace, last: &str) {
+    for name in ["index", "extract", "text", "sim", "rerank"] {
+        let out = stage(ws, name);
+        assert!(out.status.success(), "{name}: {}", common::stderr(&out));
+        if name == last {
+            return;
+        }
+    }
+}
+
+#[test]
+fn a_stage_before_its_inputs_names_the_stage_to_run() {
+    let ws = Workspace::new(LAVIS);
+    assert_fails(&stage(&ws, "extract"), 1, &["out/index", "incomplete; run `qpert stage index`"]);
+    run_through(&ws, "extract");
+    assert_fails(&stage(&ws, "sim"), 1, &["out/text", "incomplete; run `qpert stage text`"]);
+}
+
+#[test]
+fn a_truncated_upstream_part_is_named_and_nothing_downstream_is_written() {
+    let ws = Workspace::new(LAVIS);
+    run_through(&ws, "text");
+    let part = ws.path().join("out/extract/part-00001-of-00001.parquet");
+    let bytes = fs::read(&part).unwrap();
+    fs::write(&part, &bytes[..bytes.len() / 2]).unwrap();
+    assert_fails(&stage(&ws, "sim"), 1, &["part-00001-of-00001.parquet", "not a readable Parquet file"]);
+    assert!(!ws.path().join("out/sim").exists());
+}
+
+#[test]
+fn a_part_rewritten_by_another_configuration_is_not_read() {
+    let ws = Workspace::new(LAVIS);
+    run_through(&ws, "text");
+    let part = ws.path().join("out/text/part-00001-of-00001.parquet");
+    // A part from another run (here: the extract part) under the text stage's name.
+    fs::copy(ws.path().join("out/extract/part-00001-of-00001.parquet"), &part).unwrap();
+    assert_fails(&stage(&ws, "sim"), 1, &["out/text/part-00001-of-00001.parquet", "fingerprint does not match"]);
+}
+
+#[test]
+fn a_model_folder_whose_config_does_not_match_its_weights() {
+    let ws = Workspace::with_copy(LAVIS);
+    let model = ws.path().join("model");
+    fs::create_dir_all(&model).unwrap();
+    let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_blip2_a");
+    for f in ["model.safetensors", "vocab.txt"] {
+        fs::copy(tiny.join(f), model.join(f)).unwrap();
+    }
+    let config = fs::read_to_string(tiny.join("config.json")).unwrap().replace("\"intermediate_size\": 64", "\"intermediate_size\": 80");
+    fs::write(model.join("config.json"), config).unwrap();
+    let dir = format!("model.dir={}", model.display());
+    run_through(&ws, "index");
+    let out = ws.qpert(&["stage", "extract", "--config", "{config}", "--set", &dir]);
+    assert_fails(&out, 1, &["model.safetensors", "intermediate", "expected", "found"]);
+    assert!(ws.path().join("out/index/manifest.json").exists(), "earlier artifacts stay");
+}
+
+#[test]
+fn an_image_whose_pixels_do_not_decode_stops_extract_naming_it() {
+    let ws = Workspace::with_copy(LAVIS);
+    run_through(&ws, "index");
+    // The header (read by index) stays valid; the entropy-coded data is cut.
+    let image = ws.data.join("flickr30k-images/1000002.jpg");
+    let bytes = fs::read(&image).unwrap();
+    fs::write(&image, &bytes[..bytes.len() / 3]).unwrap();
+    assert_fails(&stage(&ws, "extract"), 1, &["1000002.jpg"]);
+    assert!(!ws.path().join("out/extract/manifest.json").exists());
+}

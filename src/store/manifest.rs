@@ -98,12 +98,15 @@ impl Fingerprint {
     }
 
     /// The entries that differ between `old` and `self`, worded for a human:
-    /// `dataset.box_origin: 1 -> 0`, `qpert.alpha: added`, `input.index: removed`.
+    /// `dataset.box_origin: 1 -> 0`, `extract changed` (an upstream stage), `qpert.alpha: added`,
+    /// `input.index: removed`.
     pub fn changes_since(&self, old: &Fingerprint) -> Vec<String> {
         let keys: std::collections::BTreeSet<&String> = self.entries.keys().chain(old.entries.keys()).collect();
         keys.into_iter()
             .filter_map(|k| match (old.entries.get(k), self.entries.get(k)) {
                 (Some(a), Some(b)) if a == b => None,
+                // An upstream stage's digest says only that it changed; its own status says how.
+                (Some(_), Some(_)) if k.starts_with("input.") => Some(format!("{} changed", &k["input.".len()..])),
                 (Some(a), Some(b)) => Some(format!("{k}: {a} -> {b}")),
                 (None, Some(_)) => Some(format!("{k}: added")),
                 (Some(_), None) => Some(format!("{k}: removed")),
