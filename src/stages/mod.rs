@@ -56,6 +56,18 @@ impl Stage {
         !matches!(self, Stage::Report)
     }
 
+    /// The stage's output folder under `output.dir`: its name, or `<name>-plain` for the stages
+    /// whose output depends on Q-Pert when it is disabled, so that one cache holds a Q-Pert run and
+    /// a plain BLIP-2 run side by side (the report compares them).
+    pub fn dir_name(self, config: &Config) -> String {
+        let depends_on_qpert = matches!(self, Stage::Extract | Stage::Sim | Stage::Rerank | Stage::Report);
+        if depends_on_qpert && !config.qpert.enabled {
+            format!("{}-plain", self.name())
+        } else {
+            self.name().to_string()
+        }
+    }
+
     /// Whether the stage takes `--shard I/N`.
     pub fn is_sharded(self) -> bool {
         matches!(self, Stage::Extract | Stage::Text | Stage::Rerank)
@@ -192,7 +204,7 @@ impl Context {
 
     /// The output folder of `stage`, opened with `fingerprint`.
     pub fn stage_dir(&self, stage: Stage, fingerprint: Fingerprint) -> StageDir {
-        StageDir::open(&self.config.output.dir, stage.name(), fingerprint)
+        StageDir::open(&self.config.output.dir, stage.name(), fingerprint).in_folder(&stage.dir_name(&self.config))
     }
 }
 
@@ -265,7 +277,7 @@ fn describe(stage: Stage, config: &Config) -> Result<String> {
         Err(e) => return Ok(format!("missing (cannot fingerprint its inputs: {e})")),
     };
     let digest = fingerprint.digest();
-    let dir = StageDir::open(&config.output.dir, stage.name(), fingerprint);
+    let dir = StageDir::open(&config.output.dir, stage.name(), fingerprint).in_folder(&stage.dir_name(config));
     Ok(match dir.state()? {
         StageState::Done(m) => format!("done ({} files, {} shard(s), fingerprint {})", m.files.len(), m.shards, &digest[..12]),
         StageState::Stale(changes) => format!("stale ({})", changes.join("; ")),

@@ -83,6 +83,13 @@ impl StageDir {
         StageDir { dir: output_dir.join(stage), stage: stage.to_string(), fingerprint }
     }
 
+    /// The same stage in the sibling folder `folder` of `<output_dir>/` (e.g. `extract-plain`), for
+    /// variants of a stage that share one cache.
+    pub fn in_folder(mut self, folder: &str) -> Self {
+        self.dir.set_file_name(folder);
+        self
+    }
+
     /// The stage folder.
     pub fn path(&self) -> &Path {
         &self.dir
