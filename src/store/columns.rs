@@ -7,9 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, Int32Array, StringArray, UInt8Array, UInt32Array,
+    Array, ArrayRef, ArrowPrimitiveType, BooleanArray, FixedSizeListArray, Float32Array, PrimitiveArray, StringArray,
+    UInt32Array,
 };
-use arrow::datatypes::{Field, Schema};
+use arrow::datatypes::{Field, Float32Type, Int32Type, Schema, UInt8Type};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 
@@ -63,34 +64,24 @@ impl<'a> Table<'a> {
 
     /// A FixedSizeList<float32, width> column as one row-major slice.
     pub fn f32_rows(&self, name: &str, width: usize) -> Result<&'a [f32]> {
-        let list = self.fixed_list(name, width)?;
-        let values = list
-            .values()
-            .as_any()
-            .downcast_ref::<Float32Array>()
-            .ok_or_else(|| Error::artifact(self.path, format!("column `{name}` holds {}, expected float32", list.value_type())))?;
-        Ok(&values.values()[list.offset() * width..(list.offset() + list.len()) * width])
+        self.list_rows::<Float32Type>(name, width)
     }
 
     /// A FixedSizeList<int32, width> column as one row-major slice.
     pub fn i32_rows(&self, name: &str, width: usize) -> Result<&'a [i32]> {
-        let list = self.fixed_list(name, width)?;
-        let values = list
-            .values()
-            .as_any()
-            .downcast_ref::<Int32Array>()
-            .ok_or_else(|| Error::artifact(self.path, format!("column `{name}` holds {}, expected int32", list.value_type())))?;
-        Ok(&values.values()[list.offset() * width..(list.offset() + list.len()) * width])
+        self.list_rows::<Int32Type>(name, width)
     }
 
     /// A FixedSizeList<uint8, width> column as one row-major slice.
     pub fn u8_rows(&self, name: &str, width: usize) -> Result<&'a [u8]> {
+        self.list_rows::<UInt8Type>(name, width)
+    }
+
+    fn list_rows<T: ArrowPrimitiveType>(&self, name: &str, width: usize) -> Result<&'a [T::Native]> {
         let list = self.fixed_list(name, width)?;
-        let values = list
-            .values()
-            .as_any()
-            .downcast_ref::<UInt8Array>()
-            .ok_or_else(|| Error::artifact(self.path, format!("column `{name}` holds {}, expected uint8", list.value_type())))?;
+        let values = list.values().as_any().downcast_ref::<PrimitiveArray<T>>().ok_or_else(|| {
+            Error::artifact(self.path, format!("column `{name}` holds {}, expected {}", list.value_type(), T::DATA_TYPE))
+        })?;
         Ok(&values.values()[list.offset() * width..(list.offset() + list.len()) * width])
     }
 
