@@ -5,6 +5,9 @@
 //! and provides a `fingerprint(&Config)` and a `run(&Context)`.
 
 pub mod index;
+pub mod report;
+pub mod rerank;
+pub mod sim;
 
 use std::fmt;
 use std::path::Path;
@@ -47,7 +50,7 @@ impl Stage {
 
     /// Whether this build implements the stage (the others are pending their issues).
     pub fn is_implemented(self) -> bool {
-        matches!(self, Stage::Index)
+        matches!(self, Stage::Index | Stage::Report)
     }
 
     /// Whether the stage takes `--shard I/N`.
@@ -59,6 +62,7 @@ impl Stage {
     pub fn fingerprint(self, config: &Config) -> Result<Option<Fingerprint>> {
         match self {
             Stage::Index => index::fingerprint(config).map(Some),
+            Stage::Report => report::fingerprint(config).map(Some),
             _ => Ok(None),
         }
     }
@@ -205,6 +209,7 @@ pub fn run_stage(stage: Stage, ctx: &Context, shard: Option<Shard>) -> Result<Ou
     }
     match stage {
         Stage::Index => index::run(ctx),
+        Stage::Report => report::run(ctx),
         _ => Err(not_implemented(stage)),
     }
 }
