@@ -33,8 +33,13 @@ use crate::store::{FileEntry, Fingerprint, Manifest, Notes, StageDir, StageState
 pub const UNSELECTED: f32 = -100.0;
 
 /// The report's files, in the order the manifest lists them.
-pub const FILES: [&str; 5] =
-    ["metrics.json", "clip_benchmark.json", "report.md", "per_query.parquet", "recall_by_size.svg"];
+pub const FILES: [&str; 5] = [
+    "metrics.json",
+    "clip_benchmark.json",
+    "report.md",
+    "per_query.parquet",
+    "recall_by_size.svg",
+];
 
 /// What the report depends on: `index` and `sim` (and `rerank` when enabled), plus the settings it
 /// prints (dataset name, model folder name, Q-Pert settings, k).
@@ -76,11 +81,18 @@ pub fn run(ctx: &Context) -> Result<Outcome> {
     let inputs = Inputs::read(ctx)?;
     let report = Report::new(config, &inputs);
     let files = write_outputs(&stage, config, &inputs, &report)?;
-    stage.finish(files, serde_json::to_value(report.summary()).unwrap_or_default(), Notes::default())?;
+    stage.finish(
+        files,
+        serde_json::to_value(report.summary()).unwrap_or_default(),
+        Notes::default(),
+    )?;
     for line in report.lines() {
         ctx.reporter.info(&line);
     }
-    ctx.reporter.info(&format!("report: wrote {}", stage.path().join("report.md").display()));
+    ctx.reporter.info(&format!(
+        "report: wrote {}",
+        stage.path().join("report.md").display()
+    ));
     Ok(Outcome::Ran)
 }
 
@@ -125,10 +137,15 @@ impl GroundTruth {
         for (t, &i) in text_image.iter().enumerate() {
             image_texts
                 .get_mut(i as usize)
-                .ok_or_else(|| format!("text {t} belongs to image {i}, but there are {num_images} images"))?
+                .ok_or_else(|| {
+                    format!("text {t} belongs to image {i}, but there are {num_images} images")
+                })?
                 .push(t);
         }
-        Ok(GroundTruth { text_image, image_texts })
+        Ok(GroundTruth {
+            text_image,
+            image_texts,
+        })
     }
 
     fn num_images(&self) -> usize {
@@ -144,10 +161,19 @@ impl GroundTruth {
 /// image's top-k selected it (`in_i2t`), else [`UNSELECTED`]; for text t, image i scores the pair's
 /// score if the text's top-k selected it (`in_t2i`), else [`UNSELECTED`]. Ranks against the full
 /// gallery, ties by index. Fails on a pair out of range or a pair listed twice.
-pub fn rerank_ranks(pairs: &[ScoredPair], truth: &GroundTruth) -> std::result::Result<Ranks, String> {
+pub fn rerank_ranks(
+    pairs: &[ScoredPair],
+    truth: &GroundTruth,
+) -> std::result::Result<Ranks, String> {
     let (n_images, n_texts) = (truth.num_images(), truth.num_texts());
-    if let Some(p) = pairs.iter().find(|p| p.image as usize >= n_images || p.text as usize >= n_texts) {
-        return Err(format!("pair (image {}, text {}) is out of range ({n_images} images, {n_texts} texts)", p.image, p.text));
+    if let Some(p) = pairs
+        .iter()
+        .find(|p| p.image as usize >= n_images || p.text as usize >= n_texts)
+    {
+        return Err(format!(
+            "pair (image {}, text {}) is out of range ({n_images} images, {n_texts} texts)",
+            p.image, p.text
+        ));
     }
     // Each direction's selected pairs, grouped by query: (query, candidate, score), sorted.
     let group = |select: fn(&ScoredPair) -> Option<(u32, u32)>| -> std::result::Result<Vec<(u32, u32, f32)>, String> {
@@ -162,8 +188,16 @@ pub fn rerank_ranks(pairs: &[ScoredPair], truth: &GroundTruth) -> std::result::R
     let i2t = group(|p| p.in_i2t.then_some((p.image, p.text)))?;
     let t2i = group(|p| p.in_t2i.then_some((p.text, p.image)))?;
     let i2t_ranks = query_ranks(&i2t, n_images, n_texts, |i| truth.image_texts[i].clone());
-    let t2i_ranks = query_ranks(&t2i, n_texts, n_images, |t| vec![truth.text_image[t] as usize]);
-    Ok(Ranks { i2t: i2t_ranks, t2i: t2i_ranks.into_iter().map(|r| r.expect("every text has its image")).collect() })
+    let t2i_ranks = query_ranks(&t2i, n_texts, n_images, |t| {
+        vec![truth.text_image[t] as usize]
+    });
+    Ok(Ranks {
+        i2t: i2t_ranks,
+        t2i: t2i_ranks
+            .into_iter()
+            .map(|r| r.expect("every text has its image"))
+            .collect(),
+    })
 }
 
 /// For each of `n_queries` queries, builds its row of `gallery` scores from its selected
@@ -234,13 +268,21 @@ impl Inputs {
         let texts_path = index_dir.path().join("texts.parquet");
         let image_idx = u32s(&images, "image_idx", &images_path)?;
         if image_idx.iter().enumerate().any(|(i, &v)| v as usize != i) {
-            return Err(Error::artifact(&images_path, "image_idx is not 0, 1, 2, ... in row order"));
+            return Err(Error::artifact(
+                &images_path,
+                "image_idx is not 0, 1, 2, ... in row order",
+            ));
         }
-        let object_size = column::<Float32Array>(&images, "object_size", "float32", &images_path)?.values().to_vec();
+        let object_size = column::<Float32Array>(&images, "object_size", "float32", &images_path)?
+            .values()
+            .to_vec();
         let texts = index_dir.read_table("texts")?;
         let text_idx = u32s(&texts, "text_idx", &texts_path)?;
         if text_idx.iter().enumerate().any(|(t, &v)| v as usize != t) {
-            return Err(Error::artifact(&texts_path, "text_idx is not 0, 1, 2, ... in row order"));
+            return Err(Error::artifact(
+                &texts_path,
+                "text_idx is not 0, 1, 2, ... in row order",
+            ));
         }
         let truth = GroundTruth::new(object_size.len(), u32s(&texts, "image_idx", &texts_path)?)
             .map_err(|e| Error::artifact(&texts_path, e))?;
@@ -258,7 +300,11 @@ impl Inputs {
         };
         let small: Vec<bool> = object_size.iter().map(|&s| bin_of(s) == Some(0)).collect();
         counts.small_images = small.iter().filter(|&&s| s).count();
-        counts.small_texts = truth.text_image.iter().filter(|&&i| small[i as usize]).count();
+        counts.small_texts = truth
+            .text_image
+            .iter()
+            .filter(|&&i| small[i as usize])
+            .count();
         let rerank = if config.rerank.enabled {
             let dir = ctx.stage_dir(Stage::Rerank, rerank::fingerprint(config)?);
             let pairs = read_pairs(&dir)?;
@@ -270,32 +316,57 @@ impl Inputs {
         } else {
             None
         };
-        Ok(Inputs { object_size, truth, itc, rerank, counts })
+        Ok(Inputs {
+            object_size,
+            truth,
+            itc,
+            rerank,
+            counts,
+        })
     }
 }
 
 /// The ITC ranks from `sim/i2t_ranks.parquet` and `sim/t2i_ranks.parquet`: one row per query, each
 /// rank within the gallery. Rows for images without captions are ignored.
 fn itc_ranks(sim_dir: &StageDir, truth: &GroundTruth) -> Result<Ranks> {
-    let read = |name: &str, key: &str, n_queries: usize, gallery: usize| -> Result<Vec<Option<usize>>> {
-        let path = sim_dir.path().join(format!("{name}.parquet"));
-        let table = sim_dir.read_table(name)?;
-        let (queries, ranks) = (u32s(&table, key, &path)?, u32s(&table, "itc_rank", &path)?);
-        let mut out = vec![None; n_queries];
-        for (&q, &r) in queries.iter().zip(&ranks) {
-            let slot = out.get_mut(q as usize).ok_or_else(|| Error::artifact(&path, format!("{key} {q} is out of range ({n_queries} queries)")))?;
-            if slot.is_some() {
-                return Err(Error::artifact(&path, format!("{key} {q} has two rows")));
+    let read =
+        |name: &str, key: &str, n_queries: usize, gallery: usize| -> Result<Vec<Option<usize>>> {
+            let path = sim_dir.path().join(format!("{name}.parquet"));
+            let table = sim_dir.read_table(name)?;
+            let (queries, ranks) = (u32s(&table, key, &path)?, u32s(&table, "itc_rank", &path)?);
+            let mut out = vec![None; n_queries];
+            for (&q, &r) in queries.iter().zip(&ranks) {
+                let slot = out.get_mut(q as usize).ok_or_else(|| {
+                    Error::artifact(
+                        &path,
+                        format!("{key} {q} is out of range ({n_queries} queries)"),
+                    )
+                })?;
+                if slot.is_some() {
+                    return Err(Error::artifact(&path, format!("{key} {q} has two rows")));
+                }
+                if r as usize >= gallery {
+                    return Err(Error::artifact(
+                        &path,
+                        format!("{key} {q}: itc_rank {r} is not below the gallery size {gallery}"),
+                    ));
+                }
+                *slot = Some(r as usize);
             }
-            if r as usize >= gallery {
-                return Err(Error::artifact(&path, format!("{key} {q}: itc_rank {r} is not below the gallery size {gallery}")));
-            }
-            *slot = Some(r as usize);
-        }
-        Ok(out)
+            Ok(out)
+        };
+    let missing = |name: &str, q: usize| {
+        Error::artifact(
+            sim_dir.path().join(format!("{name}.parquet")),
+            format!("no row for query {q}"),
+        )
     };
-    let missing = |name: &str, q: usize| Error::artifact(sim_dir.path().join(format!("{name}.parquet")), format!("no row for query {q}"));
-    let i2t_all = read("i2t_ranks", "image_idx", truth.num_images(), truth.num_texts())?;
+    let i2t_all = read(
+        "i2t_ranks",
+        "image_idx",
+        truth.num_images(),
+        truth.num_texts(),
+    )?;
     let mut i2t = Vec::with_capacity(i2t_all.len());
     for (i, rank) in i2t_all.into_iter().enumerate() {
         match (truth.image_texts[i].is_empty(), rank) {
@@ -304,11 +375,16 @@ fn itc_ranks(sim_dir: &StageDir, truth: &GroundTruth) -> Result<Ranks> {
             (false, None) => return Err(missing("i2t_ranks", i)),
         }
     }
-    let t2i = read("t2i_ranks", "text_idx", truth.num_texts(), truth.num_images())?
-        .into_iter()
-        .enumerate()
-        .map(|(t, r)| r.ok_or_else(|| missing("t2i_ranks", t)))
-        .collect::<Result<Vec<usize>>>()?;
+    let t2i = read(
+        "t2i_ranks",
+        "text_idx",
+        truth.num_texts(),
+        truth.num_images(),
+    )?
+    .into_iter()
+    .enumerate()
+    .map(|(t, r)| r.ok_or_else(|| missing("t2i_ranks", t)))
+    .collect::<Result<Vec<usize>>>()?;
     Ok(Ranks { i2t, t2i })
 }
 
@@ -335,15 +411,26 @@ fn read_pairs(dir: &StageDir) -> Result<Vec<ScoredPair>> {
 /// Each direction's selected pairs must be exactly as many as `sim`'s top-k rows of that direction.
 fn check_pair_counts(dir: &StageDir, sim: &Manifest, pairs: &[ScoredPair]) -> Result<()> {
     for (file, selected, flag) in [
-        ("i2t_topk.parquet", pairs.iter().filter(|p| p.in_i2t).count(), "in_i2t"),
-        ("t2i_topk.parquet", pairs.iter().filter(|p| p.in_t2i).count(), "in_t2i"),
+        (
+            "i2t_topk.parquet",
+            pairs.iter().filter(|p| p.in_i2t).count(),
+            "in_i2t",
+        ),
+        (
+            "t2i_topk.parquet",
+            pairs.iter().filter(|p| p.in_t2i).count(),
+            "in_t2i",
+        ),
     ] {
         if let Some(entry) = sim.files.iter().find(|f| f.name == file)
             && entry.rows != selected as u64
         {
             return Err(Error::artifact(
                 dir.path(),
-                format!("{selected} pairs have {flag}, but sim/{file} has {} rows; rerun `qpert stage rerank`", entry.rows),
+                format!(
+                    "{selected} pairs have {flag}, but sim/{file} has {} rows; rerun `qpert stage rerank`",
+                    entry.rows
+                ),
             ));
         }
     }
@@ -351,22 +438,34 @@ fn check_pair_counts(dir: &StageDir, sim: &Manifest, pairs: &[ScoredPair]) -> Re
 }
 
 /// A non-null column of `table` as `A`, or an artifact error naming the column and the expected type.
-fn column<'a, A: Array + 'static>(table: &'a RecordBatch, name: &str, ty: &str, path: &Path) -> Result<&'a A> {
+fn column<'a, A: Array + 'static>(
+    table: &'a RecordBatch,
+    name: &str,
+    ty: &str,
+    path: &Path,
+) -> Result<&'a A> {
     let col = table
         .column_by_name(name)
         .ok_or_else(|| Error::artifact(path, format!("no column `{name}`")))?;
-    let typed = col
-        .as_any()
-        .downcast_ref::<A>()
-        .ok_or_else(|| Error::artifact(path, format!("column `{name}` is {}, expected {ty}", col.data_type())))?;
+    let typed = col.as_any().downcast_ref::<A>().ok_or_else(|| {
+        Error::artifact(
+            path,
+            format!("column `{name}` is {}, expected {ty}", col.data_type()),
+        )
+    })?;
     if typed.null_count() > 0 {
-        return Err(Error::artifact(path, format!("column `{name}` has {} nulls", typed.null_count())));
+        return Err(Error::artifact(
+            path,
+            format!("column `{name}` has {} nulls", typed.null_count()),
+        ));
     }
     Ok(typed)
 }
 
 fn u32s(table: &RecordBatch, name: &str, path: &Path) -> Result<Vec<u32>> {
-    Ok(column::<UInt32Array>(table, name, "uint32", path)?.values().to_vec())
+    Ok(column::<UInt32Array>(table, name, "uint32", path)?
+        .values()
+        .to_vec())
 }
 
 /// Recalls and rank statistics of one set of queries in both directions; `None` where a direction
@@ -465,8 +564,20 @@ impl Block {
         let image_bin: Vec<Option<usize>> = object_size.iter().map(|&s| bin_of(s)).collect();
         let select = |bin: Option<usize>| -> (Vec<usize>, Vec<usize>) {
             let keep = |i: usize| bin.is_none() || image_bin[i] == bin;
-            let i2t = ranks.i2t.iter().enumerate().filter(|&(i, _)| keep(i)).filter_map(|(_, r)| *r).collect();
-            let t2i = ranks.t2i.iter().zip(&truth.text_image).filter(|&(_, &i)| keep(i as usize)).map(|(r, _)| *r).collect();
+            let i2t = ranks
+                .i2t
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| keep(i))
+                .filter_map(|(_, r)| *r)
+                .collect();
+            let t2i = ranks
+                .t2i
+                .iter()
+                .zip(&truth.text_image)
+                .filter(|&(_, &i)| keep(i as usize))
+                .map(|(r, _)| *r)
+                .collect();
             (i2t, t2i)
         };
         let summary = |bin: Option<usize>| {
@@ -492,7 +603,15 @@ impl Block {
             })
             .collect();
         let (lo, hi) = display_bounds(0);
-        Block { overall: summary(None), small: SmallBin { lo, hi, summary: summary(Some(0)) }, bins }
+        Block {
+            overall: summary(None),
+            small: SmallBin {
+                lo,
+                hi,
+                summary: summary(Some(0)),
+            },
+            bins,
+        }
     }
 }
 
@@ -532,7 +651,13 @@ impl Report {
                 dataset: config.dataset.name.clone(),
                 units: "percent",
                 k: config.rerank.k,
-                qpert: QpertRecord { enabled: q.enabled, alpha: q.alpha, npc: q.npc, weight: q.weight, projector: q.projector },
+                qpert: QpertRecord {
+                    enabled: q.enabled,
+                    alpha: q.alpha,
+                    npc: q.npc,
+                    weight: q.weight,
+                    projector: q.projector,
+                },
                 counts: inputs.counts.clone(),
                 itc: block(&inputs.itc),
                 rerank: inputs.rerank.as_ref().map(block),
@@ -599,7 +724,12 @@ fn clip_benchmark(config: &Config, report: &Report) -> serde_json::Value {
     let (scoring, block) = report.headline();
     let s = &block.overall;
     let frac = |v: Option<f64>| v.map(|v| v / 100.0);
-    let model = config.model.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let model = config
+        .model
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     serde_json::json!({
         "dataset": config.dataset.name,
         "model": model,
@@ -630,7 +760,13 @@ fn per_query_batch(inputs: &Inputs) -> std::result::Result<RecordBatch, arrow::e
         query.push(i as u32);
         size.push(inputs.object_size[i]);
         itc.push(*rank as u32);
-        rerank.push(inputs.rerank.as_ref().and_then(|r| r.i2t[i]).map(|r| r as u32));
+        rerank.push(
+            inputs
+                .rerank
+                .as_ref()
+                .and_then(|r| r.i2t[i])
+                .map(|r| r as u32),
+        );
     }
     for (t, rank) in inputs.itc.t2i.iter().enumerate() {
         direction.push("t2i");
@@ -657,14 +793,32 @@ fn per_query_batch(inputs: &Inputs) -> std::result::Result<RecordBatch, arrow::e
 }
 
 /// Writes the five files, each atomically; the caller writes the manifest last.
-fn write_outputs(stage: &StageDir, config: &Config, inputs: &Inputs, report: &Report) -> Result<Vec<FileEntry>> {
+fn write_outputs(
+    stage: &StageDir,
+    config: &Config,
+    inputs: &Inputs,
+    report: &Report,
+) -> Result<Vec<FileEntry>> {
     let per_query = per_query_batch(inputs).map_err(|e| Error::artifact(stage.path(), e))?;
-    let per_query_entry = stage.write_table("per_query", &per_query.schema(), std::slice::from_ref(&per_query))?;
+    let per_query_entry = stage.write_table(
+        "per_query",
+        &per_query.schema(),
+        std::slice::from_ref(&per_query),
+    )?;
     let texts: [(&str, Vec<u8>); 4] = [
         ("metrics.json", pretty_json(stage, &report.metrics)?),
-        ("clip_benchmark.json", pretty_json(stage, &clip_benchmark(config, report))?),
-        ("report.md", markdown::render(config, &report.metrics, "recall_by_size.svg").into_bytes()),
-        ("recall_by_size.svg", svg::render(&report.metrics).into_bytes()),
+        (
+            "clip_benchmark.json",
+            pretty_json(stage, &clip_benchmark(config, report))?,
+        ),
+        (
+            "report.md",
+            markdown::render(config, &report.metrics, "recall_by_size.svg").into_bytes(),
+        ),
+        (
+            "recall_by_size.svg",
+            svg::render(&report.metrics).into_bytes(),
+        ),
     ];
     for (name, bytes) in &texts {
         write_bytes_atomically(&stage.path().join(name), bytes)?;
@@ -672,13 +826,23 @@ fn write_outputs(stage: &StageDir, config: &Config, inputs: &Inputs, report: &Re
     // Non-tabular files list 0 rows.
     Ok(FILES
         .iter()
-        .map(|&name| if name == per_query_entry.name { per_query_entry.clone() } else { FileEntry { name: name.to_string(), rows: 0 } })
+        .map(|&name| {
+            if name == per_query_entry.name {
+                per_query_entry.clone()
+            } else {
+                FileEntry {
+                    name: name.to_string(),
+                    rows: 0,
+                }
+            }
+        })
         .collect())
 }
 
 /// Pretty JSON with a trailing newline.
 fn pretty_json(stage: &StageDir, value: &impl Serialize) -> Result<Vec<u8>> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|e| Error::artifact(stage.path(), e))?;
+    let mut text =
+        serde_json::to_string_pretty(value).map_err(|e| Error::artifact(stage.path(), e))?;
     text.push('\n');
     Ok(text.into_bytes())
 }
@@ -693,7 +857,13 @@ mod tests {
     }
 
     fn pair(image: u32, text: u32, score: f32, in_i2t: bool, in_t2i: bool) -> ScoredPair {
-        ScoredPair { image, text, score, in_i2t, in_t2i }
+        ScoredPair {
+            image,
+            text,
+            score,
+            in_i2t,
+            in_t2i,
+        }
     }
 
     /// k = 2 per query in each direction (see `tests/report.rs` for the same case end to end).
@@ -733,7 +903,14 @@ mod tests {
     #[test]
     fn direction_flags_matter() {
         // The same pairs all flagged for both directions give different ranks: text 5 finds image 2 first.
-        let both: Vec<ScoredPair> = pairs().into_iter().map(|p| ScoredPair { in_i2t: true, in_t2i: true, ..p }).collect();
+        let both: Vec<ScoredPair> = pairs()
+            .into_iter()
+            .map(|p| ScoredPair {
+                in_i2t: true,
+                in_t2i: true,
+                ..p
+            })
+            .collect();
         let ranks = rerank_ranks(&both, &truth()).unwrap();
         assert_eq!(ranks.t2i[5], 0);
         assert_ne!(ranks, rerank_ranks(&pairs(), &truth()).unwrap());
@@ -753,9 +930,17 @@ mod tests {
 
     #[test]
     fn bad_pairs_are_refused() {
-        assert!(rerank_ranks(&[pair(3, 0, 1.0, true, true)], &truth()).unwrap_err().contains("out of range"));
+        assert!(
+            rerank_ranks(&[pair(3, 0, 1.0, true, true)], &truth())
+                .unwrap_err()
+                .contains("out of range")
+        );
         let twice = [pair(0, 1, 1.0, true, false), pair(0, 1, 2.0, true, true)];
-        assert!(rerank_ranks(&twice, &truth()).unwrap_err().contains("twice"));
+        assert!(
+            rerank_ranks(&twice, &truth())
+                .unwrap_err()
+                .contains("twice")
+        );
         assert!(GroundTruth::new(1, vec![0, 1]).is_err());
     }
 
@@ -763,29 +948,56 @@ mod tests {
     fn an_image_without_captions_is_no_query() {
         let truth = GroundTruth::new(2, vec![0, 0]).unwrap();
         let ranks = rerank_ranks(&[pair(1, 1, 1.0, true, true)], &truth).unwrap();
-        assert_eq!(ranks.i2t, [Some(1), None]);
+        assert_eq!(ranks.i2t, [Some(0), None]);
         assert_eq!(ranks.t2i, [0, 1]);
     }
 
     #[test]
     fn block_bins_images_and_their_captions() {
-        let ranks = Ranks { i2t: vec![Some(1), Some(0), Some(1)], t2i: vec![1, 1, 1, 0, 1, 2] };
+        let ranks = Ranks {
+            i2t: vec![Some(1), Some(0), Some(1)],
+            t2i: vec![1, 1, 1, 0, 1, 2],
+        };
         let block = Block::of(&ranks, &truth(), &[0.05, 0.35, -1.0]);
         let o = &block.overall;
         assert_eq!((o.n_images, o.n_texts), (3, 6));
         assert!((o.txt_r1.unwrap() - 100.0 / 3.0).abs() < 1e-9);
         assert!((o.img_r1.unwrap() - 100.0 / 6.0).abs() < 1e-9);
-        assert_eq!((o.txt_r5, o.img_r5, o.txt_r10), (Some(100.0), Some(100.0), Some(100.0)));
-        assert!((o.r_mean.unwrap() - (o.txt_r_mean.unwrap() + o.img_r_mean.unwrap()) / 2.0).abs() < 1e-12);
-        assert_eq!((o.txt_mdr, o.img_mdr, o.img_mer), (Some(2.0), Some(2.0), Some(2.0)));
+        assert_eq!(
+            (o.txt_r5, o.img_r5, o.txt_r10),
+            (Some(100.0), Some(100.0), Some(100.0))
+        );
+        assert!(
+            (o.r_mean.unwrap() - (o.txt_r_mean.unwrap() + o.img_r_mean.unwrap()) / 2.0).abs()
+                < 1e-12
+        );
+        assert_eq!(
+            (o.txt_mdr, o.img_mdr, o.img_mer),
+            (Some(2.0), Some(2.0), Some(2.0))
+        );
         let small = &block.small.summary;
-        assert_eq!((small.n_images, small.n_texts, small.txt_r1, small.img_r1, small.img_r5), (1, 2, Some(0.0), Some(0.0), Some(100.0)));
+        assert_eq!(
+            (
+                small.n_images,
+                small.n_texts,
+                small.txt_r1,
+                small.img_r1,
+                small.img_r5
+            ),
+            (1, 2, Some(0.0), Some(0.0), Some(100.0))
+        );
         assert_eq!(block.bins.len(), NUM_BINS);
         let third = &block.bins[3];
-        assert_eq!((third.lo, third.hi, third.n_images, third.n_texts), (0.3, 0.4, 1, 2));
+        assert_eq!(
+            (third.lo, third.hi, third.n_images, third.n_texts),
+            (0.3, 0.4, 1, 2)
+        );
         assert_eq!((third.txt_r1, third.img_r1), (Some(100.0), Some(50.0)));
         let empty = &block.bins[5];
-        assert_eq!((empty.n_images, empty.txt_r1, empty.img_r10), (0, None, None));
+        assert_eq!(
+            (empty.n_images, empty.txt_r1, empty.img_r10),
+            (0, None, None)
+        );
         // Image 2 (size -1) is in no bin.
         assert_eq!(block.bins.iter().map(|b| b.n_images).sum::<usize>(), 2);
     }

@@ -9,5 +9,7 @@ use crate::store::Fingerprint;
 
 /// What `rerank`'s output depends on (placeholder: `sim` and the top-k size).
 pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
-    Ok(Fingerprint::new("rerank").with_input("sim", &sim::fingerprint(config)?).with("rerank.k", config.rerank.k))
+    Ok(Fingerprint::new("rerank")
+        .with_input("sim", &sim::fingerprint(config)?)
+        .with("rerank.k", config.rerank.k))
 }

@@ -9,5 +9,7 @@ use crate::store::Fingerprint;
 
 /// What `sim`'s output depends on (placeholder: the index and the top-k size).
 pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
-    Ok(Fingerprint::new("sim").with_input("index", &index::fingerprint(config)?).with("rerank.k", config.rerank.k))
+    Ok(Fingerprint::new("sim")
+        .with_input("index", &index::fingerprint(config)?)
+        .with("rerank.k", config.rerank.k))
 }

@@ -61,7 +61,12 @@ pub fn render(config: &Config, m: &MetricsFile, plot_file: &str) -> String {
     let mut out = String::new();
     let q = &m.qpert;
     let c = &m.counts;
-    let model = config.model.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let model = config
+        .model
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let qpert = if q.enabled {
         format!(
             "on: alpha {}, npc {}, weight {}, projector {}",
@@ -167,15 +172,26 @@ fn direction_table(out: &mut String, title: &str, m: &MetricsFile, pubs: &[&Publ
             }
             for p in pubs {
                 let (all, small_pub) = dir.published(p);
-                let v = if small { small_pub.map_or("-", |v| v[k]) } else { all[k] };
+                let v = if small {
+                    small_pub.map_or("-", |v| v[k])
+                } else {
+                    all[k]
+                };
                 let _ = write!(row, " {v} |");
             }
             let _ = writeln!(out, "{row}");
         }
     }
     let (_, head) = blocks[blocks.len() - 1];
-    let _ = writeln!(out, "\nsmall: {} images, {} captions.\n", head.small.summary.n_images, head.small.summary.n_texts);
+    let _ = writeln!(
+        out,
+        "\nsmall: {} images, {} captions.\n",
+        head.small.summary.n_images, head.small.summary.n_texts
+    );
 }
+
+/// Reads one statistic of a summary.
+type Stat = fn(&Summary) -> Option<f64>;
 
 /// Median rank, mean rank, MRR and the recall means, per scoring.
 fn rank_table(out: &mut String, m: &MetricsFile) {
@@ -187,7 +203,7 @@ fn rank_table(out: &mut String, m: &MetricsFile) {
     let header: String = blocks.iter().map(|(l, _)| format!(" {l} |")).collect();
     let rule: String = blocks.iter().map(|_| "---:|").collect();
     let _ = writeln!(out, "| |{header}\n|---|{rule}");
-    let rows: [(&str, fn(&Summary) -> Option<f64>, bool); 9] = [
+    let rows: [(&str, Stat, bool); 9] = [
         ("text to image, median rank", |s| s.img_mdr, false),
         ("text to image, mean rank", |s| s.img_mer, false),
         ("text to image, MRR", |s| s.img_mrr, true),
@@ -214,7 +230,10 @@ fn rank_table(out: &mut String, m: &MetricsFile) {
 /// The ten bins of one scoring: counts and R@1/5/10 in both directions.
 fn bin_table(out: &mut String, label: &str, block: &Block) {
     let _ = writeln!(out, "### {label}, by object size\n");
-    let _ = writeln!(out, "| object size | images | captions | image to text R@1 / 5 / 10 | text to image R@1 / 5 / 10 |");
+    let _ = writeln!(
+        out,
+        "| object size | images | captions | image to text R@1 / 5 / 10 | text to image R@1 / 5 / 10 |"
+    );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|");
     for b in &block.bins {
         let triple = |v: [Option<f64>; 3]| match v {

@@ -1,6 +1,8 @@
-//! `report/recall_by_size.svg`: R@1 by object-size bin, one panel per direction, one bar series per
-//! scoring (ITC, and ITM re-rank when it ran), the overall R@1 of each series as a dashed line, and
-//! the number of queries under each bin. Hand-written SVG: no plotting crate for one chart.
+//! `report/recall_by_size.svg`: R@1 by object-size bin, one panel per direction, one line with
+//! markers per scoring (ITC, and ITM re-rank when it ran), the overall R@1 of each series as a dashed
+//! line, and the number of queries under each bin. The y axis starts at the multiple of 10 below the
+//! lowest value (shared by both panels, stated on the axis), since real recalls crowd near 100.
+//! Hand-written SVG: no plotting crate for one chart.
 
 use std::fmt::Write;
 
@@ -17,19 +19,67 @@ const PANEL_LEFT: [f64; 2] = [70.0, 550.0];
 const COLOURS: [&str; 2] = ["#E69F00", "#0072B2"];
 const FONT: &str = "font-family=\"Helvetica, Arial, sans-serif\"";
 
-/// One bar series: a label, a colour, and the block it plots.
+/// One series: a label, a colour, a marker shape, and the block it plots.
 struct Series<'a> {
     label: &'a str,
     colour: &'a str,
+    square: bool,
     block: &'a Block,
+}
+
+impl Series<'_> {
+    /// The series' marker centred at (x, y), with a hover title.
+    fn marker(&self, x: f64, y: f64, title: &str) -> String {
+        let shape = if self.square {
+            format!(
+                r#"<rect x="{:.1}" y="{:.1}" width="9" height="9" fill="{}""#,
+                x - 4.5,
+                y - 4.5,
+                self.colour
+            )
+        } else {
+            format!(
+                r#"<circle cx="{x:.1}" cy="{y:.1}" r="5" fill="{}""#,
+                self.colour
+            )
+        };
+        format!(
+            "{shape} stroke=\"white\" stroke-width=\"1\"><title>{}</title></{}>",
+            escape(title),
+            if self.square { "rect" } else { "circle" }
+        )
+    }
+}
+
+/// The lowest value on the y axis: the multiple of 10 at least 2 points below every plotted value,
+/// at most 90 (so the axis spans at least 10 points).
+fn y_floor(series: &[Series]) -> f64 {
+    let values = series.iter().flat_map(|s| {
+        let b = s.block;
+        let bins = b.bins.iter().flat_map(|x| [x.txt_r1, x.img_r1]);
+        bins.chain([b.overall.txt_r1, b.overall.img_r1]).flatten()
+    });
+    let min = values.fold(100.0f64, f64::min);
+    (((min - 2.0) / 10.0).floor() * 10.0).clamp(0.0, 90.0)
 }
 
 /// The plot, as a standalone SVG document.
 pub fn render(m: &MetricsFile) -> String {
-    let mut series = vec![Series { label: "ITC", colour: COLOURS[0], block: &m.itc }];
+    let mut series = vec![Series {
+        label: "ITC",
+        colour: COLOURS[0],
+        square: false,
+        block: &m.itc,
+    }];
     if let Some(b) = &m.rerank {
-        series.push(Series { label: "ITC + ITM re-rank", colour: COLOURS[1], block: b });
+        series.push(Series {
+            label: "ITC + ITM re-rank",
+            colour: COLOURS[1],
+            square: true,
+            block: b,
+        });
     }
+    let floor = y_floor(&series);
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -42,19 +92,45 @@ pub fn render(m: &MetricsFile) -> String {
         WIDTH / 2.0,
         escape(&m.dataset)
     );
-    let qpert = if m.qpert.enabled { format!("Q-Pert alpha {}", m.qpert.alpha) } else { "no Q-Pert".to_string() };
+    let qpert = if m.qpert.enabled {
+        format!("Q-Pert alpha {}", m.qpert.alpha)
+    } else {
+        "no Q-Pert".to_string()
+    };
     let _ = writeln!(
         s,
         r##"<text x="{}" y="52" font-size="13" fill="#444" text-anchor="middle">{qpert}; bins of the largest object's area / image area; the number of queries is under each bin</text>"##,
         WIDTH / 2.0
     );
     legend(&mut s, &series);
-    panel(&mut s, PANEL_LEFT[0], "Image to text (image queries)", "images", &series, |b| {
-        b.bins.iter().map(|x| (x.txt_r1, x.n_images)).collect()
-    }, |b| b.overall.txt_r1);
-    panel(&mut s, PANEL_LEFT[1], "Text to image (caption queries)", "captions", &series, |b| {
-        b.bins.iter().map(|x| (x.img_r1, x.n_texts)).collect()
-    }, |b| b.overall.img_r1);
+    panel(
+        &mut s,
+        PANEL_LEFT[0],
+        floor,
+        "Image to text (image queries)",
+        "images",
+        &series,
+        |b| {
+            (
+                b.bins.iter().map(|x| (x.txt_r1, x.n_images)).collect(),
+                b.overall.txt_r1,
+            )
+        },
+    );
+    panel(
+        &mut s,
+        PANEL_LEFT[1],
+        floor,
+        "Text to image (caption queries)",
+        "captions",
+        &series,
+        |b| {
+            (
+                b.bins.iter().map(|x| (x.img_r1, x.n_texts)).collect(),
+                b.overall.img_r1,
+            )
+        },
+    );
     s.push_str("</svg>\n");
     s
 }
@@ -63,9 +139,23 @@ fn legend(s: &mut String, series: &[Series]) {
     let mut x = WIDTH / 2.0 - 200.0;
     let y = 76.0;
     for item in series {
-        let _ = writeln!(s, r#"<rect x="{x}" y="{}" width="14" height="14" fill="{}"/>"#, y - 11.0, item.colour);
-        let _ = writeln!(s, r#"<text x="{}" y="{y}" font-size="13">{}</text>"#, x + 20.0, escape(item.label));
-        x += 20.0 + 8.0 * item.label.len() as f64 + 24.0;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{x}" y1="{}" x2="{}" y2="{}" stroke="{}" stroke-width="2.5"/>"#,
+            y - 4.0,
+            x + 28.0,
+            y - 4.0,
+            item.colour
+        );
+        s.push_str(&item.marker(x + 14.0, y - 4.0, item.label));
+        s.push('\n');
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{y}" font-size="13">{}</text>"#,
+            x + 34.0,
+            escape(item.label)
+        );
+        x += 34.0 + 7.5 * item.label.len() as f64 + 24.0;
     }
     let _ = writeln!(
         s,
@@ -74,22 +164,30 @@ fn legend(s: &mut String, series: &[Series]) {
         x + 28.0,
         y - 4.0
     );
-    let _ = writeln!(s, r#"<text x="{}" y="{y}" font-size="13">overall R@1 (all queries)</text>"#, x + 34.0);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{y}" font-size="13">overall R@1 (all queries)</text>"#,
+        x + 34.0
+    );
 }
 
-/// One direction's panel at `left`: axes, grid, bars per bin and series, overall lines, counts.
+/// One direction's panel at `left`: axes, grid, a line with markers per series (broken at empty
+/// bins), the overall lines, and the query counts.
 fn panel(
     s: &mut String,
     left: f64,
+    floor: f64,
     title: &str,
     unit: &str,
     series: &[Series],
-    bins: impl Fn(&Block) -> Vec<(Option<f64>, usize)>,
-    overall: impl Fn(&Block) -> Option<f64>,
+    data: impl Fn(&Block) -> (Vec<(Option<f64>, usize)>, Option<f64>),
 ) {
+    let bins = |b: &Block| data(b).0;
+    let overall = |b: &Block| data(b).1;
     let bottom = PANEL_TOP + PANEL_HEIGHT;
-    let y_of = |v: f64| bottom - v / 100.0 * PANEL_HEIGHT;
+    let y_of = |v: f64| bottom - (v - floor) / (100.0 - floor) * PANEL_HEIGHT;
     let group = PANEL_WIDTH / NUM_BINS as f64;
+    let centre = |k: usize| left + (k as f64 + 0.5) * group;
     let _ = writeln!(
         s,
         r#"<text x="{}" y="{}" font-size="15" font-weight="bold" text-anchor="middle">{}</text>"#,
@@ -97,67 +195,115 @@ fn panel(
         PANEL_TOP - 12.0,
         escape(title)
     );
-    for tick in [0, 20, 40, 60, 80, 100] {
+    let step = if 100.0 - floor > 50.0 { 20 } else { 10 };
+    for tick in (floor as i32..=100).step_by(step) {
         let y = y_of(tick as f64);
+        let colour = if tick as f64 == floor {
+            "#333"
+        } else {
+            "#e3e3e3"
+        };
         let _ = writeln!(
             s,
-            r##"<line x1="{left}" y1="{y}" x2="{}" y2="{y}" stroke="{}" stroke-width="1"/>"##,
-            left + PANEL_WIDTH,
-            if tick == 0 { "#333" } else { "#e3e3e3" }
+            r#"<line x1="{left}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="{colour}"/>"#,
+            left + PANEL_WIDTH
         );
-        let _ = writeln!(s, r#"<text x="{}" y="{}" font-size="11" text-anchor="end">{tick}</text>"#, left - 6.0, y + 4.0);
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{:.1}" font-size="11" text-anchor="end">{tick}</text>"#,
+            left - 6.0,
+            y + 4.0
+        );
     }
+    let axis = if floor > 0.0 {
+        format!("R@1 (%), axis from {floor}")
+    } else {
+        "R@1 (%)".to_string()
+    };
+    let mid = PANEL_TOP + PANEL_HEIGHT / 2.0;
     let _ = writeln!(
         s,
-        r#"<text x="{}" y="{}" font-size="12" text-anchor="middle" transform="rotate(-90 {} {})">R@1 (%)</text>"#,
+        r#"<text x="{}" y="{mid}" font-size="12" text-anchor="middle" transform="rotate(-90 {} {mid})">{axis}</text>"#,
         left - 38.0,
-        PANEL_TOP + PANEL_HEIGHT / 2.0,
-        left - 38.0,
-        PANEL_TOP + PANEL_HEIGHT / 2.0
+        left - 38.0
     );
-    let bar = (group - 8.0) / series.len() as f64;
+    for item in series {
+        if let Some(v) = overall(item.block) {
+            let y = y_of(v);
+            let _ = writeln!(
+                s,
+                r#"<line x1="{left}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="{}" stroke-width="1.5" stroke-dasharray="6 4" opacity="0.8"><title>{}: overall R@1 {v:.2}%</title></line>"#,
+                left + PANEL_WIDTH,
+                item.colour,
+                escape(item.label)
+            );
+        }
+    }
     let counts = bins(series[0].block);
-    for k in 0..NUM_BINS {
-        let x0 = left + k as f64 * group + 4.0;
-        for (j, item) in series.iter().enumerate() {
-            let (value, n) = bins(item.block)[k];
-            let x = x0 + j as f64 * bar;
-            match value {
-                Some(v) => {
-                    let y = y_of(v);
-                    let _ = writeln!(
-                        s,
-                        r#"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{}: {v:.2}% of {n} {unit}</title></rect>"#,
-                        bar - 1.0,
-                        bottom - y,
-                        item.colour,
-                        escape(item.label)
-                    );
-                }
-                None if j == 0 => {
-                    let _ = writeln!(
-                        s,
-                        r##"<text x="{:.1}" y="{}" font-size="11" fill="#999" text-anchor="middle">none</text>"##,
-                        x0 + (group - 8.0) / 2.0,
-                        bottom - 6.0
-                    );
-                }
-                None => {}
+    for item in series {
+        let values = bins(item.block);
+        // Polylines over runs of non-empty bins.
+        for run in values
+            .iter()
+            .enumerate()
+            .collect::<Vec<_>>()
+            .split(|(_, (v, _))| v.is_none())
+        {
+            if run.len() < 2 {
+                continue;
+            }
+            let points: Vec<String> = run
+                .iter()
+                .map(|(k, (v, _))| format!("{:.1},{:.1}", centre(*k), y_of(v.unwrap_or(floor))))
+                .collect();
+            let _ = writeln!(
+                s,
+                r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2.5" stroke-linejoin="round"/>"#,
+                points.join(" "),
+                item.colour
+            );
+        }
+        for (k, (v, n)) in values.iter().enumerate() {
+            if let Some(v) = v {
+                let title = format!("{}: R@1 {v:.2}% of {n} {unit}", item.label);
+                s.push_str(&item.marker(centre(k), y_of(*v), &title));
+                s.push('\n');
             }
         }
-        let centre = left + (k as f64 + 0.5) * group;
+    }
+    for (k, (_, n)) in counts.iter().enumerate() {
+        if *n == 0 {
+            let _ = writeln!(
+                s,
+                r##"<text x="{:.1}" y="{}" font-size="11" fill="#999" text-anchor="middle">none</text>"##,
+                centre(k),
+                bottom - 6.0
+            );
+        }
         let _ = writeln!(
             s,
-            r##"<text x="{centre:.1}" y="{}" font-size="11" fill="#555" text-anchor="middle">{}</text>"##,
-            bottom + 34.0,
-            counts[k].1
+            r##"<text x="{:.1}" y="{}" font-size="11" fill="#555" text-anchor="middle">{n}</text>"##,
+            centre(k),
+            bottom + 34.0
         );
     }
     for k in 0..=NUM_BINS {
         let x = left + k as f64 * group;
-        let _ = writeln!(s, r##"<line x1="{x:.1}" y1="{bottom}" x2="{x:.1}" y2="{}" stroke="#333"/>"##, bottom + 4.0);
-        let label = if k == 0 { "0".to_string() } else if k == NUM_BINS { "1".to_string() } else { format!(".{k}") };
-        let _ = writeln!(s, r#"<text x="{x:.1}" y="{}" font-size="11" text-anchor="middle">{label}</text>"#, bottom + 17.0);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x:.1}" y1="{bottom}" x2="{x:.1}" y2="{}" stroke="#333"/>"##,
+            bottom + 4.0
+        );
+        let label = match k {
+            0 => "0".to_string(),
+            NUM_BINS => "1".to_string(),
+            _ => format!(".{k}"),
+        };
+        let _ = writeln!(
+            s,
+            r#"<text x="{x:.1}" y="{}" font-size="11" text-anchor="middle">{label}</text>"#,
+            bottom + 17.0
+        );
     }
     let _ = writeln!(
         s,
@@ -171,21 +317,12 @@ fn panel(
         left + PANEL_WIDTH / 2.0,
         bottom + 56.0
     );
-    for item in series {
-        if let Some(v) = overall(item.block) {
-            let y = y_of(v);
-            let _ = writeln!(
-                s,
-                r#"<line x1="{left}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="{}" stroke-width="2" stroke-dasharray="6 4"><title>{}: overall R@1 {v:.2}%</title></line>"#,
-                left + PANEL_WIDTH,
-                item.colour,
-                escape(item.label)
-            );
-        }
-    }
 }
 
 /// Escapes text for SVG.
 fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
