@@ -718,33 +718,64 @@ fn pct(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"))
 }
 
-/// `clip_benchmark.json`: the CLIP_benchmark result record (recalls as fractions in [0, 1];
-/// `image_retrieval` = text-to-image), from the re-rank block when present, else ITC.
-fn clip_benchmark(config: &Config, report: &Report) -> serde_json::Value {
+/// `clip_benchmark.json`: a CLIP_benchmark result record (`task` `zeroshot_retrieval`, recalls as
+/// fractions; `image_retrieval` = text-to-image), from the re-rank block when present, else ITC.
+#[derive(Debug, Clone, Serialize)]
+struct ClipBenchmark {
+    dataset: String,
+    /// The model folder's name, e.g. `blip2-itm-vit-g-coco`.
+    model: String,
+    /// The model folder as configured.
+    pretrained: String,
+    task: &'static str,
+    /// `itm_rerank` or `itc` (not a CLIP_benchmark key).
+    scoring: &'static str,
+    metrics: ClipMetrics,
+}
+
+/// CLIP_benchmark's retrieval metric names, fractions in [0, 1].
+#[derive(Debug, Clone, Serialize)]
+struct ClipMetrics {
+    #[serde(rename = "image_retrieval_recall@1")]
+    image_r1: Option<f64>,
+    #[serde(rename = "image_retrieval_recall@5")]
+    image_r5: Option<f64>,
+    #[serde(rename = "image_retrieval_recall@10")]
+    image_r10: Option<f64>,
+    #[serde(rename = "text_retrieval_recall@1")]
+    text_r1: Option<f64>,
+    #[serde(rename = "text_retrieval_recall@5")]
+    text_r5: Option<f64>,
+    #[serde(rename = "text_retrieval_recall@10")]
+    text_r10: Option<f64>,
+}
+
+fn clip_benchmark(config: &Config, report: &Report) -> ClipBenchmark {
     let (scoring, block) = report.headline();
     let s = &block.overall;
-    let frac = |v: Option<f64>| v.map(|v| v / 100.0);
+    // Percent to fraction, rounded to 10 decimals so 90.04 reads 0.9004, not 0.9004000000000001.
+    let frac = |v: Option<f64>| v.map(|v| (v * 1e8).round() / 1e10);
     let model = config
         .model
         .dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    serde_json::json!({
-        "dataset": config.dataset.name,
-        "model": model,
-        "pretrained": config.model.dir.display().to_string(),
-        "task": "zeroshot_retrieval",
-        "scoring": scoring,
-        "metrics": {
-            "image_retrieval_recall@1": frac(s.img_r1),
-            "image_retrieval_recall@5": frac(s.img_r5),
-            "image_retrieval_recall@10": frac(s.img_r10),
-            "text_retrieval_recall@1": frac(s.txt_r1),
-            "text_retrieval_recall@5": frac(s.txt_r5),
-            "text_retrieval_recall@10": frac(s.txt_r10),
+    ClipBenchmark {
+        dataset: config.dataset.name.clone(),
+        model,
+        pretrained: config.model.dir.display().to_string(),
+        task: "zeroshot_retrieval",
+        scoring,
+        metrics: ClipMetrics {
+            image_r1: frac(s.img_r1),
+            image_r5: frac(s.img_r5),
+            image_r10: frac(s.img_r10),
+            text_r1: frac(s.txt_r1),
+            text_r5: frac(s.txt_r5),
+            text_r10: frac(s.txt_r10),
         },
-    })
+    }
 }
 
 /// `per_query.parquet`: every image-to-text query (by image), then every text-to-image query.
