@@ -175,28 +175,42 @@ pub fn rerank_ranks(
             p.image, p.text
         ));
     }
+    if let Some(p) = pairs.iter().find(|p| !p.score.is_finite()) {
+        return Err(format!(
+            "pair (image {}, text {}) has score {}",
+            p.image, p.text, p.score
+        ));
+    }
     // Each direction's selected pairs, grouped by query: (query, candidate, score), sorted.
-    let group = |select: fn(&ScoredPair) -> Option<(u32, u32)>| -> std::result::Result<Vec<(u32, u32, f32)>, String> {
-        let mut rows: Vec<(u32, u32, f32)> =
-            pairs.iter().filter_map(|p| select(p).map(|(q, c)| (q, c, p.score))).collect();
+    let group = |direction: &str,
+                 select: fn(&ScoredPair) -> Option<(u32, u32)>|
+     -> std::result::Result<Vec<(u32, u32, f32)>, String> {
+        let mut rows: Vec<(u32, u32, f32)> = pairs
+            .iter()
+            .filter_map(|p| select(p).map(|(q, c)| (q, c, p.score)))
+            .collect();
         rows.sort_unstable_by_key(|&(q, c, _)| (q, c));
-        match rows.windows(2).find(|w| (w[0].0, w[0].1) == (w[1].0, w[1].1)) {
-            Some(w) => Err(format!("pair (query {}, candidate {}) is listed twice", w[0].0, w[0].1)),
+        match rows
+            .windows(2)
+            .find(|w| (w[0].0, w[0].1) == (w[1].0, w[1].1))
+        {
+            Some(w) => Err(format!(
+                "{direction} pair (query {}, candidate {}) is listed twice",
+                w[0].0, w[0].1
+            )),
             None => Ok(rows),
         }
     };
-    let i2t = group(|p| p.in_i2t.then_some((p.image, p.text)))?;
-    let t2i = group(|p| p.in_t2i.then_some((p.text, p.image)))?;
+    let i2t = group("image-to-text", |p| p.in_i2t.then_some((p.image, p.text)))?;
+    let t2i = group("text-to-image", |p| p.in_t2i.then_some((p.text, p.image)))?;
     let i2t_ranks = query_ranks(&i2t, n_images, n_texts, |i| truth.image_texts[i].clone());
+    // Every text has exactly one target (its image), so every text-to-image rank exists.
     let t2i_ranks = query_ranks(&t2i, n_texts, n_images, |t| {
         vec![truth.text_image[t] as usize]
     });
     Ok(Ranks {
         i2t: i2t_ranks,
-        t2i: t2i_ranks
-            .into_iter()
-            .map(|r| r.expect("every text has its image"))
-            .collect(),
+        t2i: t2i_ranks.into_iter().flatten().collect(),
     })
 }
 

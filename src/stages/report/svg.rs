@@ -326,3 +326,36 @@ fn escape(text: &str) -> String {
         .replace('>', "&gt;")
         .replace('"', "&quot;")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stages::report::{GroundTruth, Ranks};
+
+    fn block(i2t: Vec<Option<usize>>, t2i: Vec<usize>) -> Block {
+        let truth = GroundTruth::new(3, vec![0, 0, 1, 1, 2, 2]).unwrap();
+        Block::of(&Ranks { i2t, t2i }, &truth, &[0.05, 0.35, 0.95])
+    }
+
+    #[test]
+    fn the_y_floor_is_a_multiple_of_ten_below_every_value() {
+        let high = block(vec![Some(0); 3], vec![0; 6]);
+        let s = |b| Series {
+            label: "x",
+            colour: "red",
+            square: false,
+            block: b,
+        };
+        assert_eq!(y_floor(&[s(&high)]), 90.0);
+        let low = block(vec![Some(0); 3], vec![0, 9, 0, 0, 0, 0]);
+        // Bin 0's caption R@1 is 50: the floor is 40, shared by both series.
+        assert_eq!(y_floor(&[s(&high), s(&low)]), 40.0);
+        let zero = block(vec![Some(5); 3], vec![5; 6]);
+        assert_eq!(y_floor(&[s(&zero)]), 0.0);
+    }
+
+    #[test]
+    fn escapes_markup() {
+        assert_eq!(escape(r#"a&b <c> "d""#), "a&amp;b &lt;c&gt; &quot;d&quot;");
+    }
+}
