@@ -174,7 +174,6 @@ fn status_reports_missing_then_done() {
     let before = stdout(&ws.qpert(&["status", "--config", "{config}"]));
     assert!(before.contains("index    missing"), "{before}");
     assert!(before.contains("extract  missing"), "{before}");
-    assert!(before.contains("report   not implemented yet"), "{before}");
     assert!(index(&ws, &[]).status.success());
     let after = stdout(&ws.qpert(&["status", "--config", "{config}"]));
     assert!(after.contains("index    done (3 files, 1 shard(s), fingerprint "), "{after}");
@@ -249,15 +248,18 @@ fn shard_is_validated_and_rejected_for_the_unsharded_index() {
 }
 
 #[test]
-fn unimplemented_stages_exit_2_and_run_stops_after_rerank() {
+fn run_goes_through_every_stage_and_then_finds_everything_up_to_date() {
     let ws = Workspace::new(LAVIS);
-    assert_fails(&ws.qpert(&["stage", "report", "--config", "{config}"]), 2, &["report is not implemented yet"]);
     let run = ws.qpert(&["run", "--config", "{config}"]);
-    assert_eq!(run.status.code(), Some(2));
-    let last = stderr(&run).lines().last().unwrap_or_default().to_string();
-    assert_eq!(last, "qpert: stage report is not implemented yet; stages done: index, extract, text, sim, rerank; pending: report");
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
     assert!(stdout(&run).contains("index: 5 images"));
-    assert!(ws.path().join("out/rerank/manifest.json").exists());
+    for stage in ["index", "extract", "text", "sim", "rerank", "report"] {
+        assert!(ws.path().join("out").join(stage).join("manifest.json").exists(), "{stage}");
+    }
+    let again = stdout(&ws.qpert(&["run", "--config", "{config}"]));
+    for stage in ["index", "extract", "text", "sim", "rerank", "report"] {
+        assert!(again.contains(&format!("{stage}: up to date, skipped")), "{again}");
+    }
 }
 
 #[test]

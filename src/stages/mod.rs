@@ -7,6 +7,7 @@
 pub mod extract;
 pub mod index;
 pub mod rerank;
+pub mod report;
 pub mod runtime;
 pub mod sim;
 pub mod text;
@@ -51,11 +52,6 @@ impl Stage {
         Self::NAMES[self as usize]
     }
 
-    /// Whether this build implements the stage (the others are pending their issues).
-    pub fn is_implemented(self) -> bool {
-        !matches!(self, Stage::Report)
-    }
-
     /// The stage's output folder under `output.dir`: its name, or `<name>-plain` for the stages
     /// whose output depends on Q-Pert when it is disabled, so that one cache holds a Q-Pert run and
     /// a plain BLIP-2 run side by side (the report compares them).
@@ -73,15 +69,15 @@ impl Stage {
         matches!(self, Stage::Extract | Stage::Text | Stage::Rerank)
     }
 
-    /// The fingerprint the stage's output must have under `config`; `None` while unimplemented.
-    pub fn fingerprint(self, config: &Config) -> Result<Option<Fingerprint>> {
+    /// The fingerprint the stage's output must have under `config`.
+    pub fn fingerprint(self, config: &Config) -> Result<Fingerprint> {
         match self {
-            Stage::Index => index::fingerprint(config).map(Some),
-            Stage::Extract => extract::fingerprint(config).map(Some),
-            Stage::Text => text::fingerprint(config).map(Some),
-            Stage::Sim => sim::fingerprint(config).map(Some),
-            Stage::Rerank => rerank::fingerprint(config).map(Some),
-            _ => Ok(None),
+            Stage::Index => index::fingerprint(config),
+            Stage::Extract => extract::fingerprint(config),
+            Stage::Text => text::fingerprint(config),
+            Stage::Sim => sim::fingerprint(config),
+            Stage::Rerank => rerank::fingerprint(config),
+            Stage::Report => report::fingerprint(config),
         }
     }
 }
@@ -228,26 +224,13 @@ pub fn run_stage(stage: Stage, ctx: &Context, shard: Option<Shard>) -> Result<Ou
         Stage::Text => text::run(ctx, shard.unwrap_or(Shard::ALL)),
         Stage::Sim => sim::run(ctx),
         Stage::Rerank => rerank::run(ctx, shard.unwrap_or(Shard::ALL)),
-        _ => Err(not_implemented(stage)),
+        Stage::Report => report::run(ctx),
     }
 }
 
-fn not_implemented(stage: Stage) -> Error {
-    Error::Usage(format!("stage {stage} is not implemented yet"))
-}
-
-/// Runs the stages in order, skipping those already up to date, and stops with a usage error at
-/// the first stage this build does not implement, naming the stages still pending.
+/// Runs the stages in order, skipping those already up to date (and `rerank` when disabled).
 pub fn run_pipeline(ctx: &Context) -> Result<()> {
     for stage in Stage::ALL {
-        if !stage.is_implemented() {
-            let pending: Vec<&str> = Stage::ALL.iter().filter(|s| !s.is_implemented()).map(|s| s.name()).collect();
-            return Err(Error::Usage(format!(
-                "stage {stage} is not implemented yet; stages done: {}; pending: {}",
-                implemented_names().join(", "),
-                pending.join(", ")
-            )));
-        }
         if stage == Stage::Rerank && !ctx.config.rerank.enabled {
             ctx.reporter.info("rerank: disabled in the config ([rerank] enabled = false), skipped");
             continue;
@@ -259,10 +242,6 @@ pub fn run_pipeline(ctx: &Context) -> Result<()> {
     Ok(())
 }
 
-fn implemented_names() -> Vec<&'static str> {
-    Stage::ALL.iter().filter(|s| s.is_implemented()).map(|s| s.name()).collect()
-}
-
 /// One line of `qpert status` per stage: `index    done (3 files, fingerprint 1a2b3c4d5e6f)`,
 /// `stale (dataset.box_origin: 1 -> 0)`, `partial: shards 1, 3 of 4 done; missing 2, 4`, `missing`.
 pub fn status(config: &Config) -> Result<Vec<String>> {
@@ -272,8 +251,7 @@ pub fn status(config: &Config) -> Result<Vec<String>> {
 fn describe(stage: Stage, config: &Config) -> Result<String> {
     // A stage whose inputs cannot be fingerprinted (no model folder yet, say) is reported, not fatal.
     let fingerprint = match stage.fingerprint(config) {
-        Ok(Some(fingerprint)) => fingerprint,
-        Ok(None) => return Ok("not implemented yet".to_string()),
+        Ok(fingerprint) => fingerprint,
         Err(e) => return Ok(format!("missing (cannot fingerprint its inputs: {e})")),
     };
     let digest = fingerprint.digest();
