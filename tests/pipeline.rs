@@ -131,6 +131,14 @@ fn every_stage_matches_the_python_reference() {
             }
         }
     }
+    // The Q-Pert report now finds the plain run in the same cache: it is stale, and once recomputed
+    // it shows both side by side (reference ITC text-to-image R@1: 16 with Q-Pert, 24 plain).
+    let status = common::stdout(&ws.qpert(&["status", "--config", "{config}", "--set", "qpert.projector=principal"]));
+    assert!(status.lines().any(|l| l.starts_with("report") && l.contains("baseline: added")), "{status}");
+    stage(&ws, "principal", &["stage", "report"]);
+    let md = std::fs::read_to_string(ws.path().join("out/report/report.md")).unwrap();
+    assert!(md.contains("## Q-Pert against plain BLIP-2 (same cache)"), "{md}");
+    assert!(md.contains("| ITC | text to image R@1 | 24.00 | 16.00 | -8.00 |"), "{md}");
 }
 
 /// Equal numbers (to 1e-9: recalls are ratios of small counts) or both null.

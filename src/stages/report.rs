@@ -51,16 +51,45 @@ pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
         .with("dataset.name", &config.dataset.name)
         .with("model.dir", config.model.dir.display())
         .with("qpert.enabled", q.enabled)
-        .with("qpert.alpha", q.alpha)
-        .with("qpert.npc", q.npc)
-        .with("qpert.weight", json_name(&q.weight))
-        .with("qpert.projector", json_name(&q.projector))
         .with("rerank.enabled", config.rerank.enabled)
         .with("rerank.k", config.rerank.k);
+    // Plain BLIP-2 does not depend on the Q-Pert settings (so any Q-Pert run finds its baseline).
+    if q.enabled {
+        fp = fp
+            .with("qpert.alpha", q.alpha)
+            .with("qpert.npc", q.npc)
+            .with("qpert.weight", json_name(&q.weight))
+            .with("qpert.projector", json_name(&q.projector));
+    }
     if config.rerank.enabled {
         fp = fp.with_input("rerank", &rerank::fingerprint(config)?);
     }
+    if let Some(plain) = plain_report(config)? {
+        fp = fp.with("baseline", plain.manifest.fingerprint);
+    }
     Ok(fp)
+}
+
+/// A finished plain BLIP-2 report (`qpert.enabled = false`, same settings otherwise) in the same
+/// cache, which a Q-Pert report shows side by side with deltas.
+struct PlainReport {
+    manifest: Manifest,
+    metrics: serde_json::Value,
+}
+
+fn plain_report(config: &Config) -> Result<Option<PlainReport>> {
+    if !config.qpert.enabled {
+        return Ok(None);
+    }
+    let mut plain = config.clone();
+    plain.qpert.enabled = false;
+    let Ok(fingerprint) = fingerprint(&plain) else { return Ok(None) };
+    let dir = StageDir::open(&plain.output.dir, Stage::Report.name(), fingerprint).in_folder(&Stage::Report.dir_name(&plain));
+    let StageState::Done(manifest) = dir.state()? else { return Ok(None) };
+    let path = dir.path().join("metrics.json");
+    let bytes = std::fs::read(&path).map_err(|e| Error::artifact(&path, e))?;
+    let metrics = serde_json::from_slice(&bytes).map_err(|e| Error::artifact(&path, format!("not valid JSON: {e}")))?;
+    Ok(Some(PlainReport { manifest, metrics }))
 }
 
 /// A unit enum's config spelling (`constant`, `official`).
@@ -80,7 +109,8 @@ pub fn run(ctx: &Context) -> Result<Outcome> {
     }
     let inputs = Inputs::read(ctx)?;
     let report = Report::new(config, &inputs);
-    let files = write_outputs(&stage, config, &inputs, &report)?;
+    let plain = plain_report(config)?;
+    let files = write_outputs(&stage, config, &inputs, &report, plain.as_ref().map(|p| &p.metrics))?;
     stage.finish(
         files,
         serde_json::to_value(report.summary()).unwrap_or_default(),
@@ -589,10 +619,18 @@ impl Block {
     }
 }
 
-/// The Q-Pert settings the run used, as `metrics.json` records them.
+/// The Q-Pert settings the run used, as `metrics.json` records them (only `enabled` when off: a plain
+/// run does not depend on the others).
 #[derive(Debug, Clone, Serialize)]
 struct QpertRecord {
     enabled: bool,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    settings: Option<QpertValues>,
+}
+
+/// The settings of an enabled Q-Pert.
+#[derive(Debug, Clone, Serialize)]
+struct QpertValues {
     alpha: f64,
     npc: Components,
     weight: AlphaWeight,
@@ -627,10 +665,12 @@ impl Report {
                 k: config.rerank.k,
                 qpert: QpertRecord {
                     enabled: q.enabled,
-                    alpha: q.alpha,
-                    npc: q.npc,
-                    weight: q.weight,
-                    projector: q.projector,
+                    settings: q.enabled.then_some(QpertValues {
+                        alpha: q.alpha,
+                        npc: q.npc,
+                        weight: q.weight,
+                        projector: q.projector,
+                    }),
                 },
                 counts: inputs.counts.clone(),
                 itc: block(&inputs.itc),
@@ -803,6 +843,7 @@ fn write_outputs(
     config: &Config,
     inputs: &Inputs,
     report: &Report,
+    plain: Option<&serde_json::Value>,
 ) -> Result<Vec<FileEntry>> {
     let per_query = per_query_batch(inputs).map_err(|e| Error::artifact(stage.path(), e))?;
     let per_query_entry = stage.write_table(
@@ -818,7 +859,7 @@ fn write_outputs(
         ),
         (
             "report.md",
-            markdown::render(config, &report.metrics, "recall_by_size.svg").into_bytes(),
+            markdown::render(config, &report.metrics, plain, "recall_by_size.svg").into_bytes(),
         ),
         (
             "recall_by_size.svg",

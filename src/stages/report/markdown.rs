@@ -57,9 +57,8 @@ fn published(dataset: &str) -> Vec<&'static Published> {
 }
 
 /// The report, linking the plot `plot_file` (beside it).
-pub fn render(config: &Config, m: &MetricsFile, plot_file: &str) -> String {
+pub fn render(config: &Config, m: &MetricsFile, plain: Option<&serde_json::Value>, plot_file: &str) -> String {
     let mut out = String::new();
-    let q = &m.qpert;
     let c = &m.counts;
     let model = config
         .model
@@ -67,16 +66,15 @@ pub fn render(config: &Config, m: &MetricsFile, plot_file: &str) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let qpert = if q.enabled {
-        format!(
+    let qpert = match &m.qpert.settings {
+        Some(q) => format!(
             "on: alpha {}, npc {}, weight {}, projector {}",
             q.alpha,
             q.npc,
             super::json_name(&q.weight),
             super::json_name(&q.projector)
-        )
-    } else {
-        "off (plain BLIP-2)".to_string()
+        ),
+        None => "off (plain BLIP-2)".to_string(),
     };
     let rerank = match m.rerank {
         Some(_) => format!("ITM on each query's ITC top-{} (score = ITM + ITC)", m.k),
@@ -107,6 +105,9 @@ pub fn render(config: &Config, m: &MetricsFile, plot_file: &str) -> String {
         out.push('\n');
     }
 
+    if let Some(plain) = plain {
+        comparison_table(&mut out, m, plain);
+    }
     rank_table(&mut out, m);
 
     let _ = writeln!(out, "## Recall by object size\n");
@@ -269,4 +270,34 @@ mod tests {
         assert!(labels("flickr-mini").is_empty());
         assert!(labels("my-coco").is_empty());
     }
+}
+
+/// Q-Pert against the plain BLIP-2 run of the same cache (`<stage>-plain/`): R@1/5/10 overall and
+/// small, both directions, per scoring, with the difference in points.
+fn comparison_table(out: &mut String, m: &MetricsFile, plain: &serde_json::Value) {
+    let _ = writeln!(out, "## Q-Pert against plain BLIP-2 (same cache)\n");
+    let _ = writeln!(out, "| scoring | metric | plain BLIP-2 | Q-Pert | delta |\n|---|---|---:|---:|---:|");
+    let mut blocks: Vec<(&str, &str, &Block)> = vec![("ITC", "itc", &m.itc)];
+    if let Some(b) = &m.rerank {
+        blocks.push(("ITC + ITM re-rank", "rerank", b));
+    }
+    for (label, key, block) in blocks {
+        for (small, prefix) in [(false, ""), (true, "small ")] {
+            let ours = if small { &block.small.summary } else { &block.overall };
+            let theirs = if small { &plain[key]["small"] } else { &plain[key] };
+            for (dir, name, recalls) in [(Dir::T2i, "text to image", ["img_r1", "img_r5", "img_r10"]), (Dir::I2t, "image to text", ["txt_r1", "txt_r5", "txt_r10"])] {
+                for (k, field) in recalls.iter().enumerate() {
+                    let q = dir.recalls(ours)[k];
+                    let p = theirs[field].as_f64();
+                    let delta = match (q, p) {
+                        (Some(q), Some(p)) => format!("{:+.2}", q - p),
+                        _ => "-".to_string(),
+                    };
+                    let at = ["R@1", "R@5", "R@10"][k];
+                    let _ = writeln!(out, "| {label} | {prefix}{name} {at} | {} | {} | {delta} |", pct(p), pct(q));
+                }
+            }
+        }
+    }
+    out.push('\n');
 }

@@ -92,10 +92,9 @@ pub fn render(m: &MetricsFile) -> String {
         WIDTH / 2.0,
         escape(&m.dataset)
     );
-    let qpert = if m.qpert.enabled {
-        format!("Q-Pert alpha {}", m.qpert.alpha)
-    } else {
-        "no Q-Pert".to_string()
+    let qpert = match &m.qpert.settings {
+        Some(q) => format!("Q-Pert alpha {}", q.alpha),
+        None => "no Q-Pert".to_string(),
     };
     let _ = writeln!(
         s,
