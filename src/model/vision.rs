@@ -6,12 +6,12 @@
 
 use burn::module::{Initializer, Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear};
-use burn::tensor::activation::{gelu, softmax};
+use burn::nn::Linear;
+use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 
 use super::config::VisionConfig;
-use super::linear;
+use super::{LayerNorm, linear, softmax};
 
 /// Patch, class and position embeddings (`vision_model.embeddings`).
 #[derive(Module, Debug)]
@@ -143,9 +143,7 @@ impl VisionConfig {
             std: 0.02,
         };
         let norm = || {
-            LayerNormConfig::new(dv)
-                .with_epsilon(self.layer_norm_eps)
-                .init(device)
+            LayerNorm::new(dv, self.layer_norm_eps, device)
         };
         let embeddings = VisionEmbeddings {
             class_embedding: normal.init([1, 1, dv], device),
