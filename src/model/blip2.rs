@@ -417,9 +417,13 @@ impl Blip2Model {
             vec![Tensor::<2, Int>::ones([p, q], &device), attention_mask],
             1,
         );
-        let out = self
-            .qformer
-            .forward(embeddings, Some(mask_bias(mask, self.dtype)), q, &cross, perturbation);
+        let out = self.qformer.forward(
+            embeddings,
+            Some(mask_bias(mask, self.dtype)),
+            q,
+            &cross,
+            perturbation,
+        );
         let logits = f32s(self.itm_head.forward(out.narrow(1, 0, q))); // [p, q, 2]
         Ok(logits.narrow(2, 1, 1).mean_dim(1).reshape([p]))
     }

@@ -273,9 +273,7 @@ impl QFormerConfig {
     /// Builds the Q-Former with lazily initialised (random) parameters.
     pub fn init(&self, device: &Device) -> QFormerModel {
         let dq = self.hidden_size;
-        let norm = || {
-            LayerNorm::new(dq, self.layer_norm_eps, device)
-        };
+        let norm = || LayerNorm::new(dq, self.layer_norm_eps, device);
         let output = |from: usize| QFormerOutput {
             dense: linear(from, dq, true, device),
             layer_norm: norm(),

@@ -5,8 +5,8 @@
 //! and exact GELU -> `post_layernorm` on all T tokens.
 
 use burn::module::{Initializer, Module, Param};
-use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::Linear;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 
@@ -142,9 +142,7 @@ impl VisionConfig {
             mean: 0.0,
             std: 0.02,
         };
-        let norm = || {
-            LayerNorm::new(dv, self.layer_norm_eps, device)
-        };
+        let norm = || LayerNorm::new(dv, self.layer_norm_eps, device);
         let embeddings = VisionEmbeddings {
             class_embedding: normal.init([1, 1, dv], device),
             patch_embedding: Conv2dConfig::new([self.num_channels, dv], [p, p])
