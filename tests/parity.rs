@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use qpert::Error;
 use qpert::model::weights::hf_name;
 use qpert::model::{Blip2Config, Blip2Model};
@@ -123,9 +123,11 @@ fn max_abs_diff(name: &str, (shape, actual): (Vec<usize>, Vec<f32>), expected: &
         .fold(0.0, f32::max)
 }
 
-/// Runs every head of the model in `dir` on `device` and returns the max abs error per output.
-fn parity_errors(dir: &Path, device: &Device) -> Vec<(String, f32)> {
-    let model = Blip2Model::load(dir, device).unwrap();
+/// Runs every head of the model in `dir` on `device` in `dtype` and returns the max abs error per
+/// output against the f32 reference.
+fn parity_errors(dir: &Path, device: &Device, dtype: FloatDType) -> Vec<(String, f32)> {
+    let model = Blip2Model::load_with_dtype(dir, device, dtype).unwrap();
+    assert_eq!(model.dtype(), dtype);
     let reference = Fixture {
         tensors: read_safetensors(&dir.join("reference.safetensors")),
         device: device.clone(),
@@ -136,7 +138,11 @@ fn parity_errors(dir: &Path, device: &Device) -> Vec<(String, f32)> {
     };
 
     let pixels: Tensor<4> = reference.float("pixel_values");
-    let embeddings = model.vision_model.embeddings.forward(pixels.clone());
+    // The submodules compute in the run dtype: their input is cast, their output read as f32.
+    let embeddings = model
+        .vision_model
+        .embeddings
+        .forward(pixels.clone().cast(dtype));
     check(
         "vision_embeddings",
         host(embeddings.clone()),
@@ -255,7 +261,7 @@ fn itc(image: Tensor<3>, text: Tensor<2>) -> Tensor<2> {
 }
 
 fn assert_parity(dir: &Path, device: &Device, tolerance: f32) {
-    let errors = parity_errors(dir, device);
+    let errors = parity_errors(dir, device, FloatDType::F32);
     for (name, error) in &errors {
         eprintln!(
             "{}: {name:<24} max abs error {error:.2e}",
@@ -285,6 +291,90 @@ fn parity_cuda() {
     let device = Device::cuda(0);
     assert_parity(&fixture("tiny_blip2_a"), &device, TOLERANCE);
     assert_parity(&fixture("tiny_blip2_b"), &device, TOLERANCE);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reduced precision: bf16 and f16 against the f32 reference.
+//
+// Weights and activations in bf16/f16, LayerNorm and softmax in f32, outputs in f32 (see the
+// `model` module docs). Measured on CPU (burn-flex), max abs deviation from the f32 reference over
+// both fixtures (README, "Precision"):
+//
+// | output                             | bf16    | f16     |
+// |------------------------------------|---------|---------|
+// | itc                                | 1.41e-2 | 1.14e-3 |
+// | itm_logits                         | 1.66e-2 | 2.01e-3 |
+// | image_embeds_{principal,official}  | 2.99e-2 | 3.65e-3 |
+// | itm_logits_{principal,official}    | 4.47e-2 | 2.08e-3 |
+// | any intermediate (Z, keys, cls...) | 4.54e-2 | 7.16e-3 |
+//
+// The bounds are about twice the largest measured value, so that a backend that rounds
+// differently (CUDA) passes, while a path left in f32 by mistake (deviation ~1e-6) or an op
+// silently running in a narrower accumulation (deviations grow by 10x and more) does not go
+// unnoticed. bf16 keeps 8 mantissa bits (relative step 3.9e-3), f16 11 (4.9e-4): the deviations
+// are about 10 of those steps of the largest activations, after 2 + 2 tiny layers.
+
+/// The largest allowed max abs deviation from the f32 reference of `output` in `dtype`.
+fn precision_bound(dtype: FloatDType, output: &str) -> f32 {
+    match (dtype, output) {
+        (FloatDType::BF16, "itc") => 3e-2,
+        (FloatDType::BF16, "itm_logits") => 4e-2,
+        (FloatDType::BF16, _) => 1e-1,
+        (FloatDType::F16, "itc") => 3e-3,
+        (FloatDType::F16, "itm_logits") => 5e-3,
+        (FloatDType::F16, _) => 1.5e-2,
+        _ => unreachable!("only bf16 and f16 are bounded here"),
+    }
+}
+
+/// Runs every head in `dtype` on both fixtures (the Q-Pert heads with the fixtures' Pi included),
+/// prints the deviations from the f32 reference and asserts each is within [`precision_bound`]
+/// but not zero (the run really was in reduced precision).
+fn assert_precision(device: &Device, dtype: FloatDType) {
+    for name in ["tiny_blip2_a", "tiny_blip2_b"] {
+        let errors = parity_errors(&fixture(name), device, dtype);
+        for (output, error) in &errors {
+            eprintln!("{name} {dtype:?}: {output:<24} max abs error {error:.2e}");
+        }
+        let bad: Vec<_> = errors
+            .iter()
+            .filter(|(output, e)| *e > precision_bound(dtype, output) || *e < 1e-4)
+            .collect();
+        assert!(bad.is_empty(), "{name} {dtype:?} outside bounds: {bad:?}");
+        assert!(errors.len() >= 14, "every head was compared: {errors:?}");
+    }
+}
+
+#[test]
+fn bf16_stays_near_the_f32_reference() {
+    assert_precision(&Device::default(), FloatDType::BF16);
+}
+
+#[test]
+fn f16_stays_near_the_f32_reference() {
+    assert_precision(&Device::default(), FloatDType::F16);
+}
+
+/// The same bounds on CUDA: `cargo test --features cuda --test parity -- --ignored`.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn reduced_precision_cuda() {
+    let device = Device::cuda(0);
+    assert_precision(&device, FloatDType::BF16);
+    assert_precision(&device, FloatDType::F16);
+}
+
+#[test]
+fn other_dtypes_are_a_config_error() {
+    let dir = fixture("tiny_blip2_a");
+    match Blip2Model::load_with_dtype(&dir, &Device::default(), FloatDType::F64) {
+        Err(Error::Config { path, msg }) => {
+            assert_eq!(path, dir);
+            assert!(msg.contains("F64") && msg.contains("bf16"), "{msg}");
+        }
+        other => panic!("expected a config error, got {:?}", other.map(|_| ())),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

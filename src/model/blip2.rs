@@ -3,13 +3,14 @@
 //! Q-Pert perturbation Pi of method.md section 5. Follows `Blip2ForImageTextRetrieval.forward`
 //! (both `use_image_text_matching_head` branches) in `models/blip_2/modeling_blip_2.py` of
 //! transformers 5.24, the version that generated `tests/fixtures`. Every forward checks its inputs
-//! and returns `Error::Input` naming the argument.
+//! and returns `Error::Input` naming the argument. Every forward casts its float inputs to the run
+//! dtype ([`Blip2Model::dtype`]) and returns f32 (see the module docs of `model` on precision).
 
 use std::path::Path;
 
 use burn::module::{Initializer, Module, ModuleVisitor, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, FloatDType, Int, Tensor};
 
 use super::config::Blip2Config;
 use super::linear;
@@ -37,7 +38,7 @@ impl TextEmbeddings {
     }
 }
 
-/// BLIP-2 for image-text retrieval (`Blip2ForImageTextRetrieval`), f32.
+/// BLIP-2 for image-text retrieval (`Blip2ForImageTextRetrieval`), in f32, bf16 or f16.
 #[derive(Module, Debug)]
 pub struct Blip2Model {
     /// The vision tower.
@@ -56,6 +57,9 @@ pub struct Blip2Model {
     pub itm_head: Linear,
     #[module(skip)]
     config: Blip2Config,
+    /// The dtype of the weights and activations.
+    #[module(skip)]
+    dtype: FloatDType,
 }
 
 impl Blip2Config {
@@ -81,6 +85,7 @@ impl Blip2Config {
             text_projection: linear(dq, e, true, device),
             itm_head: linear(dq, 2, true, device),
             config: self.clone(),
+            dtype: FloatDType::F32,
         }
     }
 }
@@ -94,17 +99,25 @@ impl ModuleVisitor for Materialize {
     }
 }
 
-/// L2 normalisation along the last axis, as `torch.nn.functional.normalize` (eps 1e-12).
+/// L2 normalisation along the last axis, as `torch.nn.functional.normalize` (eps 1e-12), in f32.
 fn l2_normalize(x: Tensor<3>) -> Tensor<3> {
+    let x = f32s(x);
     let norm = x.clone().square().sum_dim(2).sqrt().clamp_min(1e-12);
     x / norm
 }
 
-/// Additive attention bias from a 0/1 mask: 0 where visible, -10000 where masked.
+/// A float tensor in f32 (a no-op when it is f32 already).
+fn f32s<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    x.cast(FloatDType::F32)
+}
+
+/// Additive attention bias from a 0/1 mask in `dtype`: 0 where visible, -10000 where masked.
 /// Shapes: mask [b,n] Int -> [b,1,1,n].
-fn mask_bias(mask: Tensor<2, Int>) -> Tensor<4> {
+fn mask_bias(mask: Tensor<2, Int>, dtype: FloatDType) -> Tensor<4> {
     let [b, n] = mask.dims();
-    ((mask.float() - 1.0) * 10000.0).reshape([b, 1, 1, n])
+    ((mask.float() - 1.0) * 10000.0)
+        .reshape([b, 1, 1, n])
+        .cast(dtype)
 }
 
 /// A bad forward argument, named like a path (`pixel_values: expected ...`).
@@ -124,9 +137,23 @@ impl Blip2Model {
     /// Loads `<model_dir>/config.json` and the safetensors weights (converted to f32) onto `device`.
     /// Every parameter must be present with its exact shape; see `weights.rs`.
     pub fn load(model_dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_with_dtype(model_dir, device, FloatDType::F32)
+    }
+
+    /// [`Blip2Model::load`] with the weights converted to `dtype` (f32, bf16 or f16), which is then
+    /// the dtype the model computes in, LayerNorm and softmax excepted (they run in f32).
+    pub fn load_with_dtype(model_dir: &Path, device: &Device, dtype: FloatDType) -> Result<Self> {
+        if !matches!(dtype, FloatDType::F32 | FloatDType::BF16 | FloatDType::F16) {
+            return Err(Error::config(
+                model_dir,
+                format!("model precision {dtype:?} is not one of f32, bf16, f16"),
+            ));
+        }
         let config = Blip2Config::from_model_dir(model_dir)?;
         let checkpoint = Checkpoint::open(model_dir)?;
-        load_module(config.init(device), &checkpoint, device)
+        let mut model = load_module(config.init(device), &checkpoint, device, dtype)?;
+        model.dtype = dtype;
+        Ok(model)
     }
 
     /// A model with random weights for benchmarks: same shapes and code path as a loaded one.
@@ -143,6 +170,16 @@ impl Blip2Model {
     /// The configuration the model was built from.
     pub fn config(&self) -> &Blip2Config {
         &self.config
+    }
+
+    /// The dtype of the weights and of the activations.
+    pub fn dtype(&self) -> FloatDType {
+        self.dtype
+    }
+
+    /// A float input in the run dtype (a no-op when it is already).
+    fn run<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        x.cast(self.dtype)
     }
 
     fn check_z(&self, z: &Tensor<3>) -> Result<()> {
@@ -243,7 +280,7 @@ impl Blip2Model {
                 ),
             ));
         }
-        Ok(self.vision_model.forward(pixel_values))
+        Ok(f32s(self.vision_model.forward(self.run(pixel_values))))
     }
 
     /// The key projection of Z in every cross-attention layer, split into heads: what Q-Pert builds
@@ -251,10 +288,11 @@ impl Blip2Model {
     /// Shapes: z [b,t,dv] -> n_cross x [b,h,t,d].
     pub fn cross_attention_keys(&self, z: Tensor<3>) -> Result<Vec<Tensor<4>>> {
         self.check_z(&z)?;
+        let z = self.run(z);
         Ok(self
             .qformer
             .cross_attention_blocks()
-            .map(|block| block.attention.key_heads(z.clone()))
+            .map(|block| f32s(block.attention.key_heads(z.clone())))
             .collect())
     }
 
@@ -262,12 +300,18 @@ impl Blip2Model {
     /// applied in every cross-attention layer when given.
     /// Shapes: z [b,t,dv], perturbation [b,n_cross,h,d,d] -> [b,q,dq].
     pub fn query_output(&self, z: Tensor<3>, perturbation: Option<Tensor<5>>) -> Result<Tensor<3>> {
+        Ok(f32s(self.query_output_run(z, perturbation)?))
+    }
+
+    /// [`Blip2Model::query_output`] in the run dtype.
+    fn query_output_run(&self, z: Tensor<3>, perturbation: Option<Tensor<5>>) -> Result<Tensor<3>> {
         self.check_z(&z)?;
         let [b, _, _] = z.dims();
         self.check_perturbation(perturbation.as_ref(), b)?;
         let [_, q, dq] = self.query_tokens.dims();
         let queries = self.query_tokens.val().expand([b, q, dq]);
-        let cross = self.qformer.cross_kv(z);
+        let cross = self.qformer.cross_kv(self.run(z));
+        let perturbation = perturbation.map(|pi| self.run(pi));
         Ok(self.qformer.forward(queries, None, q, &cross, perturbation))
     }
 
@@ -278,7 +322,7 @@ impl Blip2Model {
         z: Tensor<3>,
         perturbation: Option<Tensor<5>>,
     ) -> Result<Tensor<3>> {
-        let out = self.query_output(z, perturbation)?;
+        let out = self.query_output_run(z, perturbation)?;
         Ok(l2_normalize(self.vision_projection.forward(out)))
     }
 
@@ -289,11 +333,20 @@ impl Blip2Model {
         input_ids: Tensor<2, Int>,
         attention_mask: Tensor<2, Int>,
     ) -> Result<Tensor<2>> {
+        Ok(f32s(self.text_cls_run(input_ids, attention_mask)?))
+    }
+
+    /// [`Blip2Model::text_cls`] in the run dtype.
+    fn text_cls_run(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Tensor<2, Int>,
+    ) -> Result<Tensor<2>> {
         self.check_text(&input_ids, &attention_mask)?;
         let [n, _] = input_ids.dims();
         let out = self.qformer.forward(
             self.embeddings.forward(input_ids),
-            Some(mask_bias(attention_mask)),
+            Some(mask_bias(attention_mask, self.dtype)),
             0,
             &[],
             None,
@@ -309,7 +362,7 @@ impl Blip2Model {
         input_ids: Tensor<2, Int>,
         attention_mask: Tensor<2, Int>,
     ) -> Result<Tensor<2>> {
-        let cls = self.text_cls(input_ids, attention_mask)?;
+        let cls = self.text_cls_run(input_ids, attention_mask)?;
         let [n, dq] = cls.dims();
         let features = l2_normalize(self.text_projection.forward(cls.reshape([n, 1, dq])));
         let [_, _, e] = features.dims();
@@ -351,11 +404,11 @@ impl Blip2Model {
 
         let cross: Vec<CrossKv> = self
             .qformer
-            .cross_kv(z)
+            .cross_kv(self.run(z))
             .iter()
             .map(|kv| kv.select(pair_image.clone()))
             .collect();
-        let perturbation = perturbation.map(|pi| pi.select(0, pair_image));
+        let perturbation = perturbation.map(|pi| self.run(pi).select(0, pair_image));
         let [_, q, dq] = self.query_tokens.dims();
         let device = input_ids.device();
         let queries = self.query_tokens.val().expand([p, q, dq]);
@@ -364,10 +417,14 @@ impl Blip2Model {
             vec![Tensor::<2, Int>::ones([p, q], &device), attention_mask],
             1,
         );
-        let out = self
-            .qformer
-            .forward(embeddings, Some(mask_bias(mask)), q, &cross, perturbation);
-        let logits = self.itm_head.forward(out.narrow(1, 0, q)); // [p, q, 2]
+        let out = self.qformer.forward(
+            embeddings,
+            Some(mask_bias(mask, self.dtype)),
+            q,
+            &cross,
+            perturbation,
+        );
+        let logits = f32s(self.itm_head.forward(out.narrow(1, 0, q))); // [p, q, 2]
         Ok(logits.narrow(2, 1, 1).mean_dim(1).reshape([p]))
     }
 }

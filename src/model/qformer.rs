@@ -6,12 +6,12 @@
 //! `Blip2QFormerModel` in `models/blip_2/modeling_blip_2.py` of transformers 5.24.
 
 use burn::module::Module;
-use burn::nn::{LayerNorm, LayerNormConfig, Linear};
-use burn::tensor::activation::{gelu, softmax};
+use burn::nn::Linear;
+use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 
 use super::config::QFormerConfig;
-use super::linear;
+use super::{LayerNorm, linear, softmax};
 
 /// Query, key and value projections of one attention block (`attention.attention` or
 /// `crossattention.attention`).
@@ -273,11 +273,7 @@ impl QFormerConfig {
     /// Builds the Q-Former with lazily initialised (random) parameters.
     pub fn init(&self, device: &Device) -> QFormerModel {
         let dq = self.hidden_size;
-        let norm = || {
-            LayerNormConfig::new(dq)
-                .with_epsilon(self.layer_norm_eps)
-                .init(device)
-        };
+        let norm = || LayerNorm::new(dq, self.layer_norm_eps, device);
         let output = |from: usize| QFormerOutput {
             dense: linear(from, dq, true, device),
             layer_norm: norm(),

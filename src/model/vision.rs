@@ -5,13 +5,13 @@
 //! and exact GELU -> `post_layernorm` on all T tokens.
 
 use burn::module::{Initializer, Module, Param};
+use burn::nn::Linear;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear};
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 
 use super::config::VisionConfig;
-use super::linear;
+use super::{LayerNorm, linear, softmax};
 
 /// Patch, class and position embeddings (`vision_model.embeddings`).
 #[derive(Module, Debug)]
@@ -142,11 +142,7 @@ impl VisionConfig {
             mean: 0.0,
             std: 0.02,
         };
-        let norm = || {
-            LayerNormConfig::new(dv)
-                .with_epsilon(self.layer_norm_eps)
-                .init(device)
-        };
+        let norm = || LayerNorm::new(dv, self.layer_norm_eps, device);
         let embeddings = VisionEmbeddings {
             class_embedding: normal.init([1, 1, dv], device),
             patch_embedding: Conv2dConfig::new([self.num_channels, dv], [p, p])

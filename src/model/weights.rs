@@ -3,8 +3,8 @@
 //!
 //! The files are `model.safetensors`, or shards `model-0000X-of-0000N.safetensors` listed by
 //! `model.safetensors.index.json`; they are memory-mapped and each tensor is converted to f32 (from
-//! f32, f16, bf16 or f64 storage) only when its parameter is loaded, so peak host memory stays
-//! near one copy of the weights. No `__metadata__` header is required.
+//! f32, f16, bf16 or f64 storage), then to the run dtype, only when its parameter is loaded, so
+//! peak host memory stays near one copy of the weights. No `__metadata__` header is required.
 //!
 //! The Rust field paths of the modules are the HF names, so a module path maps to its tensor name
 //! through the short [`RENAMES`] table. Loading walks every parameter of the module (a burn
@@ -19,7 +19,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, Metadata};
@@ -285,6 +285,7 @@ impl Checkpoint {
 struct CheckpointMapper<'a> {
     checkpoint: &'a Checkpoint,
     device: Device,
+    dtype: FloatDType,
     path: Vec<String>,
     errors: Vec<Error>,
 }
@@ -303,8 +304,9 @@ impl ModuleMapper for CheckpointMapper<'_> {
         let expected = param.lazy_shape().to_vec();
         match self.checkpoint.read_expected(&name, &expected) {
             Ok(host) => {
-                let tensor =
-                    Tensor::<D>::from_data(TensorData::new(host.values, host.shape), &self.device);
+                let dtype = DType::from(self.dtype);
+                let data = TensorData::new(host.values, host.shape).convert_dtype(dtype);
+                let tensor = Tensor::<D>::from_data(data, (&self.device, dtype));
                 let id = param.id;
                 param.transform_for_load(tensor, id)
             }
@@ -317,11 +319,18 @@ impl ModuleMapper for CheckpointMapper<'_> {
 }
 
 /// Replaces every float parameter of `module` with the tensor of the same (HF) name in the
-/// checkpoint. All problems are collected; the first is returned, its message counting the rest.
-pub fn load_module<M: Module>(module: M, checkpoint: &Checkpoint, device: &Device) -> Result<M> {
+/// checkpoint, converted on the host to `dtype` (whatever the stored dtype) before it goes to
+/// `device`. All problems are collected; the first is returned, its message counting the rest.
+pub fn load_module<M: Module>(
+    module: M,
+    checkpoint: &Checkpoint,
+    device: &Device,
+    dtype: FloatDType,
+) -> Result<M> {
     let mut mapper = CheckpointMapper {
         checkpoint,
         device: device.clone(),
+        dtype,
         path: Vec::new(),
         errors: Vec::new(),
     };

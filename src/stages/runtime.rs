@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::mpsc::sync_channel;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 
 use super::Context;
 use super::index::IndexTables;
@@ -48,16 +48,15 @@ fn safetensors_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     Ok(files)
 }
 
-/// Loads the model of `ctx`'s config on its device (f32; see README for the precision status).
+/// Loads the model of `ctx`'s config on its device, in `model.precision` (README, "Precision").
 pub fn load_model(ctx: &Context) -> Result<(Blip2Model, Device)> {
     let device = ctx.device.require()?.clone();
-    if ctx.config.model.precision != Precision::F32 {
-        return Err(Error::config(
-            &ctx.config.model.dir,
-            "model.precision: only f32 is implemented so far (bf16/f16 come with the GPU speed issue)",
-        ));
-    }
-    let model = Blip2Model::load(&ctx.config.model.dir, &device)?;
+    let dtype = match ctx.config.model.precision {
+        Precision::F32 => FloatDType::F32,
+        Precision::Bf16 => FloatDType::BF16,
+        Precision::F16 => FloatDType::F16,
+    };
+    let model = Blip2Model::load_with_dtype(&ctx.config.model.dir, &device, dtype)?;
     Ok((model, device))
 }
 
