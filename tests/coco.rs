@@ -253,3 +253,19 @@ fn model_stages_run_end_to_end_and_skip_the_image_without_coco_entities() {
     assert_eq!(in_t2i.iter().filter(|&&b| b).count(), 21 * 2);
     assert!(f32s(&rerank, "score").iter().all(|s| s.is_finite()));
 }
+
+#[test]
+fn shipped_coco_config_parses_and_names_the_missing_split() {
+    // From the repository root, as `make reproduce-coco` runs it; the data is not in the repository,
+    // so the index stops at the split JSON (a data error, 1), not at the config (which would be 2).
+    let root = env!("CARGO_MANIFEST_DIR");
+    for extra in [&[][..], &["--set", "rerank.k=128"][..]] {
+        let mut args = vec!["stage", "index", "--config", "configs/coco.toml"];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_qpert")).args(&args).current_dir(root).output().unwrap();
+        if Path::new(root).join("data/coco/annotations/coco_karpathy_test.json").exists() {
+            return;
+        }
+        assert_fails(&out, 1, &["data/coco/annotations/coco_karpathy_test.json", "No such file"]);
+    }
+}
