@@ -95,6 +95,9 @@ fn area(b: [f64; 4], w: f64, h: f64) -> f32 {
     ((b[2] - b[0]) * (b[3] - b[1]) / (w * h)) as f32
 }
 
+/// A kept box: image, box, chain, mask size.
+type Kept = (u32, [f64; 4], &'static str, (u32, u32));
+
 fn run(ws: &Workspace, args: &[&str]) -> std::process::Output {
     let mut all = args.to_vec();
     all.extend(["--config", "{config}"]);
@@ -102,8 +105,8 @@ fn run(ws: &Workspace, args: &[&str]) -> std::process::Output {
 }
 
 /// The kept boxes of the fixture as written (0-based), per the rules in `src/data/coco_entities.rs`
-/// and the fixture README: image, box, chain, mask size.
-const KEPT: [(u32, [f64; 4], &str, (u32, u32)); 6] = [
+/// and the fixture README.
+const KEPT: [Kept; 6] = [
     (0, [0.0, 10.5, 300.25, 500.0], "0", (512, 512)), // man (x1 = 0)
     (0, [350.0, 20.0, 450.0, 120.0], "1", (512, 512)), // flag, via "flags"
     (0, [400.0, 200.0, 480.0, 260.0], "1", (512, 512)), // flag, second box
