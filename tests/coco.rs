@@ -272,3 +272,29 @@ fn shipped_coco_config_parses_and_names_the_missing_split() {
         assert_fails(&out, 1, &["data/coco/annotations/coco_karpathy_test.json", "No such file"]);
     }
 }
+
+#[test]
+fn image_shapes_that_disagree_with_the_header_are_warned() {
+    let ws = workspace(None, 0);
+    let shapes = ws.path().join("coco_img_shapes.json");
+    std::fs::write(&shapes, r#"{"101": [512, 512], "102": [450, 300], "103": [600, 400], "35498": [640, 427]}"#).unwrap();
+    let text = std::fs::read_to_string(ws.config()).unwrap();
+    let text = text.replace("box_origin = 0", &format!("box_origin = 0\nimage_shapes = \"{}\"", shapes.display()));
+    std::fs::write(ws.config(), text).unwrap();
+
+    let out = run(&ws, &["stage", "index"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let warnings = stderr(&out);
+    assert_eq!(warnings.lines().count(), 1, "{warnings}");
+    assert!(
+        warnings.contains("coco_img_shapes.json: image COCO_val2014_000000000102: size 450x300 differs from the image's 451x300"),
+        "{warnings}"
+    );
+    // The mask size stays the header's.
+    assert_eq!(u32s(&ws.table("index", "boxes"), "mask_width")[4], 451);
+    assert_fails(&run(&ws, &["stage", "index", "--force", "--strict"]), 1, &["coco_img_shapes.json", "450x300"]);
+
+    let flickr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flickr_mini/flickr30k_entities");
+    let out = run(&ws, &["stage", "index", "--set", &format!("dataset.entities={}", flickr.display())]);
+    assert_fails(&out, 1, &["coco_img_shapes.json", "dataset.image_shapes is for COCO Entities only"]);
+}

@@ -35,7 +35,8 @@
 //! mention. qpert follows the rule above instead of reproducing those artefacts.
 //!
 //! The mask size is the image header's (the conversion took it from `coco_img_shapes.json`, which
-//! holds the same COCO image sizes). Split images are matched by the COCO id in their file name
+//! holds the same COCO image sizes; given as `dataset.image_shapes`, [`load_image_shapes`] reads it
+//! and the index warns about any image whose header disagrees). Split images are matched by the COCO id in their file name
 //! (`val2014/COCO_val2014_000000391895.jpg` -> 391895); a split image absent from the file has no
 //! annotation (object size -1, no perturbation).
 
@@ -89,6 +90,20 @@ pub fn coco_id(file: &str) -> Option<u64> {
     let stem = Path::new(file).file_stem()?.to_str()?;
     let digits = stem.len() - stem.bytes().rev().take_while(u8::is_ascii_digit).count();
     stem[digits..].parse().ok()
+}
+
+/// Reads the released conversion's `coco_img_shapes.json`: `{"<coco id>": [width, height], ..}`.
+pub fn load_image_shapes(path: &Path) -> Result<HashMap<u64, (u32, u32)>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::input(path, e))?;
+    let shapes: HashMap<String, (u32, u32)> =
+        serde_json::from_reader(BufReader::new(file)).map_err(|e| json_error(path, &e))?;
+    shapes
+        .into_iter()
+        .map(|(key, size)| match key.trim().parse() {
+            Ok(id) => Ok((id, size)),
+            Err(_) => Err(Error::input(path, format!("key `{key}` is not a COCO image id (expected digits)"))),
+        })
+        .collect()
 }
 
 /// One box written by the conversion: its chain and its 0-based coordinates.
@@ -376,6 +391,19 @@ mod tests {
         assert!(msg.contains("line 1, column"), "{msg}");
         assert!(load_str("[]", &[7]).is_err());
         assert!(load_str("{} x", &[7]).is_err(), "trailing characters");
+    }
+
+    #[test]
+    fn image_shapes_are_width_then_height_by_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shapes.json");
+        std::fs::write(&path, r#"{"391895": [640, 360], "7": [1, 2]}"#).unwrap();
+        let shapes = load_image_shapes(&path).unwrap();
+        assert_eq!((shapes[&391_895], shapes.len()), ((640, 360), 2));
+        std::fs::write(&path, r#"{"x": [1, 2]}"#).unwrap();
+        assert!(load_image_shapes(&path).unwrap_err().to_string().contains("key `x` is not a COCO image id"));
+        std::fs::write(&path, r#"{"7": [1]}"#).unwrap();
+        assert!(load_image_shapes(&path).unwrap_err().to_string().contains("shapes.json: line 1, column"));
     }
 
     #[test]

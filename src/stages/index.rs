@@ -6,7 +6,7 @@
 //! warnings are reported in split order whatever the thread timing, so the output is deterministic.
 //! The coverage summary is printed and stored in the manifest.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -42,6 +42,9 @@ pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
         .with("dataset.box_origin", d.box_origin);
     if let Some(entities) = d.entities.as_ref().filter(|e| coco_entities::detect(e).ok() == Some(EntitiesKind::CocoJson)) {
         fp = fp.with("dataset.entities", entities.display()).with_file_identity("dataset.entities.file", entities)?;
+        if let Some(shapes) = &d.image_shapes {
+            fp = fp.with_file_contents("dataset.image_shapes", shapes)?;
+        }
     } else if let Some(entities) = &d.entities {
         let (_, split) = load_split(&d.annotations, &d.split)?;
         let files: Vec<PathBuf> = split.iter().flat_map(|s| entities_files(entities, &image_id(&s.path))).collect();
@@ -109,15 +112,21 @@ enum Source {
     None,
     /// A Flickr30K Entities folder, read per image.
     Flickr(PathBuf),
-    /// A COCO Entities file, already streamed for the split's images.
-    Coco(CocoEntities),
+    /// A COCO Entities file, already streamed for the split's images, and the optional
+    /// `coco_img_shapes.json` (its path and sizes by COCO id) to check the headers against.
+    Coco(CocoEntities, Option<(PathBuf, HashMap<u64, (u32, u32)>)>),
 }
 
 impl Source {
     /// Checks the configured entities path and, for COCO, streams the split's images out of it.
     fn open(ctx: &Context, split: &[SplitImage]) -> Result<Source> {
-        let Some(entities) = &ctx.config.dataset.entities else { return Ok(Source::None) };
-        match coco_entities::detect(entities)? {
+        let dataset = &ctx.config.dataset;
+        let Some(entities) = &dataset.entities else { return Ok(Source::None) };
+        let kind = coco_entities::detect(entities)?;
+        if let (Some(shapes), EntitiesKind::FlickrFolder) = (&dataset.image_shapes, kind) {
+            return Err(Error::input(shapes, "dataset.image_shapes is for COCO Entities only (dataset.entities is a folder)"));
+        }
+        match kind {
             EntitiesKind::FlickrFolder => {
                 check_entities_folder(entities)?;
                 Ok(Source::Flickr(entities.clone()))
@@ -137,7 +146,11 @@ impl Source {
                         list.join(", ")
                     ));
                 }
-                Ok(Source::Coco(coco))
+                let shapes = match &dataset.image_shapes {
+                    Some(path) => Some((path.clone(), coco_entities::load_image_shapes(path)?)),
+                    None => None,
+                };
+                Ok(Source::Coco(coco, shapes))
             }
         }
     }
@@ -147,14 +160,34 @@ impl Source {
         match self {
             Source::None => PathBuf::new(),
             Source::Flickr(entities) => entities_files(entities, image_id)[0].clone(),
-            Source::Coco(coco) => coco.path.clone(),
+            Source::Coco(coco, _) => coco.path.clone(),
+        }
+    }
+
+    /// COCO with `dataset.image_shapes`: the warning for an image whose header size differs from
+    /// the one the released conversion used.
+    fn shape_mismatch(&self, record: &ImageRecord) -> Option<String> {
+        let Source::Coco(_, Some((_, shapes))) = self else { return None };
+        let &(w, h) = shapes.get(&coco_entities::coco_id(&record.image_id)?)?;
+        ((w, h) != (record.width, record.height)).then(|| {
+            format!(
+                "image {}: size {w}x{h} differs from the image's {}x{}; the mask uses the image's (the released conversion used {w}x{h})",
+                record.image_id, record.width, record.height
+            )
+        })
+    }
+
+    fn shapes_path(&self) -> PathBuf {
+        match self {
+            Source::Coco(_, Some((path, _))) => path.clone(),
+            _ => PathBuf::new(),
         }
     }
 
     /// Near-duplicate boxes dropped over the split (COCO only).
     fn duplicates(&self) -> Option<usize> {
         match self {
-            Source::Coco(coco) => Some(coco.images.values().map(|i| i.duplicates).sum()),
+            Source::Coco(coco, _) => Some(coco.images.values().map(|i| i.duplicates).sum()),
             _ => None,
         }
     }
@@ -236,7 +269,7 @@ fn read_image(ctx: &Context, image: &SplitImage, source: &Source) -> Result<Imag
         Source::None => None,
         Source::Flickr(entities) => image_boxes(entities, &image_id, dataset.box_origin)?,
         // The mask size is the header's: COCO Entities has no image size (spec section 3).
-        Source::Coco(coco) => coco.image_boxes(split_coco_id(ctx, image)?, width, height, dataset.box_origin),
+        Source::Coco(coco, _) => coco.image_boxes(split_coco_id(ctx, image)?, width, height, dataset.box_origin),
     };
     Ok(ImageRecord { image_id, path, width, height, boxes })
 }
@@ -278,6 +311,9 @@ fn report_boxes(
         ..Coverage::default()
     };
     for record in records {
+        if let Some(msg) = source.shape_mismatch(record) {
+            warnings.push(ctx.data_warning(&source.shapes_path(), &msg)?);
+        }
         let Some(boxes) = &record.boxes else { continue };
         let xml = source.annotation_path(&record.image_id);
         coverage.images_with_annotation += 1;
