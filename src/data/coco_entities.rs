@@ -92,18 +92,28 @@ pub fn coco_id(file: &str) -> Option<u64> {
     stem[digits..].parse().ok()
 }
 
+/// The released conversion's `coco_img_shapes.json`, read.
+#[derive(Debug, Clone)]
+pub struct ImageShapes {
+    /// The file read.
+    pub path: PathBuf,
+    /// `(width, height)` by COCO id.
+    pub sizes: HashMap<u64, (u32, u32)>,
+}
+
 /// Reads the released conversion's `coco_img_shapes.json`: `{"<coco id>": [width, height], ..}`.
-pub fn load_image_shapes(path: &Path) -> Result<HashMap<u64, (u32, u32)>> {
+pub fn load_image_shapes(path: &Path) -> Result<ImageShapes> {
     let file = std::fs::File::open(path).map_err(|e| Error::input(path, e))?;
     let shapes: HashMap<String, (u32, u32)> =
         serde_json::from_reader(BufReader::new(file)).map_err(|e| json_error(path, &e))?;
-    shapes
+    let sizes = shapes
         .into_iter()
         .map(|(key, size)| match key.trim().parse() {
             Ok(id) => Ok((id, size)),
             Err(_) => Err(Error::input(path, format!("key `{key}` is not a COCO image id (expected digits)"))),
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok(ImageShapes { path: path.to_path_buf(), sizes })
 }
 
 /// One box written by the conversion: its chain and its 0-based coordinates.
@@ -399,7 +409,7 @@ mod tests {
         let path = dir.path().join("shapes.json");
         std::fs::write(&path, r#"{"391895": [640, 360], "7": [1, 2]}"#).unwrap();
         let shapes = load_image_shapes(&path).unwrap();
-        assert_eq!((shapes[&391_895], shapes.len()), ((640, 360), 2));
+        assert_eq!((shapes.sizes[&391_895], shapes.sizes.len()), ((640, 360), 2));
         std::fs::write(&path, r#"{"x": [1, 2]}"#).unwrap();
         assert!(load_image_shapes(&path).unwrap_err().to_string().contains("key `x` is not a COCO image id"));
         std::fs::write(&path, r#"{"7": [1]}"#).unwrap();

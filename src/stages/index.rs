@@ -6,7 +6,7 @@
 //! warnings are reported in split order whatever the thread timing, so the output is deterministic.
 //! The coverage summary is printed and stored in the manifest.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -21,7 +21,7 @@ use serde::Serialize;
 use super::{Context, Outcome, Stage};
 use crate::config::Config;
 use crate::data::captions::clean_caption;
-use crate::data::coco_entities::{self, CocoEntities, EntitiesKind};
+use crate::data::coco_entities::{self, CocoEntities, EntitiesKind, ImageShapes};
 use crate::data::dataset::{SplitImage, load_split, resolve_image_path};
 use crate::data::flickr_entities::{ImageBoxes, KeptBox, image_boxes};
 use crate::error::{Error, Result};
@@ -113,8 +113,8 @@ enum Source {
     /// A Flickr30K Entities folder, read per image.
     Flickr(PathBuf),
     /// A COCO Entities file, already streamed for the split's images, and the optional
-    /// `coco_img_shapes.json` (its path and sizes by COCO id) to check the headers against.
-    Coco(CocoEntities, Option<(PathBuf, HashMap<u64, (u32, u32)>)>),
+    /// `coco_img_shapes.json` to check the headers against.
+    Coco(CocoEntities, Option<ImageShapes>),
 }
 
 impl Source {
@@ -146,10 +146,7 @@ impl Source {
                         list.join(", ")
                     ));
                 }
-                let shapes = match &dataset.image_shapes {
-                    Some(path) => Some((path.clone(), coco_entities::load_image_shapes(path)?)),
-                    None => None,
-                };
+                let shapes = dataset.image_shapes.as_deref().map(coco_entities::load_image_shapes).transpose()?;
                 Ok(Source::Coco(coco, shapes))
             }
         }
@@ -167,8 +164,8 @@ impl Source {
     /// COCO with `dataset.image_shapes`: the warning for an image whose header size differs from
     /// the one the released conversion used.
     fn shape_mismatch(&self, record: &ImageRecord) -> Option<String> {
-        let Source::Coco(_, Some((_, shapes))) = self else { return None };
-        let &(w, h) = shapes.get(&coco_entities::coco_id(&record.image_id)?)?;
+        let Source::Coco(_, Some(shapes)) = self else { return None };
+        let &(w, h) = shapes.sizes.get(&coco_entities::coco_id(&record.image_id)?)?;
         ((w, h) != (record.width, record.height)).then(|| {
             format!(
                 "image {}: size {w}x{h} differs from the image's {}x{}; the mask uses the image's (the released conversion used {w}x{h})",
@@ -179,7 +176,7 @@ impl Source {
 
     fn shapes_path(&self) -> PathBuf {
         match self {
-            Source::Coco(_, Some((path, _))) => path.clone(),
+            Source::Coco(_, Some(shapes)) => shapes.path.clone(),
             _ => PathBuf::new(),
         }
     }
