@@ -21,14 +21,19 @@ demo:
 	@echo "demo: the model is a tiny BLIP-2 with RANDOM weights: its recalls are meaningless; the demo"
 	@echo "      shows the pipeline and its artifacts (README: Inspecting artifacts)."
 
+# Other settings for the reproduce targets, e.g. make reproduce-coco QPERT_ARGS="--set rerank.k=128".
+QPERT_ARGS ?=
+
 # The published Flickr30K evaluation (method.md section 7) on CUDA. Checks its inputs first and says
 # what to download where (README: Reproducing the paper).
 reproduce-flickr:
 	@sh .ci/missing-inputs configs/flickr30k.toml
-	$(CARGO) run --release --features cuda -- run --config configs/flickr30k.toml
+	$(CARGO) run --release --features cuda -- run --config configs/flickr30k.toml $(QPERT_ARGS)
 	@echo "reproduce-flickr: the report is in cache/flickr30k-test/report/report.md"
 
+# COCO 5K: pre-flight checks (each missing input is named with what to download and where), then
+# the whole pipeline on the GPU.
 reproduce-coco:
-	@echo "make reproduce-coco: not available yet (needs the model stages, issue 5)."
+	@echo "make reproduce-coco: checking the inputs of configs/coco.toml"
 	@sh .ci/missing-inputs configs/coco.toml
-	@exit 1
+	$(CARGO) run --release --features cuda -- run --config configs/coco.toml $(QPERT_ARGS)

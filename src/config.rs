@@ -40,9 +40,14 @@ pub struct DatasetConfig {
     pub split: String,
     /// The image folder; JSON image paths are joined to it, falling back to the file name alone.
     pub images: PathBuf,
-    /// Flickr30K Entities folder (`Annotations/<id>.xml` and `Sentences/<id>.txt`); optional.
+    /// Flickr30K Entities folder (`Annotations/<id>.xml` and `Sentences/<id>.txt`) or COCO
+    /// Entities' `coco_entities_release.json`; optional.
     #[serde(default)]
     pub entities: Option<PathBuf>,
+    /// COCO only, optional: the released conversion's `coco_img_shapes.json` (`{"<id>": [w, h]}`),
+    /// checked against the image headers (a mismatch is warned; the header's size is used).
+    #[serde(default)]
+    pub image_shapes: Option<PathBuf>,
     /// Origin of the box coordinates: 1 = 1-based (Flickr30K Entities), 0 = 0-based (COCO).
     /// `1` on COCO reproduces the released code's off-by-one (spec section 3).
     pub box_origin: u8,

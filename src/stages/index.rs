@@ -1,9 +1,12 @@
-//! The `index` stage (method.md sections 2, 3 and 8): the retrieval split plus Flickr30K Entities
-//! annotations -> `index/images.parquet`, `index/boxes.parquet`, `index/texts.parquet`. Image
-//! headers and Entities files are read in parallel (rayon); errors and warnings are reported in
-//! split order whatever the thread timing, so the output is deterministic. The coverage summary is
-//! printed and stored in the manifest.
+//! The `index` stage (method.md sections 2, 3 and 8): the retrieval split plus its boxes, from a
+//! Flickr30K Entities folder or a COCO Entities JSON file (told apart by
+//! [`coco_entities::detect`]) -> `index/images.parquet`, `index/boxes.parquet`,
+//! `index/texts.parquet`. Image headers and Flickr Entities files are read in parallel (rayon); the
+//! COCO Entities file is streamed once, before, keeping the split's images only. Errors and
+//! warnings are reported in split order whatever the thread timing, so the output is deterministic.
+//! The coverage summary is printed and stored in the manifest.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -18,6 +21,7 @@ use serde::Serialize;
 use super::{Context, Outcome, Stage};
 use crate::config::Config;
 use crate::data::captions::clean_caption;
+use crate::data::coco_entities::{self, CocoEntities, EntitiesKind, ImageShapes};
 use crate::data::dataset::{SplitImage, load_split, resolve_image_path};
 use crate::data::flickr_entities::{ImageBoxes, KeptBox, image_boxes};
 use crate::error::{Error, Result};
@@ -27,7 +31,8 @@ use crate::store::{DataWarning, FileEntry, Fingerprint, Notes, StageDir, StageSt
 
 /// Everything the index depends on: the split file's content, the split name, the image folder,
 /// the box origin, and the content of the Entities files (`Annotations/<id>.xml`,
-/// `Sentences/<id>.txt`) of the split's images, so an edited annotation makes the index stale.
+/// `Sentences/<id>.txt`) of the split's images, so an edited annotation makes the index stale. A
+/// COCO Entities JSON (about 400 MB) counts by identity (size and modification time), unread.
 pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
     let d = &config.dataset;
     let mut fp = Fingerprint::new(Stage::Index.name())
@@ -35,7 +40,12 @@ pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
         .with("dataset.split", &d.split)
         .with("dataset.images", d.images.display())
         .with("dataset.box_origin", d.box_origin);
-    if let Some(entities) = &d.entities {
+    if let Some(entities) = d.entities.as_ref().filter(|e| coco_entities::detect(e).ok() == Some(EntitiesKind::CocoJson)) {
+        fp = fp.with("dataset.entities", entities.display()).with_file_identity("dataset.entities.file", entities)?;
+        if let Some(shapes) = &d.image_shapes {
+            fp = fp.with_file_contents("dataset.image_shapes", shapes)?;
+        }
+    } else if let Some(entities) = &d.entities {
         let (_, split) = load_split(&d.annotations, &d.split)?;
         let files: Vec<PathBuf> = split.iter().flat_map(|s| entities_files(entities, &image_id(&s.path))).collect();
         fp = fp.with("dataset.entities", entities.display()).with_files_contents("dataset.entities.files", &files)?;
@@ -72,13 +82,17 @@ pub struct Coverage {
     pub boxes_dropped: usize,
     /// Kept boxes reaching outside their image (warned; fatal under `--strict`).
     pub boxes_outside_image: usize,
+    /// COCO Entities only: boxes dropped as near-duplicates (L1 < 0.1) of a box of the same image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boxes_duplicate: Option<usize>,
 }
 
 impl Coverage {
     fn line(&self) -> String {
+        let duplicates = self.boxes_duplicate.map(|n| format!(", {n} dropped (duplicate)")).unwrap_or_default();
         format!(
             "index: {} images, {} captions; {} images with Entities annotations ({} without); \
-             boxes: {} kept, {} dropped (chain not mentioned), {} outside their image; \
+             boxes: {} kept, {} dropped (chain not mentioned){duplicates}, {} outside their image; \
              {} annotated images without a kept box",
             self.images,
             self.captions,
@@ -90,6 +104,100 @@ impl Coverage {
             self.images_without_kept_box
         )
     }
+}
+
+/// Where the boxes come from.
+enum Source {
+    /// No `dataset.entities`: every object size is -1.
+    None,
+    /// A Flickr30K Entities folder, read per image.
+    Flickr(PathBuf),
+    /// A COCO Entities file, already streamed for the split's images, and the optional
+    /// `coco_img_shapes.json` to check the headers against.
+    Coco(CocoEntities, Option<ImageShapes>),
+}
+
+impl Source {
+    /// Checks the configured entities path and, for COCO, streams the split's images out of it.
+    fn open(ctx: &Context, split: &[SplitImage]) -> Result<Source> {
+        let dataset = &ctx.config.dataset;
+        let Some(entities) = &dataset.entities else { return Ok(Source::None) };
+        let kind = coco_entities::detect(entities)?;
+        if let (Some(shapes), EntitiesKind::FlickrFolder) = (&dataset.image_shapes, kind) {
+            return Err(Error::input(shapes, "dataset.image_shapes is for COCO Entities only (dataset.entities is a folder)"));
+        }
+        match kind {
+            EntitiesKind::FlickrFolder => {
+                check_entities_folder(entities)?;
+                Ok(Source::Flickr(entities.clone()))
+            }
+            EntitiesKind::CocoJson => {
+                let ids = split.iter().map(|s| split_coco_id(ctx, s)).collect::<Result<HashSet<u64>>>()?;
+                ctx.reporter.info(&format!("index: streaming {} for {} images", entities.display(), ids.len()));
+                let coco = CocoEntities::load(entities, &ids)?;
+                let mut missing: Vec<u64> = ids.into_iter().filter(|id| !coco.images.contains_key(id)).collect();
+                if !missing.is_empty() {
+                    missing.sort_unstable();
+                    let list: Vec<String> = missing.iter().take(20).map(u64::to_string).collect();
+                    let more = if missing.len() > 20 { ", ..." } else { "" };
+                    ctx.reporter.info(&format!(
+                        "index: {} split images have no COCO Entities data (object size -1, not perturbed): {}{more}",
+                        missing.len(),
+                        list.join(", ")
+                    ));
+                }
+                let shapes = dataset.image_shapes.as_deref().map(coco_entities::load_image_shapes).transpose()?;
+                Ok(Source::Coco(coco, shapes))
+            }
+        }
+    }
+
+    /// The file a data warning about `image_id` names.
+    fn annotation_path(&self, image_id: &str) -> PathBuf {
+        match self {
+            Source::None => PathBuf::new(),
+            Source::Flickr(entities) => entities_files(entities, image_id)[0].clone(),
+            Source::Coco(coco, _) => coco.path.clone(),
+        }
+    }
+
+    /// COCO with `dataset.image_shapes`: the warning for an image whose header size differs from
+    /// the one the released conversion used.
+    fn shape_mismatch(&self, record: &ImageRecord) -> Option<String> {
+        let Source::Coco(_, Some(shapes)) = self else { return None };
+        let &(w, h) = shapes.sizes.get(&coco_entities::coco_id(&record.image_id)?)?;
+        ((w, h) != (record.width, record.height)).then(|| {
+            format!(
+                "image {}: size {w}x{h} differs from the image's {}x{}; the mask uses the image's (the released conversion used {w}x{h})",
+                record.image_id, record.width, record.height
+            )
+        })
+    }
+
+    fn shapes_path(&self) -> PathBuf {
+        match self {
+            Source::Coco(_, Some(shapes)) => shapes.path.clone(),
+            _ => PathBuf::new(),
+        }
+    }
+
+    /// Near-duplicate boxes dropped over the split (COCO only).
+    fn duplicates(&self) -> Option<usize> {
+        match self {
+            Source::Coco(coco, _) => Some(coco.images.values().map(|i| i.duplicates).sum()),
+            _ => None,
+        }
+    }
+}
+
+/// The COCO id of a split image, from its file name (`val2014/COCO_val2014_000000391895.jpg`).
+fn split_coco_id(ctx: &Context, image: &SplitImage) -> Result<u64> {
+    coco_entities::coco_id(&image.path).ok_or_else(|| {
+        Error::input(
+            &ctx.config.dataset.annotations,
+            format!("image `{}`: no COCO image id (trailing digits) in its file name", image.path),
+        )
+    })
 }
 
 /// One image of the split, resolved: its file, header size and kept boxes.
@@ -119,12 +227,10 @@ pub fn run(ctx: &Context) -> Result<Outcome> {
         ctx.check_recorded_warnings(&manifest)?;
         return Ok(Outcome::UpToDate);
     }
-    if let Some(entities) = &dataset.entities {
-        check_entities_folder(entities)?;
-    }
     let (_, split) = load_split(&dataset.annotations, &dataset.split)?;
-    let records = read_images(ctx, &split)?;
-    let (coverage, warnings) = report_boxes(ctx, &split, &records)?;
+    let source = Source::open(ctx, &split)?;
+    let records = read_images(ctx, &split, &source)?;
+    let (coverage, warnings) = report_boxes(ctx, &split, &records, &source)?;
     let files = write_tables(&stage, &split, &records)?;
     let notes = Notes { warnings, ..Notes::default() };
     stage.finish(files, serde_json::to_value(&coverage).unwrap_or_default(), notes)?;
@@ -143,22 +249,24 @@ fn check_entities_folder(entities: &Path) -> Result<()> {
 }
 
 /// Resolves, measures and annotates every image in parallel; the first error in split order wins.
-fn read_images(ctx: &Context, split: &[SplitImage]) -> Result<Vec<ImageRecord>> {
+fn read_images(ctx: &Context, split: &[SplitImage], source: &Source) -> Result<Vec<ImageRecord>> {
     let bar = ctx.reporter.bar(split.len() as u64, "index: reading image headers");
     let results: Vec<Result<ImageRecord>> =
-        split.par_iter().map(|image| read_image(ctx, image)).inspect(|_| bar.inc(1)).collect();
+        split.par_iter().map(|image| read_image(ctx, image, source)).inspect(|_| bar.inc(1)).collect();
     bar.finish_and_clear();
     results.into_iter().collect()
 }
 
-fn read_image(ctx: &Context, image: &SplitImage) -> Result<ImageRecord> {
+fn read_image(ctx: &Context, image: &SplitImage, source: &Source) -> Result<ImageRecord> {
     let dataset = &ctx.config.dataset;
     let path = resolve_image_path(&dataset.images, &image.path).ok_or_else(|| image_not_found(&dataset.images, &image.path))?;
     let (width, height) = image_size(&path)?;
     let image_id = image_id(&path.to_string_lossy());
-    let boxes = match &dataset.entities {
-        Some(entities) => image_boxes(entities, &image_id, dataset.box_origin)?,
-        None => None,
+    let boxes = match source {
+        Source::None => None,
+        Source::Flickr(entities) => image_boxes(entities, &image_id, dataset.box_origin)?,
+        // The mask size is the header's: COCO Entities has no image size (spec section 3).
+        Source::Coco(coco, _) => coco.image_boxes(split_coco_id(ctx, image)?, width, height, dataset.box_origin),
     };
     Ok(ImageRecord { image_id, path, width, height, boxes })
 }
@@ -186,16 +294,25 @@ fn image_size(path: &Path) -> Result<(u32, u32)> {
 }
 
 /// Counts coverage and raises the data warnings (outside boxes, size mismatches), in split order.
-fn report_boxes(ctx: &Context, split: &[SplitImage], records: &[ImageRecord]) -> Result<(Coverage, Vec<DataWarning>)> {
+fn report_boxes(
+    ctx: &Context,
+    split: &[SplitImage],
+    records: &[ImageRecord],
+    source: &Source,
+) -> Result<(Coverage, Vec<DataWarning>)> {
     let mut warnings = Vec::new();
     let mut coverage = Coverage {
         images: records.len(),
         captions: split.iter().map(|s| s.captions.len()).sum(),
+        boxes_duplicate: source.duplicates(),
         ..Coverage::default()
     };
     for record in records {
+        if let Some(msg) = source.shape_mismatch(record) {
+            warnings.push(ctx.data_warning(&source.shapes_path(), &msg)?);
+        }
         let Some(boxes) = &record.boxes else { continue };
-        let xml = annotation_path(ctx, &record.image_id);
+        let xml = source.annotation_path(&record.image_id);
         coverage.images_with_annotation += 1;
         coverage.boxes_kept += boxes.kept.len();
         coverage.boxes_dropped += boxes.dropped;
@@ -210,8 +327,15 @@ fn report_boxes(ctx: &Context, split: &[SplitImage], records: &[ImageRecord]) ->
         }
         for (i, b) in boxes.kept.iter().enumerate().filter(|(_, b)| b.outside) {
             coverage.boxes_outside_image += 1;
+            // A negative start wraps around in the released slicing (usually an empty mask axis,
+            // e.g. COCO with box_origin = 1); a too-large end is clamped.
+            let mask = if b.coords[0] < 0.0 || b.coords[1] < 0.0 {
+                "its mask slice starts from the far side, as in Python (usually empty)"
+            } else {
+                "its mask is clamped"
+            };
             let msg = format!(
-                "image {}: kept box {} (chains {}) {:?} reaches outside the {}x{} image; its mask is clamped, its area is not",
+                "image {}: kept box {} (chains {}) {:?} reaches outside the {}x{} image; {mask}, its area is not",
                 record.image_id,
                 i + 1,
                 b.chains.join(","),
@@ -223,11 +347,6 @@ fn report_boxes(ctx: &Context, split: &[SplitImage], records: &[ImageRecord]) ->
         }
     }
     Ok((coverage, warnings))
-}
-
-fn annotation_path(ctx: &Context, image_id: &str) -> PathBuf {
-    let [xml, _] = entities_files(&ctx.config.dataset.entities.clone().unwrap_or_default(), image_id);
-    xml
 }
 
 /// Writes the three tables, each atomically and fingerprinted.
