@@ -135,8 +135,8 @@ fn pi_matches_the_reference_for_every_weight_variant() {
             let settings = QpertSettings { weight, projector, ..QpertSettings::published() };
             let pi = image_perturbations(&boxes, images, &settings);
             let want = fx.qpert(name);
-            for image in 0..images {
-                if projector == ProjectorKind::Official && comparable[image] == 0 {
+            for (image, &comparable) in comparable.iter().enumerate().take(images) {
+                if projector == ProjectorKind::Official && comparable == 0 {
                     continue;
                 }
                 let r = image * per_image..(image + 1) * per_image;
@@ -227,8 +227,8 @@ mod with_the_model {
                 let features = host(r.model.image_features(r.z.clone(), Some(pi.clone())).unwrap());
                 let want = r.fx.qpert(&format!("image_embeds_{label}"));
                 let mut compared = 0;
-                for image in 0..b {
-                    if projector == ProjectorKind::Official && comparable[image] == 0 {
+                for (image, &comparable) in comparable.iter().enumerate().take(b) {
+                    if projector == ProjectorKind::Official && comparable == 0 {
                         continue;
                     }
                     let rows = image * q * e..(image + 1) * q * e;

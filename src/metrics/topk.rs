@@ -1,6 +1,8 @@
 //! Streaming top-k and ground-truth ranks over a score matrix seen block by block, so the `sim`
 //! stage never holds more than one block of the images x texts matrix (method.md section 6).
 
+use std::cmp::Ordering;
+
 /// One candidate of a top-k list.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scored {
@@ -23,7 +25,7 @@ impl TopK {
 
     /// Offers an item. Items must be offered in increasing index order for ties to break by index.
     pub fn offer(&mut self, index: u32, score: f32) {
-        if self.best.len() == self.k && self.best.last().is_some_and(|worst| !(score > worst.score)) {
+        if self.best.len() == self.k && self.best.last().is_some_and(|worst| score.partial_cmp(&worst.score) != Some(Ordering::Greater)) {
             return;
         }
         // First position whose score is lower: equal scores keep their (earlier) place.

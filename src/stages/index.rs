@@ -426,23 +426,7 @@ fn texts_batch(split: &[SplitImage]) -> ArrowResult<RecordBatch> {
     ])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
 
-    #[test]
-    fn texts_run_over_captions_in_split_order_with_uneven_counts() {
-        let split = vec![
-            SplitImage { path: "a.jpg".into(), captions: vec!["A dog.".into()] },
-            SplitImage { path: "b.jpg".into(), captions: vec!["B!".into(), "C  d".into(), "E".into()] },
-        ];
-        let batch = texts_batch(&split).unwrap();
-        let image_idx = batch.column(1).as_any().downcast_ref::<UInt32Array>().unwrap();
-        assert_eq!(image_idx.values().to_vec(), [0, 1, 1, 1]);
-        let clean = batch.column(3).as_any().downcast_ref::<StringArray>().unwrap();
-        assert_eq!(clean.iter().flatten().collect::<Vec<_>>(), ["a dog", "b", "c d", "e"]);
-    }
-}
 
 /// The index tables, read back for the later stages.
 pub struct IndexTables {
@@ -516,5 +500,23 @@ impl IndexTables {
             .map(|(i, &image_idx)| IndexText { image_idx, caption_clean: captions.value(i).to_string() })
             .collect();
         Ok(IndexTables { images, boxes: per_image, texts })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts_run_over_captions_in_split_order_with_uneven_counts() {
+        let split = vec![
+            SplitImage { path: "a.jpg".into(), captions: vec!["A dog.".into()] },
+            SplitImage { path: "b.jpg".into(), captions: vec!["B!".into(), "C  d".into(), "E".into()] },
+        ];
+        let batch = texts_batch(&split).unwrap();
+        let image_idx = batch.column(1).as_any().downcast_ref::<UInt32Array>().unwrap();
+        assert_eq!(image_idx.values().to_vec(), [0, 1, 1, 1]);
+        let clean = batch.column(3).as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!(clean.iter().flatten().collect::<Vec<_>>(), ["a dog", "b", "c d", "e"]);
     }
 }

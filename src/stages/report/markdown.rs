@@ -255,22 +255,7 @@ fn bin_table(out: &mut String, label: &str, block: &Block) {
     out.push('\n');
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
 
-    #[test]
-    fn published_numbers_by_dataset_name() {
-        let labels = |name: &str| published(name).iter().map(|p| p.note).collect::<Vec<_>>();
-        assert_eq!(
-            labels("Flickr30K-test"),
-            [QPERT_FLICKR.note, BLIP2_FLICKR.note]
-        );
-        assert_eq!(labels("coco-karpathy-5k"), [BLIP2_COCO.note]);
-        assert!(labels("flickr-mini").is_empty());
-        assert!(labels("my-coco").is_empty());
-    }
-}
 
 /// Q-Pert against the plain BLIP-2 run of the same cache (`<stage>-plain/`): R@1/5/10 overall and
 /// small, both directions, per scoring, with the difference in points.
@@ -300,4 +285,21 @@ fn comparison_table(out: &mut String, m: &MetricsFile, plain: &serde_json::Value
         }
     }
     out.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_numbers_by_dataset_name() {
+        let labels = |name: &str| published(name).iter().map(|p| p.note).collect::<Vec<_>>();
+        assert_eq!(
+            labels("Flickr30K-test"),
+            [QPERT_FLICKR.note, BLIP2_FLICKR.note]
+        );
+        assert_eq!(labels("coco-karpathy-5k"), [BLIP2_COCO.note]);
+        assert!(labels("flickr-mini").is_empty());
+        assert!(labels("my-coco").is_empty());
+    }
 }
