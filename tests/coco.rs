@@ -236,12 +236,10 @@ fn parts(ws: &Workspace, stage: &str) -> RecordBatch {
 }
 
 #[test]
-fn model_stages_run_end_to_end_and_skip_the_image_without_coco_entities() {
+fn the_pipeline_runs_end_to_end_and_skips_the_image_without_coco_entities() {
     let ws = workspace(None, 0);
-    for stage in ["index", "extract", "text", "sim", "rerank"] {
-        let out = run(&ws, &["stage", stage]);
-        assert_eq!(out.status.code(), Some(0), "stage {stage}: {}", stderr(&out));
-    }
+    let out = run(&ws, &["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let extract = parts(&ws, "extract");
     assert_eq!(u32s(&extract, "image_idx"), [0, 1, 2, 3]);
     assert_eq!(bools(&extract, "perturbed"), [true, true, true, false], "35498 has no COCO Entities data");
@@ -255,6 +253,14 @@ fn model_stages_run_end_to_end_and_skip_the_image_without_coco_entities() {
     assert_eq!(in_i2t.iter().filter(|&&b| b).count(), 4 * 2);
     assert_eq!(in_t2i.iter().filter(|&&b| b).count(), 21 * 2);
     assert!(f32s(&rerank, "score").iter().all(|s| s.is_finite()));
+
+    // The report counts the image without COCO Entities data in no size bin.
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ws.path().join("out/report/metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["counts"]["images"], 4);
+    assert_eq!(metrics["counts"]["images_with_size"], 3);
+    let binned: u64 = metrics["rerank"]["bins"].as_array().unwrap().iter().map(|b| b["n_images"].as_u64().unwrap()).sum();
+    assert_eq!(binned, 3);
 }
 
 #[test]
