@@ -468,4 +468,52 @@ mod tests {
         let StageState::Partial(parts) = new.state().unwrap() else { panic!("expected partial") };
         assert_eq!(parts.iter().map(|p| p.fresh).collect::<Vec<_>>(), [false, true]);
     }
+
+    #[test]
+    fn a_claimed_shard_cannot_be_claimed_twice_and_a_fresh_one_needs_no_claim() {
+        let out = tempfile::tempdir().unwrap();
+        let stage = StageDir::open(out.path(), "extract", Fingerprint::new("extract").with("a", 1));
+        let shard = Shard::new(1, 2).unwrap();
+        let claim = stage.claim(shard, false).unwrap().expect("the first claim wins");
+        let err = stage.claim(shard, false).unwrap_err();
+        assert_eq!(err.exit_code(), 1);
+        let msg = err.to_string();
+        assert!(msg.contains("part-00001-of-00002.lock: shard 1/2 of extract is being computed by host "), "{msg}");
+        assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
+        assert!(stage.claim(Shard::new(2, 2).unwrap(), false).unwrap().is_some(), "other shards are free");
+        write_shard(&stage, shard, &[1, 2, 3]);
+        drop(claim);
+        assert!(!stage.path().join("part-00001-of-00002.lock").exists(), "released on drop");
+        assert!(stage.claim(shard, false).unwrap().is_none(), "a fresh part is not recomputed");
+        assert!(stage.claim(shard, true).unwrap().is_some(), "--force recomputes it");
+    }
+
+    #[test]
+    fn finalize_writes_the_manifest_once_all_parts_are_there() {
+        let out = tempfile::tempdir().unwrap();
+        let stage = StageDir::open(out.path(), "rerank", Fingerprint::new("rerank").with("a", 1));
+        let items: Vec<u32> = (0..7).collect();
+        assert!(stage.finalize(None).unwrap_err().to_string().contains("no parts to finalize"));
+        for i in [1, 3] {
+            write_shard(&stage, Shard::new(i, 3).unwrap(), &items);
+        }
+        let err = stage.finalize(None).unwrap_err().to_string();
+        assert!(err.contains("cannot finalize: shards 2 of 3 are not done"), "{err}");
+        write_shard(&stage, Shard::new(2, 3).unwrap(), &items);
+        // Another worker holding manifest.lock is writing it: nobody else writes it meanwhile.
+        let held = match lock::Lock::try_acquire(&stage.path().join(MANIFEST_LOCK_FILE)).unwrap() {
+            lock::Acquired::Held(l) => l,
+            lock::Acquired::Busy(_) => panic!("free"),
+        };
+        assert!(stage.finish_parts(3, serde_json::Value::Null).unwrap().is_none());
+        assert!(stage.finalize(Some(3)).unwrap_err().to_string().contains("the manifest is being written by host"));
+        drop(held);
+        let manifest = stage.finalize(None).unwrap();
+        assert_eq!((manifest.shards, manifest.files.len()), (3, 3));
+        assert_eq!(manifest.summary, serde_json::json!({ "finalized": true }));
+        // Written once: a later finisher returns the manifest as it is.
+        let again = stage.finish_parts(3, serde_json::json!({ "other": 1 })).unwrap().unwrap();
+        assert_eq!(again.summary, manifest.summary);
+        assert_eq!(values(&stage.read_parts().unwrap()), items);
+    }
 }
