@@ -164,7 +164,10 @@ impl Lock {
         for _ in 0..4 {
             match File::options().write(true).create_new(true).open(path) {
                 Ok(mut file) => {
-                    file.write_all(&content).and_then(|()| file.sync_all()).map_err(|e| Error::artifact(path, e))?;
+                    if let Err(e) = file.write_all(&content).and_then(|()| file.sync_all()) {
+                        let _ = fs::remove_file(path);
+                        return Err(Error::artifact(path, format!("cannot write the lock file: {e}")));
+                    }
                     let lock = Lock { path: path.to_path_buf(), content, heartbeat: None };
                     return Ok(Acquired::Held(lock.with_heartbeat()));
                 }

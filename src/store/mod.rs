@@ -169,7 +169,11 @@ impl StageDir {
     pub fn begin(&self) -> Result<()> {
         fs::create_dir_all(&self.dir).map_err(|e| Error::artifact(&self.dir, e))?;
         if let StageState::Stale(_) = self.state()? {
-            fs::remove_file(self.manifest_path()).map_err(|e| Error::artifact(self.manifest_path(), e))?;
+            // Several workers starting at once may race here: the file being gone already is fine.
+            match fs::remove_file(self.manifest_path()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::artifact(self.manifest_path(), e)),
+                _ => {}
+            }
         }
         Ok(())
     }

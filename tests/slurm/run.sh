@@ -31,7 +31,7 @@ say() { echo "tests/slurm: $*"; }
 skip() { say "SKIP: $*"; exit 0; }
 fail() {
     say "FAIL: $*"
-    for log in "$work"/log/*; do [ -f "$log" ] && { echo "--- $log"; tail -n 20 "$log"; }; done
+    for log in "$work"/log/* "$work"/logs/*; do [ -f "$log" ] && { echo "--- $log"; tail -n 10 "$log"; }; done
     exit 1
 }
 
@@ -58,8 +58,8 @@ fi
 chmod 755 "$work"
 socket="$work/munge/munge.socket"
 runuser -u munge -- munged --socket="$socket" --pid-file="$work/munge/munged.pid" \
-    --log-file="$work/log/munged.log" --seed-file="$work/munge/seed" --key-file="$key" \
-    || skip "munged does not start: $(tail -n 1 "$work/log/munged.log" 2>/dev/null)"
+    --log-file="$work/munge/munged.log" --seed-file="$work/munge/seed" --key-file="$key" \
+    || skip "munged does not start: $(tail -n 1 "$work/munge/munged.log" 2>/dev/null)"
 munge --socket="$socket" -n | unmunge --socket="$socket" >/dev/null 2>&1 || skip "munge cannot encode/decode a credential"
 
 host=$(hostname -s)
@@ -135,6 +135,8 @@ wait_jobs() {
     local jobs=$1 limit=$2
     for _ in $(seq "$limit"); do
         [ -z "$(squeue -h -j "$jobs" -t PD,R,CG 2>/dev/null)" ] && return 0
+        # A failed job leaves its dependents pending for ever: fail now, with the job logs.
+        squeue -h -j "$jobs" -o %r 2>/dev/null | grep -q DependencyNeverSatisfied && fail "a job failed: $(squeue -h -j "$jobs" -o '%i %j %r' | head -n 3 | tr '\n' ';')"
         sleep 1
     done
     squeue -j "$jobs"; fail "jobs $jobs still queued after ${limit}s"
