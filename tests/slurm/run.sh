@@ -141,7 +141,7 @@ wait_jobs() {
     done
     squeue -j "$jobs"; fail "jobs $jobs still queued after ${limit}s"
 }
-job_ids() { awk '{print $2}' "$1" | paste -sd, -; }
+job_ids() { awk '$2 ~ /^[0-9]+$/ {print $2}' "$1" | paste -sd, -; }
 check_same() { # check_same DIR: every artifact equals the references, byte for byte
     local dir=$1 f n=0
     for f in "$work"/sequential/{extract,text,rerank}/part-*.parquet "$work"/sequential/sim/*.parquet; do
@@ -161,7 +161,7 @@ check_same() { # check_same DIR: every artifact equals the references, byte for 
 out="$work/slurm"
 export QPERT_SET="$set_args output.dir=$out"
 pipelines/slurm/submit-flickr.sh --shards 3 --text-shards 3 --until "$last" >"$work/jobs.txt" || fail "sbatch failed"
-say "submitted: $(tr '\n' ' ' < "$work/jobs.txt")"
+say "submitted: $(head -n -1 "$work/jobs.txt" | tr "\n" " ")"
 start=$SECONDS
 wait_jobs "$(job_ids "$work/jobs.txt")" 300
 say "pipeline done in $((SECONDS - start))s"
@@ -198,13 +198,13 @@ echo "$status" | grep -q "^extract  partial: 2 of 3 shards done \[1, 3\]; stale 
     || fail "status does not show shard 2's stale lock: $status"
 echo "$status" | grep -q "for i in 2; do .* --shard \$i/3; done" || fail "status prints no rerun command: $status"
 echo "$status" | grep -q "Slurm: sbatch --array=2 " || fail "status prints no Slurm rerun command: $status"
-echo "$status" | sed -n '/^extract/p;/to finish/,$p' | sed 's/^/  | /'
+echo "$status" | grep -E '^extract  |^extract: to finish|^  ' | sed 's/^/  | /'
 # The dependents can never start (afterok on a cancelled task): drop them, resubmit index 2 alone,
 # then the stages after extract depending on it.
 scancel $(awk '$1 != "index" && $1 != "extract" && $1 != "text" {print $2}' "$work/jobs2.txt")
 again=$(sbatch --parsable $QPERT_SBATCH --job-name=qpert-extract --array=2 pipelines/slurm/reproduce-flickr.sbatch extract 3) \
     || fail "resubmitting extract index 2 failed"
-pipelines/slurm/submit-flickr.sh --from sim --after "$again" --until "$last" >"$work/jobs3.txt" || fail "sbatch failed"
+pipelines/slurm/submit-flickr.sh --shards 3 --text-shards 3 --from sim --after "$again" --until "$last" >"$work/jobs3.txt" || fail "sbatch failed"
 wait_jobs "$again,$(job_ids "$work/jobs3.txt")" 300
 [ -e "$out/extract/part-00002-of-00003.lock" ] && fail "the stale lock was not taken over and released"
 check_same "$out"
