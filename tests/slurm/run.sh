@@ -25,10 +25,11 @@ cleanup() {
         [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null
     done
     sleep 1
+    if [ -n "${passed:-}" ]; then rm -rf "$work"; else echo "tests/slurm: artifacts and logs kept in $work"; fi
 }
 trap cleanup EXIT
 say() { echo "tests/slurm: $*"; }
-skip() { say "SKIP: $*"; exit 0; }
+skip() { say "SKIP: $*"; passed=1; exit 0; }
 fail() {
     say "FAIL: $*"
     for log in "$work"/log/* "$work"/logs/*; do [ -f "$log" ] && { echo "--- $log"; tail -n 10 "$log"; }; done
@@ -208,4 +209,5 @@ pipelines/slurm/submit-flickr.sh --shards 3 --text-shards 3 --from sim --after "
 wait_jobs "$again,$(job_ids "$work/jobs3.txt")" 300
 [ -e "$out/extract/part-00002-of-00003.lock" ] && fail "the stale lock was not taken over and released"
 check_same "$out"
-say "PASS"
+say "PASS ($((SECONDS))s)"
+passed=1
