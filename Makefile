@@ -4,10 +4,15 @@
 
 CARGO ?= cargo
 
-.PHONY: test build demo reproduce-flickr reproduce-coco
+.PHONY: test test-slurm build demo reproduce-flickr reproduce-coco
 
 test:
 	$(CARGO) test
+
+# The Slurm test (tests/slurm/run.sh): needs root; skips with a message where Slurm cannot run.
+test-slurm:
+	$(CARGO) build
+	tests/slurm/run.sh
 
 build:
 	$(CARGO) build --release

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
 
+use super::cluster::ShardArg;
 use crate::stages::Stage;
-use crate::store::Shard;
 
 /// qpert: BLIP-2 image-text retrieval with Object-Aware Query Perturbation, as staged, resumable,
 /// shardable batch jobs writing Parquet artifacts.
@@ -27,19 +27,32 @@ pub struct Args {
 pub enum Command {
     /// Run one stage (or one shard of a sharded stage).
     #[command(after_help = "Stages, in order: index, extract, text, sim, rerank, report.
-Only index is implemented so far; the others exit 2 with \"not implemented yet\".
+extract, text and rerank are sharded; each stage skips work that is up to date (--force redoes it).
 
 Examples:
   qpert stage index --config configs/flickr30k.toml
   qpert stage index --config configs/flickr30k.toml --set dataset.box_origin=0 --strict
-  qpert stage extract --config configs/coco.toml --shard 2/8")]
+  qpert stage extract --config configs/coco.toml --shard 2/8
+  qpert stage extract --config configs/coco.toml --shard auto          (in a Slurm array task)
+  qpert stage extract --config configs/coco.toml --shard auto --shards 8   (Kubernetes Indexed Job)
+  qpert stage extract --config configs/coco.toml --finalize")]
     Stage {
         /// The stage to run.
         #[arg(value_parser = PossibleValuesParser::new(Stage::NAMES).try_map(|s| s.parse::<Stage>()))]
         stage: Stage,
-        /// Process only slice I of N (1-based, e.g. `2/8`) of a sharded stage.
-        #[arg(long, value_name = "I/N", value_parser = |s: &str| s.parse::<Shard>().map_err(|e| e.to_string()))]
-        shard: Option<Shard>,
+        /// Process only slice I of N (1-based, e.g. `2/8`) of a sharded stage; `auto` takes I and N
+        /// from a Slurm job array (`SLURM_ARRAY_TASK_ID`) or a Kubernetes Indexed Job
+        /// (`JOB_COMPLETION_INDEX`, with `--shards N`).
+        #[arg(long, value_name = "I/N|auto", value_parser = |s: &str| s.parse::<ShardArg>().map_err(|e| e.to_string()))]
+        shard: Option<ShardArg>,
+        /// The shard count N for `--shard auto` (required on Kubernetes and when resubmitting some
+        /// Slurm array indices) or `--finalize`.
+        #[arg(long, value_name = "N")]
+        shards: Option<u32>,
+        /// Write the manifest of a sharded stage whose parts are all done (normally the worker that
+        /// finishes the last shard does it); computes nothing.
+        #[arg(long, conflicts_with_all = ["shard", "force"])]
+        finalize: bool,
         /// Recompute even if the stage is up to date.
         #[arg(long)]
         force: bool,
@@ -54,7 +67,8 @@ Examples:
         #[command(flatten)]
         common: CommonArgs,
     },
-    /// Show, per stage, whether it is done, stale, partial (which shards) or missing.
+    /// Show, per stage, whether it is done, stale, partial (which shards are done, running, stale or
+    /// missing) or missing, and the commands that rerun only the shards not done.
     #[command(after_help = "Examples:
   qpert status --config configs/flickr30k.toml
   qpert status --config configs/flickr30k.toml --set dataset.box_origin=0")]

@@ -2,6 +2,7 @@
 //! [`run`] dispatches the verb. [`parse`] turns clap's multi-line errors into one-line usage errors.
 
 pub mod args;
+pub mod cluster;
 pub mod resolve;
 
 use clap::Parser;
@@ -45,9 +46,16 @@ fn one_line(rendered: &str) -> String {
 /// Runs a parsed command line.
 pub fn run(args: Args) -> Result<()> {
     match &args.command {
-        Command::Stage { stage, shard, force, common } => {
+        Command::Stage { stage, shard, shards, finalize, force, common } => {
             let ctx = resolve::context(common, *force)?;
-            if stages::run_stage(*stage, &ctx, *shard)? == stages::Outcome::UpToDate {
+            if *finalize {
+                let manifest = stages::cluster::finalize(*stage, &ctx, *shards)?;
+                let rows: u64 = manifest.files.iter().map(|f| f.rows).sum();
+                ctx.reporter.info(&format!("{stage}: complete, {} parts, {rows} rows", manifest.shards));
+                return Ok(());
+            }
+            let shard = cluster::resolve_shard(*shard, *shards, |name| std::env::var(name).ok())?;
+            if stages::run_stage(*stage, &ctx, shard)? == stages::Outcome::UpToDate {
                 ctx.reporter.info(&format!("{stage}: up to date (use --force to recompute)"));
             }
             Ok(())
@@ -57,6 +65,9 @@ pub fn run(args: Args) -> Result<()> {
             let ctx = resolve::context(common, false)?;
             ctx.reporter.info(&format!("output: {}", ctx.config.output.dir.display()));
             stages::status(&ctx.config)?.iter().for_each(|line| ctx.reporter.info(line));
+            for table in stages::cluster::rerun_plan(&ctx.config)? {
+                cluster::rerun_commands(&table, common).iter().for_each(|line| ctx.reporter.info(line));
+            }
             Ok(())
         }
     }

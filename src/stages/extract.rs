@@ -45,13 +45,15 @@ pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
     runtime::with_model(fp, config)
 }
 
-/// Runs one shard of `extract`; skips it when its part is fresh (unless `--force`).
+/// Runs one shard of `extract`; skips it when its part is fresh (unless `--force`);
+/// fails when another live worker is computing it.
 pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
     let stage = ctx.stage_dir(Stage::Extract, fingerprint(&ctx.config)?);
-    if !ctx.force && stage.part_is_fresh(shard)? {
+    // Held until the part is written: no other worker computes this shard meanwhile.
+    let Some(_claim) = stage.claim(shard, ctx.force)? else {
         stage.finish_parts(shard.count(), serde_json::Value::Null)?;
         return Ok(Outcome::UpToDate);
-    }
+    };
     let index = IndexTables::read(&ctx.config)?;
     let (model, device) = runtime::load_model(ctx)?;
     let grid = runtime::patch_grid(&model);

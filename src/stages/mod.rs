@@ -4,6 +4,7 @@
 //! CLI verb and its output folder (`stages/index.rs` ↔ `qpert stage index` ↔ `<output.dir>/index/`),
 //! and provides a `fingerprint(&Config)` and a `run(&Context)`.
 
+pub mod cluster;
 pub mod extract;
 pub mod index;
 pub mod rerank;
@@ -62,6 +63,11 @@ impl Stage {
         } else {
             self.name().to_string()
         }
+    }
+
+    /// The stage's output folder under `config`, opened with `fingerprint`.
+    pub fn dir(self, config: &Config, fingerprint: Fingerprint) -> StageDir {
+        StageDir::open(&config.output.dir, self.name(), fingerprint).in_folder(&self.dir_name(config))
     }
 
     /// Whether the stage takes `--shard I/N`.
@@ -200,7 +206,7 @@ impl Context {
 
     /// The output folder of `stage`, opened with `fingerprint`.
     pub fn stage_dir(&self, stage: Stage, fingerprint: Fingerprint) -> StageDir {
-        StageDir::open(&self.config.output.dir, stage.name(), fingerprint).in_folder(&stage.dir_name(&self.config))
+        stage.dir(&self.config, fingerprint)
     }
 }
 
@@ -243,7 +249,8 @@ pub fn run_pipeline(ctx: &Context) -> Result<()> {
 }
 
 /// One line of `qpert status` per stage: `index    done (3 files, fingerprint 1a2b3c4d5e6f)`,
-/// `stale (dataset.box_origin: 1 -> 0)`, `partial: shards 1, 3 of 4 done; missing 2, 4`, `missing`.
+/// `stale (dataset.box_origin: 1 -> 0)`, `partial: 2 of 4 shards done [1, 3]; running [2: host vm pid
+/// 12 since ...]; missing [4]`, `missing`.
 pub fn status(config: &Config) -> Result<Vec<String>> {
     Stage::ALL.iter().map(|&stage| Ok(format!("{:<8} {}", stage.name(), describe(stage, config)?))).collect()
 }
@@ -255,31 +262,15 @@ fn describe(stage: Stage, config: &Config) -> Result<String> {
         Err(e) => return Ok(format!("missing (cannot fingerprint its inputs: {e})")),
     };
     let digest = fingerprint.digest();
-    let dir = StageDir::open(&config.output.dir, stage.name(), fingerprint).in_folder(&stage.dir_name(config));
+    let dir = stage.dir(config, fingerprint);
     Ok(match dir.state()? {
         StageState::Done(m) => format!("done ({} files, {} shard(s), fingerprint {})", m.files.len(), m.shards, &digest[..12]),
         StageState::Stale(changes) => format!("stale ({})", changes.join("; ")),
-        StageState::Partial(parts) => describe_parts(&parts),
-        StageState::Missing => "missing".to_string(),
+        // Parts, or only locks of workers that have not written their part yet.
+        StageState::Partial(_) | StageState::Missing => {
+            cluster::ShardTable::read(stage, &dir)?.map_or_else(|| "missing".to_string(), |t| t.describe())
+        }
     })
-}
-
-fn describe_parts(parts: &[crate::store::PartState]) -> String {
-    let count = parts.iter().map(|p| p.shard.count()).max().unwrap_or(1);
-    let list = |fresh: bool| -> Vec<String> {
-        parts.iter().filter(|p| p.shard.count() == count && p.fresh == fresh).map(|p| p.shard.index().to_string()).collect()
-    };
-    let present: Vec<u32> = parts.iter().filter(|p| p.shard.count() == count).map(|p| p.shard.index()).collect();
-    let missing: Vec<String> = (1..=count).filter(|i| !present.contains(i)).map(|i| i.to_string()).collect();
-    let (done, stale) = (list(true), list(false));
-    let mut line = format!("partial: {} of {count} shards done [{}]", done.len(), done.join(", "));
-    if !stale.is_empty() {
-        line += &format!("; stale [{}]", stale.join(", "));
-    }
-    if !missing.is_empty() {
-        line += &format!("; missing [{}]", missing.join(", "));
-    }
-    line
 }
 
 #[cfg(test)]

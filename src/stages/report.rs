@@ -84,7 +84,7 @@ fn plain_report(config: &Config) -> Result<Option<PlainReport>> {
     let mut plain = config.clone();
     plain.qpert.enabled = false;
     let Ok(fingerprint) = fingerprint(&plain) else { return Ok(None) };
-    let dir = StageDir::open(&plain.output.dir, Stage::Report.name(), fingerprint).in_folder(&Stage::Report.dir_name(&plain));
+    let dir = Stage::Report.dir(&plain, fingerprint);
     let StageState::Done(manifest) = dir.state()? else { return Ok(None) };
     let path = dir.path().join("metrics.json");
     let bytes = std::fs::read(&path).map_err(|e| Error::artifact(&path, e))?;

@@ -48,13 +48,15 @@ struct ScoredPairs {
     in_t2i: Vec<bool>,
 }
 
-/// Runs one shard of `rerank`; skips it when its part is fresh (unless `--force`).
+/// Runs one shard of `rerank`; skips it when its part is fresh (unless `--force`);
+/// fails when another live worker is computing it.
 pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
     let stage = ctx.stage_dir(Stage::Rerank, fingerprint(&ctx.config)?);
-    if !ctx.force && stage.part_is_fresh(shard)? {
+    // Held until the part is written: no other worker computes this shard meanwhile.
+    let Some(_claim) = stage.claim(shard, ctx.force)? else {
         stage.finish_parts(shard.count(), serde_json::Value::Null)?;
         return Ok(Outcome::UpToDate);
-    }
+    };
     let index = IndexTables::read(&ctx.config)?;
     let candidates = read_candidates(ctx, index.images.len())?;
     let (ids, mask) = read_tokens(ctx, index.texts.len())?;

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-/// The temporary name `path` is written under before the rename: `.<name>.<pid>.tmp` beside it.
-/// The pid keeps two workers on one shared folder from writing the same temporary file.
+/// The temporary name `path` is written under before the rename: `.<name>.<host>.<pid>.tmp` beside
+/// it. Host and pid keep two workers on one shared folder from writing the same temporary file.
 pub fn temporary_path(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+    path.with_file_name(format!(".{name}.{}.{}.tmp", super::lock::host_name(), std::process::id()))
 }
 
 /// Whether `name` is a temporary file left by [`write_atomically`] (e.g. by a killed worker).

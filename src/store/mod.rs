@@ -11,13 +11,17 @@
 //! a stage's files exist with the current fingerprint. Readers go through [`StageDir::read_table`] /
 //! [`StageDir::read_parts`], which refuse anything stale or incomplete: nothing stale is read silently.
 //!
-//! Concurrency (several workers on one shared folder): parts of different shards never share a file
-//! name, temporary files carry the writer's pid, and the manifest of a sharded stage is written by
-//! whichever worker finds all parts present ([`StageDir::finish_parts`]); two workers racing there
-//! write the same content, and the rename is atomic.
+//! Concurrency (several workers on one shared folder, e.g. Slurm array tasks): parts of different
+//! shards never share a file name; a worker computes a shard only while holding its lock
+//! ([`StageDir::claim`], `part-IIIII-of-NNNNN.lock`, see [`lock`]), so two workers never both write
+//! one part; parts appear only complete (temporary file + rename), so nobody reads half a part; and
+//! the manifest of a sharded stage is written once, under `manifest.lock`, by whichever worker finds
+//! all parts present ([`StageDir::finish_parts`]) or by `qpert stage <name> --finalize`
+//! ([`StageDir::finalize`]).
 
 pub mod columns;
 pub mod commit;
+pub mod lock;
 pub mod manifest;
 pub mod parquet;
 pub mod shard;
@@ -29,6 +33,7 @@ use std::path::{Path, PathBuf};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
+pub use lock::{LockOwner, LockState};
 pub use manifest::{DataWarning, FileEntry, Fingerprint, Manifest, Skipped};
 pub use shard::Shard;
 
@@ -36,6 +41,16 @@ use crate::error::{Error, Result};
 
 /// File name of a stage's manifest.
 pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// File name of the lock held while a sharded stage's manifest is written.
+pub const MANIFEST_LOCK_FILE: &str = "manifest.lock";
+
+/// A shard claimed by this worker ([`StageDir::claim`]): its lock is released when this is dropped.
+#[derive(Debug)]
+#[must_use = "the shard is released when the claim is dropped: hold it until the part is written"]
+pub struct ShardClaim {
+    _lock: lock::Lock,
+}
 
 /// What a stage has to say about its inputs besides its tables: items it left out and data warnings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -161,7 +176,11 @@ impl StageDir {
     pub fn begin(&self) -> Result<()> {
         fs::create_dir_all(&self.dir).map_err(|e| Error::artifact(&self.dir, e))?;
         if let StageState::Stale(_) = self.state()? {
-            fs::remove_file(self.manifest_path()).map_err(|e| Error::artifact(self.manifest_path(), e))?;
+            // Several workers starting at once may race here: the file being gone already is fine.
+            match fs::remove_file(self.manifest_path()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::artifact(self.manifest_path(), e)),
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -198,9 +217,30 @@ impl StageDir {
     }
 
     /// For a sharded stage run in `count` parts: when all of them exist with the current
-    /// fingerprint, writes the manifest and returns it; otherwise returns `None` (other workers
-    /// are still running, or some shards were never started).
+    /// fingerprint, writes the manifest (once: under `manifest.lock`, and not again when a current
+    /// one exists) and returns it; otherwise returns `None` (other workers are still running, some
+    /// shards were never started, or another worker is writing the manifest right now).
     pub fn finish_parts(&self, count: u32, summary: serde_json::Value) -> Result<Option<Manifest>> {
+        if let StageState::Done(manifest) = self.state()? {
+            return Ok(Some(manifest));
+        }
+        if self.parts_ready(count)?.is_none() {
+            return Ok(None);
+        }
+        fs::create_dir_all(&self.dir).map_err(|e| Error::artifact(&self.dir, e))?;
+        let lock::Acquired::Held(_lock) = lock::Lock::try_acquire(&self.dir.join(MANIFEST_LOCK_FILE))? else {
+            return Ok(None);
+        };
+        // Re-check under the lock: the previous holder may have just written it.
+        if let StageState::Done(manifest) = self.state()? {
+            return Ok(Some(manifest));
+        }
+        let Some(files) = self.parts_ready(count)? else { return Ok(None) };
+        self.write_manifest(count, files, summary, Notes::default()).map(Some)
+    }
+
+    /// The file entries of all `count` parts if every one exists with the current fingerprint.
+    fn parts_ready(&self, count: u32) -> Result<Option<Vec<FileEntry>>> {
         let mut files = Vec::new();
         for shard in Shard::all_of(count)? {
             if !self.part_is_fresh(shard)? {
@@ -209,7 +249,96 @@ impl StageDir {
             let path = self.dir.join(shard.part_file_name());
             files.push(FileEntry { name: shard.part_file_name(), rows: parquet::read_row_count(&path)? });
         }
-        self.write_manifest(count, files, summary, Notes::default()).map(Some)
+        Ok(Some(files))
+    }
+
+    /// `qpert stage <name> --finalize`: writes the manifest of a sharded stage whose parts are all
+    /// present, for `count` shards, or (without it) for the one shard count whose parts are all
+    /// fresh. An error names the shards still missing, or the worker writing the manifest now.
+    pub fn finalize(&self, count: Option<u32>) -> Result<Manifest> {
+        if let StageState::Done(manifest) = self.state()? {
+            return Ok(manifest);
+        }
+        let parts = self.part_states()?;
+        let count = match count {
+            Some(count) => count,
+            None => {
+                let complete = |n: u32| (1..=n).all(|i| parts.iter().any(|p| p.fresh && (p.shard.index(), p.shard.count()) == (i, n)));
+                let mut counts: Vec<u32> = parts.iter().map(|p| p.shard.count()).collect();
+                counts.sort_unstable();
+                counts.dedup();
+                let complete_count = counts.iter().rev().copied().find(|&n| complete(n));
+                complete_count.or(counts.last().copied()).ok_or_else(|| {
+                    Error::artifact(&self.dir, "no parts to finalize; run the stage's shards first")
+                })?
+            }
+        };
+        let missing: Vec<String> = Shard::all_of(count)?
+            .into_iter()
+            .filter(|&s| !parts.iter().any(|p| p.shard == s && p.fresh))
+            .map(|s| s.index().to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::artifact(
+                &self.dir,
+                format!("cannot finalize: shards {} of {count} are not done (see `qpert status`)", missing.join(", ")),
+            ));
+        }
+        let summary = serde_json::json!({ "finalized": true });
+        self.finish_parts(count, summary)?.ok_or_else(|| {
+            let holder = LockState::read(&self.dir.join(MANIFEST_LOCK_FILE)).ok().flatten();
+            let who = holder.map_or_else(|| "another worker".to_string(), |s| s.describe_owner());
+            Error::artifact(self.dir.join(MANIFEST_LOCK_FILE), format!("the manifest is being written by {who}"))
+        })
+    }
+
+    /// Claims `shard` for computing: `None` when its part is already fresh (and `force` is off);
+    /// otherwise this worker's lock on it, held until the returned claim is dropped (after the
+    /// part is written). A shard a live worker holds is an error naming that worker (exit 1): two
+    /// workers never compute one shard. A stale lock (its owner died) is taken over.
+    pub fn claim(&self, shard: Shard, force: bool) -> Result<Option<ShardClaim>> {
+        if !force && self.part_is_fresh(shard)? {
+            return Ok(None);
+        }
+        self.begin()?;
+        let path = self.dir.join(lock_file_name(shard));
+        match lock::Lock::try_acquire(&path)? {
+            lock::Acquired::Busy(holder) => Err(Error::artifact(
+                &path,
+                format!(
+                    "shard {shard} of {} is being computed by {}; not computing it twice (if that worker is gone, \
+                     its lock counts as stale once its pid has exited on that host, or after {}s without heartbeat \
+                     from another host)",
+                    self.stage,
+                    holder.describe_owner(),
+                    lock::stale_after().as_secs()
+                ),
+            )),
+            // Re-check under the lock: the previous holder may have just finished this part.
+            lock::Acquired::Held(_) if !force && self.part_is_fresh(shard)? => Ok(None),
+            lock::Acquired::Held(lock) => Ok(Some(ShardClaim { _lock: lock })),
+        }
+    }
+
+    /// The shard lock files present, with their owners and whether they are stale.
+    pub fn shard_locks(&self) -> Result<Vec<(Shard, LockState)>> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::artifact(&self.dir, e)),
+        };
+        let mut locks = Vec::new();
+        for entry in entries.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(shard) = name.strip_suffix(".lock").and_then(|n| Shard::from_part_file_name(&format!("{n}.parquet"))) else {
+                continue;
+            };
+            if let Some(state) = LockState::read(&entry.path())? {
+                locks.push((shard, state));
+            }
+        }
+        locks.sort_by_key(|(s, _)| (s.count(), s.index()));
+        Ok(locks)
     }
 
     fn write_manifest(
@@ -270,6 +399,11 @@ impl StageDir {
         }
         parquet::read_parquet(&path)
     }
+}
+
+/// The lock file of `shard`: `part-IIIII-of-NNNNN.lock`.
+pub fn lock_file_name(shard: Shard) -> String {
+    format!("part-{:05}-of-{:05}.lock", shard.index(), shard.count())
 }
 
 #[cfg(test)]
@@ -344,5 +478,53 @@ mod tests {
         assert!(new.finish_parts(2, serde_json::Value::Null).unwrap().is_none());
         let StageState::Partial(parts) = new.state().unwrap() else { panic!("expected partial") };
         assert_eq!(parts.iter().map(|p| p.fresh).collect::<Vec<_>>(), [false, true]);
+    }
+
+    #[test]
+    fn a_claimed_shard_cannot_be_claimed_twice_and_a_fresh_one_needs_no_claim() {
+        let out = tempfile::tempdir().unwrap();
+        let stage = StageDir::open(out.path(), "extract", Fingerprint::new("extract").with("a", 1));
+        let shard = Shard::new(1, 2).unwrap();
+        let claim = stage.claim(shard, false).unwrap().expect("the first claim wins");
+        let err = stage.claim(shard, false).unwrap_err();
+        assert_eq!(err.exit_code(), 1);
+        let msg = err.to_string();
+        assert!(msg.contains("part-00001-of-00002.lock: shard 1/2 of extract is being computed by host "), "{msg}");
+        assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
+        assert!(stage.claim(Shard::new(2, 2).unwrap(), false).unwrap().is_some(), "other shards are free");
+        write_shard(&stage, shard, &[1, 2, 3]);
+        drop(claim);
+        assert!(!stage.path().join("part-00001-of-00002.lock").exists(), "released on drop");
+        assert!(stage.claim(shard, false).unwrap().is_none(), "a fresh part is not recomputed");
+        assert!(stage.claim(shard, true).unwrap().is_some(), "--force recomputes it");
+    }
+
+    #[test]
+    fn finalize_writes_the_manifest_once_all_parts_are_there() {
+        let out = tempfile::tempdir().unwrap();
+        let stage = StageDir::open(out.path(), "rerank", Fingerprint::new("rerank").with("a", 1));
+        let items: Vec<u32> = (0..7).collect();
+        assert!(stage.finalize(None).unwrap_err().to_string().contains("no parts to finalize"));
+        for i in [1, 3] {
+            write_shard(&stage, Shard::new(i, 3).unwrap(), &items);
+        }
+        let err = stage.finalize(None).unwrap_err().to_string();
+        assert!(err.contains("cannot finalize: shards 2 of 3 are not done"), "{err}");
+        write_shard(&stage, Shard::new(2, 3).unwrap(), &items);
+        // Another worker holding manifest.lock is writing it: nobody else writes it meanwhile.
+        let held = match lock::Lock::try_acquire(&stage.path().join(MANIFEST_LOCK_FILE)).unwrap() {
+            lock::Acquired::Held(l) => l,
+            lock::Acquired::Busy(_) => panic!("free"),
+        };
+        assert!(stage.finish_parts(3, serde_json::Value::Null).unwrap().is_none());
+        assert!(stage.finalize(Some(3)).unwrap_err().to_string().contains("the manifest is being written by host"));
+        drop(held);
+        let manifest = stage.finalize(None).unwrap();
+        assert_eq!((manifest.shards, manifest.files.len()), (3, 3));
+        assert_eq!(manifest.summary, serde_json::json!({ "finalized": true }));
+        // Written once: a later finisher returns the manifest as it is.
+        let again = stage.finish_parts(3, serde_json::json!({ "other": 1 })).unwrap().unwrap();
+        assert_eq!(again.summary, manifest.summary);
+        assert_eq!(values(&stage.read_parts().unwrap()), items);
     }
 }

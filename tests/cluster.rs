@@ -1,0 +1,236 @@
+//! The cluster path without a scheduler: `--shard auto` from each environment form (set on the child
+//! process, as Slurm or Kubernetes would), two processes racing for one shard, a stale lock taken
+//! over, `--finalize`, `qpert status` with running/stale/missing shards and the rerun command, and
+//! three shards in parallel processes giving the same artifacts as one process. The real scheduler
+//! test is `tests/slurm/run.sh`.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+use common::{Workspace, assert_fails, read_parquet, stderr, stdout};
+
+/// Scheduler variables a test might inherit (e.g. when the suite itself runs in a Slurm job).
+const SCHEDULER_VARS: [&str; 8] = [
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_ARRAY_TASK_MIN",
+    "SLURM_ARRAY_TASK_MAX",
+    "SLURM_ARRAY_TASK_COUNT",
+    "SLURM_ARRAY_TASK_STEP",
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_JOB_ID",
+    "JOB_COMPLETION_INDEX",
+];
+
+/// `qpert <args> --config <ws config>` in the workspace with exactly `env` as scheduler variables.
+fn qpert_cmd(ws: &Workspace, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qpert"));
+    cmd.args(args).arg("--config").arg(ws.config()).current_dir(ws.path());
+    for var in SCHEDULER_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    cmd
+}
+
+fn qpert(ws: &Workspace, args: &[&str], env: &[(&str, &str)]) -> Output {
+    qpert_cmd(ws, args, env).output().unwrap()
+}
+
+fn ok(ws: &Workspace, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = qpert(ws, args, env);
+    assert_eq!(out.status.code(), Some(0), "qpert {args:?} {env:?}: {}", stderr(&out));
+    stdout(&out)
+}
+
+fn parts(ws: &Workspace, stage: &str) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(ws.path().join("out").join(stage))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("part-") && n.ends_with(".parquet"))
+        .collect();
+    names.sort();
+    names
+}
+
+fn slurm(id: &'static str, min: &'static str, max: &'static str) -> Vec<(&'static str, &'static str)> {
+    vec![("SLURM_ARRAY_TASK_ID", id), ("SLURM_ARRAY_TASK_MIN", min), ("SLURM_ARRAY_TASK_MAX", max)]
+}
+
+#[test]
+fn shard_auto_takes_the_shard_from_slurm_and_kubernetes_environments() {
+    let ws = Workspace::new("flickr30k_test.json");
+    ok(&ws, &["stage", "index"], &[]);
+    // A Slurm array --array=1-3: N from the array.
+    let mut env = slurm("2", "1", "3");
+    env.extend([("SLURM_ARRAY_TASK_COUNT", "3"), ("SLURM_ARRAY_TASK_STEP", "1")]);
+    assert!(ok(&ws, &["stage", "text", "--shard", "auto"], &env).contains("text 2/3: "));
+    // A Kubernetes Indexed Job pod: 0-based index, N from --shards.
+    assert!(ok(&ws, &["stage", "text", "--shard", "auto", "--shards", "3"], &[("JOB_COMPLETION_INDEX", "0")]).contains("text 1/3: "));
+    assert_eq!(parts(&ws, "text"), ["part-00001-of-00003.parquet", "part-00002-of-00003.parquet"]);
+    // A resubmitted Slurm index (--array=3) says nothing of N: without --shards that is an error.
+    assert_fails(&qpert(&ws, &["stage", "text", "--shard", "auto"], &slurm("3", "3", "3")), 2, &["SLURM_ARRAY_TASK_MIN=3", "add --shards N"]);
+    let out = ok(&ws, &["stage", "text", "--shard", "auto", "--shards", "3"], &slurm("3", "3", "3"));
+    assert!(out.contains("text 3/3: "), "{out}");
+    assert!(ws.path().join("out/text/manifest.json").exists(), "the last shard writes the manifest");
+
+    // No scheduler, an inconsistent array, a pod without --shards, --shards without auto.
+    assert_fails(&qpert(&ws, &["stage", "text", "--shard", "auto"], &[]), 2, &["no array task in the environment"]);
+    assert_fails(&qpert(&ws, &["stage", "text", "--shard", "auto", "--shards", "2"], &slurm("1", "1", "3")), 2, &["SLURM_ARRAY_TASK_MAX=3, more than --shards 2"]);
+    assert_fails(&qpert(&ws, &["stage", "text", "--shard", "auto"], &[("JOB_COMPLETION_INDEX", "1")]), 2, &["add --shards N"]);
+    assert_fails(&qpert(&ws, &["stage", "text", "--shard", "1/3", "--shards", "3"], &[]), 2, &["--shards 3 goes with --shard auto"]);
+}
+
+/// A process that stays alive until killed, and its start time as the lock file records it.
+fn live_process() -> (Child, u64) {
+    let child = Command::new("sleep").arg("60").stdout(Stdio::null()).spawn().unwrap();
+    let stat = fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+    let start = stat[stat.rfind(')').unwrap() + 1..].split_whitespace().nth(19).unwrap().parse().unwrap();
+    (child, start)
+}
+
+/// Writes a lock for `shard` of `stage` owned by `pid` on this machine.
+fn write_lock(ws: &Workspace, stage: &str, shard: &str, pid: u32, pid_start: u64) {
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    let pid_ns = fs::read_link("/proc/self/ns/pid").unwrap().to_string_lossy().into_owned();
+    let lock = serde_json::json!({ "host": host, "pid_ns": pid_ns, "pid": pid, "pid_start": pid_start, "since": 1_795_742_116u64 });
+    let dir = ws.path().join("out").join(stage);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join(format!("{shard}.lock")), lock.to_string()).unwrap();
+}
+
+#[test]
+fn a_live_lock_refuses_a_second_worker_and_a_dead_ones_lock_is_taken_over() {
+    let ws = Workspace::new("flickr30k_test.json");
+    ok(&ws, &["stage", "index"], &[]);
+    let (mut holder, start) = live_process();
+    write_lock(&ws, "text", "part-00002-of-00002", holder.id(), start);
+    let refused = qpert(&ws, &["stage", "text", "--shard", "2/2"], &[]);
+    assert_fails(&refused, 1, &["part-00002-of-00002.lock: shard 2/2 of text is being computed by host ", &format!("pid {} since 2026-11-27T01:15:16Z", holder.id())]);
+    assert!(parts(&ws, "text").is_empty(), "nothing written by the refused worker");
+
+    // The holder dies without cleaning up: its lock is stale, status says so, a worker takes over.
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let status = ok(&ws, &["status"], &[]);
+    assert!(status.contains(&format!("stale lock, owner gone [2: host ")), "{status}");
+    assert!(status.contains(&format!("pid {} is not running", holder.id())), "{status}");
+    assert!(ok(&ws, &["stage", "text", "--shard", "2/2"], &[]).contains("text 2/2: "));
+    assert!(!ws.path().join("out/text/part-00002-of-00002.lock").exists(), "released after the write");
+}
+
+#[test]
+fn two_processes_racing_for_one_shard_never_both_compute_it() {
+    let ws = Workspace::new("flickr30k_test.json");
+    ok(&ws, &["stage", "index"], &[]);
+    for round in 0..3 {
+        // Each round recomputes the shard from scratch.
+        let _ = fs::remove_file(ws.path().join("out/text/part-00001-of-00002.parquet"));
+        let spawn = || qpert_cmd(&ws, &["stage", "text", "--shard", "1/2"], &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let (a, b) = (spawn(), spawn());
+        let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+        let computed = outs.iter().filter(|o| stdout(o).contains("text 1/2: ")).count();
+        // Either one computed and the other found the part done (it came second), or the other
+        // found the shard locked and exited 1 naming the holder. Never both.
+        for out in &outs {
+            match out.status.code() {
+                Some(0) => {}
+                Some(1) => assert!(stderr(out).contains("is being computed by host"), "{}", stderr(out)),
+                code => panic!("exit {code:?}: {}", stderr(out)),
+            }
+        }
+        assert_eq!(computed, 1, "round {round}: {:?}", outs.iter().map(|o| (stdout(o), stderr(o))).collect::<Vec<_>>());
+    }
+    assert_eq!(parts(&ws, "text"), ["part-00001-of-00002.parquet"]);
+    let leftovers: Vec<_> = fs::read_dir(ws.path().join("out/text")).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().starts_with('.')).collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+#[test]
+fn status_lists_every_shard_and_the_command_rerunning_only_the_missing_ones() {
+    let ws = Workspace::new("flickr30k_test.json");
+    ok(&ws, &["stage", "index"], &[]);
+    ok(&ws, &["stage", "extract", "--shard", "1/4"], &[]);
+    let (mut holder, start) = live_process();
+    write_lock(&ws, "extract", "part-00002-of-00004", holder.id(), start);
+    write_lock(&ws, "extract", "part-00004-of-00004", 0, 1);
+    let status = ok(&ws, &["status", "--set", "output.dir=out"], &[]);
+    let line = status.lines().find(|l| l.starts_with("extract")).unwrap();
+    assert!(line.contains("partial: 1 of 4 shards done [1]; running [2: host "), "{line}");
+    assert!(line.contains(&format!("pid {} since 2026-11-27T01:15:16Z]", holder.id())), "{line}");
+    assert!(line.contains("; stale lock, owner gone [4: host ") && line.ends_with("; missing [3]"), "{line}");
+    let config = ws.config().display().to_string();
+    let want = format!("  for i in 3 4; do qpert stage extract --config {config} --set output.dir=out --shard $i/4; done");
+    assert!(status.lines().any(|l| l == want), "want `{want}` in:\n{status}");
+    assert!(status.contains("extract: to finish, rerun only shards 3, 4 of 4:"), "{status}");
+    assert!(status.contains("  Slurm: sbatch --array=3,4 <job script running: qpert stage extract"), "{status}");
+    assert!(status.contains("(shards 2 are running: leave them)"), "{status}");
+
+    // --finalize refuses while shards are missing, and completes the stage once they are all there.
+    assert_fails(&qpert(&ws, &["stage", "extract", "--finalize"], &[]), 1, &["cannot finalize: shards 2, 3, 4 of 4 are not done"]);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    for i in 2..=4 {
+        ok(&ws, &["stage", "extract", "--shard", &format!("{i}/4")], &[]);
+    }
+    let manifest = ws.path().join("out/extract/manifest.json");
+    assert!(manifest.exists());
+    fs::remove_file(&manifest).unwrap(); // as if the last worker died before writing it
+    assert!(ok(&ws, &["status"], &[]).lines().any(|l| l.starts_with("extract  partial: 4 of 4 shards done")));
+    assert!(ok(&ws, &["stage", "extract", "--finalize"], &[]).contains("extract: complete, 4 parts, 5 rows"));
+    let status = ok(&ws, &["status"], &[]);
+    assert!(status.lines().any(|l| l.starts_with("extract  done (4 files, 4 shard(s)")), "{status}");
+    assert!(!status.contains("to finish"), "{status}");
+    assert_fails(&qpert(&ws, &["stage", "sim", "--finalize"], &[]), 2, &["stage sim is not sharded"]);
+}
+
+/// The parquet part files and tables of a stage, by name, as bytes.
+fn stage_files(root: &Path, stage: &str) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = fs::read_dir(root.join(stage))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).unwrap()))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn three_shards_in_parallel_processes_equal_one_process() {
+    let single = Workspace::new("flickr30k_test.json");
+    for stage in ["index", "extract", "text", "sim", "rerank"] {
+        ok(&single, &["stage", stage], &[]);
+    }
+    let sharded = Workspace::new("flickr30k_test.json");
+    for stage in ["index", "extract", "text", "sim", "rerank"] {
+        if matches!(stage, "index" | "sim") {
+            ok(&sharded, &["stage", stage], &[]);
+            continue;
+        }
+        // Three Kubernetes-style workers at once.
+        let workers: Vec<Child> = ["0", "1", "2"]
+            .iter()
+            .map(|&i| qpert_cmd(&sharded, &["stage", stage, "--shard", "auto", "--shards", "3"], &[("JOB_COMPLETION_INDEX", i)]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap())
+            .collect();
+        for worker in workers {
+            let out = worker.wait_with_output().unwrap();
+            assert_eq!(out.status.code(), Some(0), "{stage}: {}", stderr(&out));
+        }
+        assert!(sharded.path().join("out").join(stage).join("manifest.json").exists(), "{stage}: manifest written by the last worker");
+    }
+    let (a, b) = (single.path().join("out"), sharded.path().join("out"));
+    for stage in ["extract", "text", "rerank"] {
+        let (x, y) = (read_parts(&a, stage), read_parts(&b, stage));
+        assert_eq!(x, y, "{stage}: the three parts concatenated equal the single part");
+    }
+    // Unsharded stages downstream of sharded ones: the same files, byte for byte.
+    assert_eq!(stage_files(&a, "sim"), stage_files(&b, "sim"));
+}
+
+fn read_parts(root: &Path, stage: &str) -> arrow::record_batch::RecordBatch {
+    let batches: Vec<_> = stage_files(root, stage).iter().map(|(name, _)| read_parquet(&root.join(stage).join(name))).collect();
+    arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+}
