@@ -4,13 +4,25 @@
 
 CARGO ?= cargo
 
-.PHONY: test build demo reproduce-flickr reproduce-coco
+.PHONY: test build demo reproduce-flickr reproduce-coco gpu-bench
 
 test:
 	$(CARGO) test
 
 build:
 	$(CARGO) build --release
+
+# The carried binary of scripts/gpu-bench.sh: a CUDA release build, stripped and xz-compressed
+# (the device run's carry limit is 64 MiB). Then carry target/gpu-bench and run the script there.
+GPU_BENCH_BIN = $(or $(CARGO_TARGET_DIR),target)/release/qpert
+
+gpu-bench:
+	$(CARGO) build --release --features cuda
+	mkdir -p target/gpu-bench
+	strip -o target/gpu-bench/qpert $(GPU_BENCH_BIN)
+	xz -6 -f target/gpu-bench/qpert
+	@ls -l target/gpu-bench/qpert.xz
+	@echo "gpu-bench: carry target/gpu-bench and run: bash scripts/gpu-bench.sh"
 
 demo:
 	@echo "make demo: not available yet."

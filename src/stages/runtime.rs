@@ -16,6 +16,13 @@ use crate::config::{Config, Precision};
 use crate::error::{Error, Result};
 use crate::model::Blip2Model;
 use crate::store::Fingerprint;
+use crate::timing::TimeCounter;
+
+/// Wall time spent decoding and resizing images, on the prefetch thread, overlapping the model
+/// (read by `qpert bench`).
+pub static PREPROCESS_TIME: TimeCounter = TimeCounter::new();
+/// Wall time spent loading model weights (read by `qpert bench`).
+pub static LOAD_TIME: TimeCounter = TimeCounter::new();
 
 /// Adds the model folder's identity: `config.json` and tokenizer files by content, the
 /// safetensors files by size, mtime and header hash (hashing 4.7 GB on every run would cost more
@@ -57,7 +64,7 @@ pub fn load_model(ctx: &Context) -> Result<(Blip2Model, Device)> {
             "model.precision: only f32 is implemented so far (bf16/f16 come with the GPU speed issue)",
         ));
     }
-    let model = Blip2Model::load(&ctx.config.model.dir, &device)?;
+    let model = LOAD_TIME.time(|| Blip2Model::load(&ctx.config.model.dir, &device))?;
     Ok((model, device))
 }
 
@@ -96,7 +103,7 @@ pub fn for_each_image_batch(
             for start in range.clone().step_by(batch_size) {
                 let batch: Vec<usize> = (start..(start + batch_size).min(range.end)).collect();
                 let paths: Vec<&Path> = batch.iter().map(|&i| images[i].path.as_path()).collect();
-                let pixels = preprocess_batch(&paths, size as u32);
+                let pixels = PREPROCESS_TIME.time(|| preprocess_batch(&paths, size as u32));
                 if sender.send((batch, pixels)).is_err() {
                     return; // the model side stopped on an error
                 }
