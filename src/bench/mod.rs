@@ -553,3 +553,67 @@ fn table(report: &BenchReport, on_gpu: bool, warmup: bool) -> Vec<String> {
     }
     lines
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing(stage: &str, items: f64, load_s: f64, compute_s: f64, scaled_s: f64) -> StageTiming {
+        StageTiming {
+            stage: stage.into(),
+            unit: "x".into(),
+            items,
+            wall_s: load_s + compute_s,
+            load_s,
+            compute_s,
+            per_s: items / compute_s,
+            flops: 0.0,
+            tflops: 0.0,
+            preprocess_s: 0.0,
+            eigen_s: 0.0,
+            scaled_s,
+            autotune_s: None,
+            host_peak_gib: None,
+            gpu_peak_gib: None,
+        }
+    }
+
+    #[test]
+    fn projections_scale_per_item_costs_and_keep_fixed_ones() {
+        let sizes = Sizes { images: 10.0, texts: 50.0, boxes_per_image: 4.0 };
+        let stages = vec![
+            timing("index", 10.0, 0.0, 1.0, 0.0),
+            timing("extract", 10.0, 2.0, 5.0, 0.0),
+            timing("text", 50.0, 2.0, 1.0, 0.0),
+            timing("sim", 500.0, 0.0, 0.5, 0.25),
+            timing("rerank", 400.0, 2.0, 12.0, 8.0),
+        ];
+        let p = project(&stages, sizes, &TARGETS[0]);
+        assert_eq!(p.pairs, 384_000.0);
+        let by_stage: std::collections::HashMap<_, _> = p.stages_s.iter().cloned().collect();
+        let close = |stage: &str, expected: f64| {
+            assert!((by_stage[stage] - expected).abs() < 1e-6 * expected, "{stage}: {} vs {expected}", by_stage[stage])
+        };
+        close("index", 100.0);
+        close("extract", 2.0 + 500.0);
+        close("text", 2.0 + 100.0);
+        // 0.25 s fixed + 0.25 s / 500 pairs x 5M pairs.
+        close("sim", 0.25 + 2500.0);
+        // 4 s outside ITM for 10 images -> 400 s; 8 s for 400 pairs -> 7680 s; + load.
+        close("rerank", 2.0 + 400.0 + 7680.0);
+        assert!((p.total_s - by_stage.values().sum::<f64>()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn presets_are_valid_and_files_are_read() {
+        for choice in [ModelChoice::Tiny, ModelChoice::Medium, ModelChoice::Coco] {
+            choice.config().unwrap().validate().unwrap();
+        }
+        assert_eq!(ModelChoice::parse("coco").config().unwrap(), Blip2Config::itm_vit_g_coco());
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_blip2_a/config.json");
+        let from_file = ModelChoice::parse(fixture.to_str().unwrap()).config().unwrap();
+        let tiny = tiny_config();
+        assert_eq!((from_file.vision_config, from_file.qformer_config), (tiny.vision_config, tiny.qformer_config));
+        assert!(ModelChoice::parse("no/such.json").config().is_err());
+    }
+}
