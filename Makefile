@@ -4,7 +4,7 @@
 
 CARGO ?= cargo
 
-.PHONY: test test-slurm build demo reproduce-flickr reproduce-coco
+.PHONY: test test-slurm build demo reproduce-flickr reproduce-coco gpu-bench
 
 test:
 	$(CARGO) test
@@ -16,6 +16,18 @@ test-slurm:
 
 build:
 	$(CARGO) build --release
+
+# The carried binary of scripts/gpu-bench.sh: a CUDA release build, stripped and xz-compressed
+# (the device run's carry limit is 64 MiB). Then carry target/gpu-bench and run the script there.
+GPU_BENCH_BIN = $(or $(CARGO_TARGET_DIR),target)/release/qpert
+
+gpu-bench:
+	$(CARGO) build --release --features cuda
+	mkdir -p target/gpu-bench
+	strip -o target/gpu-bench/qpert $(GPU_BENCH_BIN)
+	xz -6 -f target/gpu-bench/qpert
+	@ls -l target/gpu-bench/qpert.xz
+	@echo "gpu-bench: carry target/gpu-bench and run: bash scripts/gpu-bench.sh"
 
 # The whole pipeline on the committed mini dataset with a tiny random BLIP-2, on CPU (seconds).
 demo:

@@ -19,8 +19,10 @@
 //! [`model`] is BLIP-2 in burn (one code path for CPU and CUDA); [`qpert`] builds the box weights,
 //! key subspaces and query perturbation; [`config`] is the strict TOML config; [`data`] reads datasets, images and captions; [`store`]
 //! writes and validates artifacts; [`metrics`] computes ranks and recalls; [`error`] is the one
-//! error type.
+//! error type; [`bench`] times the real stages on synthetic data (`qpert bench`), reading the
+//! [`timing`] counters.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;
@@ -30,5 +32,6 @@ pub mod model;
 pub mod qpert;
 pub mod stages;
 pub mod store;
+pub mod timing;
 
 pub use error::{Error, Result};

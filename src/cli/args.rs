@@ -67,6 +67,12 @@ Examples:
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// Time the real stages on synthetic data with a random model; project Flickr30K and COCO.
+    #[command(after_help = "Examples:
+  qpert bench --model-config tiny --images 4
+  qpert bench --model-config medium --images 16 --k 16
+  qpert bench --model-config coco --device cuda --images 64 --warmup --json bench.json")]
+    Bench(BenchArgs),
     /// Show, per stage, whether it is done, stale, partial (which shards are done, running, stale or
     /// missing) or missing, and the commands that rerun only the shards not done.
     #[command(after_help = "Examples:
@@ -76,6 +82,51 @@ Examples:
         #[command(flatten)]
         common: CommonArgs,
     },
+}
+
+/// Options of `qpert bench` (see README, "Benchmark").
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// The model configuration, with seeded random weights: `tiny` (the test model's shapes),
+    /// `medium` (CPU-sized, real head size), `coco` (blip2-itm-vit-g-coco) or a config.json path.
+    #[arg(long, value_name = "tiny|medium|coco|PATH", default_value = "coco")]
+    pub model_config: String,
+    /// Synthetic images (500 x 375 JPEGs).
+    #[arg(long, default_value_t = 64)]
+    pub images: usize,
+    /// Captions per image.
+    #[arg(long, default_value_t = 5)]
+    pub captions_per_image: usize,
+    /// Object boxes per image (all kept).
+    #[arg(long, default_value_t = 4)]
+    pub boxes_per_image: usize,
+    /// ITC candidates per query re-ranked by ITM.
+    #[arg(long, default_value_t = 16)]
+    pub k: u32,
+    /// `cpu` or `cuda` (a `--features cuda` build).
+    #[arg(long, value_parser = ["cpu", "cuda"], default_value = "cpu")]
+    pub device: String,
+    /// Model precision (`model.precision`): `f32`, `bf16` or `f16`.
+    #[arg(long, value_parser = ["f32", "bf16", "f16"], default_value = "f32")]
+    pub precision: String,
+    /// Images per model batch (extract, rerank).
+    #[arg(long, default_value_t = 16)]
+    pub image_batch: usize,
+    /// Captions per batch (text).
+    #[arg(long, default_value_t = 256)]
+    pub text_batch: usize,
+    /// Pairs per ITM batch (rerank).
+    #[arg(long, default_value_t = 128)]
+    pub pair_batch: usize,
+    /// Seed of the random weights and the synthetic data.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Run every stage once before measuring (on GPU the difference is JIT compilation + autotuning).
+    #[arg(long)]
+    pub warmup: bool,
+    /// Also write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 /// Options every verb takes.
@@ -93,10 +144,11 @@ pub struct CommonArgs {
 }
 
 impl Command {
-    /// The options shared by all verbs.
-    pub fn common(&self) -> &CommonArgs {
+    /// The options shared by the verbs that take a config (all but `bench`).
+    pub fn common(&self) -> Option<&CommonArgs> {
         match self {
-            Command::Stage { common, .. } | Command::Run { common } | Command::Status { common } => common,
+            Command::Stage { common, .. } | Command::Run { common } | Command::Status { common } => Some(common),
+            Command::Bench(_) => None,
         }
     }
 }

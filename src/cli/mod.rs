@@ -9,6 +9,7 @@ use clap::Parser;
 
 pub use args::{Args, Command};
 
+use crate::config::{DeviceKind, Precision};
 use crate::error::{Error, Result};
 use crate::stages;
 
@@ -26,7 +27,7 @@ pub fn parse() -> Result<Parsed> {
         Ok(args) => Ok(Parsed::Args(args)),
         Err(e) if !e.use_stderr() => Ok(Parsed::Info(e.render().to_string())),
         Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            Err(Error::Usage("no command given: expected stage, run or status (see qpert --help)".into()))
+            Err(Error::Usage("no command given: expected stage, run, status or bench (see qpert --help)".into()))
         }
         Err(e) => Err(Error::Usage(one_line(&e.to_string()))),
     }
@@ -61,6 +62,28 @@ pub fn run(args: Args) -> Result<()> {
             Ok(())
         }
         Command::Run { common } => stages::run_pipeline(&resolve::context(common, false)?),
+        Command::Bench(bench) => {
+            let options = crate::bench::BenchOptions {
+                model: crate::bench::ModelChoice::parse(&bench.model_config),
+                images: bench.images,
+                captions_per_image: bench.captions_per_image,
+                boxes_per_image: bench.boxes_per_image,
+                k: bench.k,
+                precision: match bench.precision.as_str() {
+                    "bf16" => Precision::Bf16,
+                    "f16" => Precision::F16,
+                    _ => Precision::F32,
+                },
+                image_batch: bench.image_batch,
+                text_batch: bench.text_batch,
+                pair_batch: bench.pair_batch,
+                seed: bench.seed,
+                warmup: bench.warmup,
+                json: bench.json.clone(),
+            };
+            let kind = if bench.device == "cuda" { DeviceKind::Cuda } else { DeviceKind::Cpu };
+            crate::bench::run(&options, resolve::device_choice(kind), resolve::terminal_reporter()).map(|_| ())
+        }
         Command::Status { common } => {
             let ctx = resolve::context(common, false)?;
             ctx.reporter.info(&format!("output: {}", ctx.config.output.dir.display()));

@@ -50,7 +50,8 @@ fn cuda_device() -> std::result::Result<Device, String> {
         .into())
 }
 
-fn terminal_reporter() -> Reporter {
+/// Results to stdout, warnings to stderr, progress bars when stderr is a terminal.
+pub fn terminal_reporter() -> Reporter {
     Reporter::new(
         Box::new(|msg| println!("{msg}")),
         Box::new(|msg| eprintln!("qpert: warning: {msg}")),

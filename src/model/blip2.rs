@@ -16,7 +16,7 @@ use super::config::Blip2Config;
 use super::linear;
 use super::qformer::{CrossKv, QFormerModel};
 use super::vision::VisionModel;
-use super::weights::{Checkpoint, load_module};
+use super::weights::{Checkpoint, load_module, save_module};
 use crate::error::{Error, Result};
 
 /// Word and position embeddings of the Q-Former text (`embeddings`). No token-type embedding and
@@ -165,6 +165,12 @@ impl Blip2Model {
         let model = config.init(device);
         model.visit(&mut Materialize);
         Ok(model)
+    }
+
+    /// Writes the weights to `path` as an f32 `model.safetensors` under the HF names, so that
+    /// [`Blip2Model::load`] reads them back (with a `config.json` of the same configuration).
+    pub fn save_safetensors(&self, path: &Path) -> Result<()> {
+        save_module(self, path)
     }
 
     /// The configuration the model was built from.

@@ -13,16 +13,19 @@
 //! and completeness is judged by this walk, not by burn-store's `unused` list. Linear weights need
 //! no transposition here: the modules use burn's `LinearLayout::Col`, whose parameters have the
 //! PyTorch `[out, in]` shape.
+//!
+//! [`save_module`] is the inverse walk: it writes every parameter under its HF name, so a model
+//! built in Rust (e.g. with random weights for `qpert bench`) becomes a model folder `load` reads.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
-use safetensors::tensor::{Dtype, Metadata};
+use safetensors::tensor::{Dtype, Metadata, TensorView};
 
 use crate::error::{Error, Result};
 
@@ -352,6 +355,48 @@ pub fn load_module<M: Module>(
             })
         }
     }
+}
+
+/// The visitor that collects every float parameter as (HF name, shape, little-endian f32 bytes).
+struct TensorCollector {
+    path: Vec<String>,
+    tensors: Vec<(String, Vec<usize>, Vec<u8>)>,
+}
+
+impl ModuleVisitor for TensorCollector {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        // The saved form: burn's `LinearLayout::Col` weights are stored `[out, in]`, as in HF.
+        let tensor = param.transform_for_save().val();
+        let shape = tensor.dims().to_vec();
+        let values = tensor.into_data().try_into_vec_as::<f32>().expect("float parameters read back as f32");
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.tensors.push((hf_name(&self.path.join(".")), shape, bytes));
+    }
+}
+
+/// Writes every float parameter of `module` to `path` as an f32 safetensors file, under the HF
+/// names [`load_module`] reads (no `__metadata__`).
+pub fn save_module<M: Module>(module: &M, path: &Path) -> Result<()> {
+    let mut collector = TensorCollector { path: Vec::new(), tensors: Vec::new() };
+    module.visit(&mut collector);
+    let views = collector
+        .tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|view| (name.clone(), view))
+                .map_err(|e| Error::weights(path, format!("tensor `{name}`: {e:?}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(views, None, path).map_err(|e| Error::weights(path, format!("cannot write: {e:?}")))
 }
 
 #[cfg(test)]

@@ -9,6 +9,10 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::subspace::{Components, KeySubspace, ProjectorKind};
+use crate::timing::TimeCounter;
+
+/// Wall time spent in the key-subspace eigendecompositions (read by `qpert bench`).
+pub static EIGEN_TIME: TimeCounter = TimeCounter::new();
 
 /// How each box's perturbation strength depends on its area a (`[qpert] weight`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,15 +87,17 @@ pub fn image_perturbations(boxes: &BoxGrams<'_>, images: usize, settings: &Qpert
         boxes_of_image[i] += 1;
     }
     // One projector per (box, layer, head), decomposed in parallel.
-    let projectors: Vec<Vec<f32>> = boxes
-        .grams
-        .par_chunks(d2)
-        .map(|gram| {
-            let subspace = KeySubspace::of_gram(gram, boxes.dim);
-            let m = subspace.num_components(settings.components);
-            subspace.projector(settings.projector, m)
-        })
-        .collect();
+    let projectors: Vec<Vec<f32>> = EIGEN_TIME.time(|| {
+        boxes
+            .grams
+            .par_chunks(d2)
+            .map(|gram| {
+                let subspace = KeySubspace::of_gram(gram, boxes.dim);
+                let m = subspace.num_components(settings.components);
+                subspace.projector(settings.projector, m)
+            })
+            .collect()
+    });
     let mut pi = vec![0f32; images * per_image];
     for (o, &image) in boxes.box_image.iter().enumerate() {
         let alpha = settings.weight.alpha_for(settings.alpha, boxes.box_area[o]);

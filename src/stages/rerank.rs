@@ -19,6 +19,10 @@ use crate::data::tokenizer::MAX_LEN;
 use crate::error::{Error, Result};
 use crate::store::columns::{Table, record_batch};
 use crate::store::{Fingerprint, Shard};
+use crate::timing::TimeCounter;
+
+/// Wall time of the ITM batches, from inputs to logits on the host (read by `qpert bench`).
+pub static ITM_TIME: TimeCounter = TimeCounter::new();
 
 /// The candidates (sim, which depends on the features and k), the perturbation settings and the
 /// model (both through extract), and the tokens (through text).
@@ -83,14 +87,17 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
                 chunk.iter().flat_map(|&(_, _, t, _)| all[t as usize * MAX_LEN..][..MAX_LEN].iter().map(|&v| v as i64)).collect()
             };
             let pair_image = ints(chunk.iter().map(|&(slot, ..)| slot as i64).collect(), [p], &device);
-            let logits = model.itm_logits(
-                z.clone(),
-                pair_image,
-                ints(token_rows(&ids), [p, MAX_LEN], &device),
-                ints(token_rows(&mask), [p, MAX_LEN], &device),
-                perturbation.clone(),
-            )?;
-            for (&(_, image, text, c), itm) in chunk.iter().zip(runtime::host(logits)) {
+            let logits = ITM_TIME.time(|| -> Result<Vec<f32>> {
+                let logits = model.itm_logits(
+                    z.clone(),
+                    pair_image,
+                    ints(token_rows(&ids), [p, MAX_LEN], &device),
+                    ints(token_rows(&mask), [p, MAX_LEN], &device),
+                    perturbation.clone(),
+                )?;
+                Ok(runtime::host(logits))
+            })?;
+            for (&(_, image, text, c), itm) in chunk.iter().zip(logits) {
                 out.push(image as u32, text, c, itm);
             }
             bar.inc(p as u64);

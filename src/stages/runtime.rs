@@ -16,6 +16,13 @@ use crate::config::{Config, Precision};
 use crate::error::{Error, Result};
 use crate::model::Blip2Model;
 use crate::store::Fingerprint;
+use crate::timing::TimeCounter;
+
+/// Wall time spent decoding and resizing images, on the prefetch thread, overlapping the model
+/// (read by `qpert bench`).
+pub static PREPROCESS_TIME: TimeCounter = TimeCounter::new();
+/// Wall time spent loading model weights (read by `qpert bench`).
+pub static LOAD_TIME: TimeCounter = TimeCounter::new();
 
 /// Adds the model folder's identity: `config.json` and tokenizer files by content, the
 /// safetensors files by size, mtime and header hash (hashing 4.7 GB on every run would cost more
@@ -56,7 +63,7 @@ pub fn load_model(ctx: &Context) -> Result<(Blip2Model, Device)> {
         Precision::Bf16 => FloatDType::BF16,
         Precision::F16 => FloatDType::F16,
     };
-    let model = Blip2Model::load_with_dtype(&ctx.config.model.dir, &device, dtype)?;
+    let model = LOAD_TIME.time(|| Blip2Model::load_with_dtype(&ctx.config.model.dir, &device, dtype))?;
     Ok((model, device))
 }
 
@@ -95,7 +102,7 @@ pub fn for_each_image_batch(
             for start in range.clone().step_by(batch_size) {
                 let batch: Vec<usize> = (start..(start + batch_size).min(range.end)).collect();
                 let paths: Vec<&Path> = batch.iter().map(|&i| images[i].path.as_path()).collect();
-                let pixels = preprocess_batch(&paths, size as u32);
+                let pixels = PREPROCESS_TIME.time(|| preprocess_batch(&paths, size as u32));
                 if sender.send((batch, pixels)).is_err() {
                     return; // the model side stopped on an error
                 }

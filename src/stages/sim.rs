@@ -26,6 +26,10 @@ use crate::error::{Error, Result};
 use crate::metrics::{RankCounter, TopK};
 use crate::store::columns::{Table, record_batch};
 use crate::store::{FileEntry, Fingerprint, Notes};
+use crate::timing::TimeCounter;
+
+/// Wall time of the two scoring passes (ITC blocks, top-k, rank counting), read by `qpert bench`.
+pub static SCORE_TIME: TimeCounter = TimeCounter::new();
 
 /// Images per block (times Q query rows).
 const IMAGE_BLOCK: usize = 256;
@@ -63,6 +67,7 @@ pub fn run(ctx: &Context) -> Result<Outcome> {
     let gt_image: Vec<usize> = index.texts.iter().map(|t| t.image_idx as usize).collect();
     let k = ctx.config.rerank.k as usize;
 
+    let scoring = std::time::Instant::now();
     // Pass 1: top-k both ways and the ground-truth scores.
     let mut i2t: Vec<TopK> = (0..features.n_images).map(|_| TopK::new(k)).collect();
     let mut t2i: Vec<TopK> = (0..features.n_texts).map(|_| TopK::new(k)).collect();
@@ -104,6 +109,7 @@ pub fn run(ctx: &Context) -> Result<Outcome> {
         bar.inc(1);
     });
     bar.finish_and_clear();
+    SCORE_TIME.add(scoring.elapsed());
 
     let image_ranks: Vec<u32> = texts_of_image
         .iter()

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One prepared GPU benchmark run (issue 6), sized for 8 minutes of a lent H100/H200 including
+# start-up and autotuning. Prepare the carried binary here with `make gpu-bench` (a CUDA release
+# build, stripped, xz-compressed to target/gpu-bench/qpert.xz), then on the device machine, from the
+# repository root:
+#
+#   bash scripts/gpu-bench.sh            (run tool: carry ["target/gpu-bench"], timeout_s 540)
+#
+# It runs, in this order, each under its own time limit so one overrun cannot eat the others:
+#   1. the PyTorch reference (scripts/torch_baseline.py, blip2-itm-vit-g-coco with random weights):
+#      the released loop's per-image unit and a batched pipeline, f32 and bf16;
+#   2. `qpert bench` on the same config in $PRECISION (default bf16, the issue's target setting), 64
+#      synthetic images, k = 16, with a warm-up run so JIT compilation + autotuning is measured;
+#   3. the ratio table (qpert against the reference, same GPU, same run).
+# Everything lands in $OUT (default /tmp/gpu-bench): *.txt logs, *.json reports, gpu.txt.
+# Knobs (environment): IMAGES (64), K (16), PRECISION (bf16 | f16 | f32), CUBECL_AUTOTUNE_LEVEL (minimal: bounds the autotuning
+# time; set balanced for the default search), TORCH_TIMEOUT (150 s), QPERT_TIMEOUT (300 s),
+# PYTHON (python3: the one with PyTorch + transformers).
+# A CPU dry run of the script's logic (any qpert binary in target/gpu-bench/qpert.xz):
+#   DEVICE=cpu MODEL_CONFIG=tiny IMAGES=4 TORCH_ARGS="--tiny --device cpu" bash scripts/gpu-bench.sh
+set -uo pipefail
+
+OUT="${OUT:-/tmp/gpu-bench}"
+IMAGES="${IMAGES:-64}"
+K="${K:-16}"
+PRECISION="${PRECISION:-bf16}"
+DEVICE="${DEVICE:-cuda}"
+MODEL_CONFIG="${MODEL_CONFIG:-coco}"
+TORCH_ARGS="${TORCH_ARGS:-}"
+TORCH_TIMEOUT="${TORCH_TIMEOUT:-150}"
+QPERT_TIMEOUT="${QPERT_TIMEOUT:-300}"
+export CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}"
+mkdir -p "$OUT"
+start=$(date +%s)
+say() { echo "[gpu-bench +$(( $(date +%s) - start ))s] $*" | tee -a "$OUT/log.txt"; }
+
+BIN_XZ="target/gpu-bench/qpert.xz"
+if [ ! -f "$BIN_XZ" ]; then
+    echo "gpu-bench: $BIN_XZ is missing: run \`make gpu-bench\` first and carry target/gpu-bench" >&2
+    exit 2
+fi
+BIN="${TMPDIR:-/tmp}/qpert-gpu"
+xz -dc "$BIN_XZ" > "$BIN" && chmod +x "$BIN" || { echo "gpu-bench: cannot decompress $BIN_XZ" >&2; exit 1; }
+
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+# NVRTC ships inside the PyTorch installation (site-packages/nvidia/cu13/lib); burn-cuda needs it.
+NVLIB="$("$PY" - <<'PY' 2>/dev/null
+import glob, os
+try:
+    import nvidia
+    roots = [p for p in nvidia.__path__]
+except ImportError:
+    import site
+    roots = [os.path.join(s, "nvidia") for s in site.getsitepackages()]
+dirs = []
+for root in roots:
+    dirs += sorted(glob.glob(os.path.join(root, "cu13", "lib"))) + sorted(glob.glob(os.path.join(root, "*", "lib")))
+print(":".join(d for d in dict.fromkeys(dirs) if os.path.isdir(d)))
+PY
+)"
+export LD_LIBRARY_PATH="${NVLIB}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+for cuda in /usr/local/cuda /usr/local/cuda-13*; do
+    [ -d "$cuda/include" ] && { export CUDA_PATH="${CUDA_PATH:-$cuda}"; break; }
+done
+say "binary $(du -h "$BIN" | cut -f1); NVRTC dirs: ${NVLIB:-none found}; CUDA_PATH=${CUDA_PATH:-unset}; autotune level $CUBECL_AUTOTUNE_LEVEL"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1 \
+    || echo "no nvidia-smi" > "$OUT/gpu.txt"
+say "GPU: $(cat "$OUT/gpu.txt")"
+
+say "1/3 PyTorch reference"
+# shellcheck disable=SC2086 # TORCH_ARGS is a list of options
+timeout "$TORCH_TIMEOUT" "$PY" scripts/torch_baseline.py $TORCH_ARGS --json "$OUT/torch.json" 2>&1 | tee "$OUT/torch.txt"
+say "torch exit ${PIPESTATUS[0]}"
+
+say "2/3 qpert bench ($MODEL_CONFIG config, $PRECISION, $IMAGES images, k = $K, $DEVICE, warm-up run first)"
+timeout "$QPERT_TIMEOUT" "$BIN" bench --model-config "$MODEL_CONFIG" --device "$DEVICE" --precision "$PRECISION" --images "$IMAGES" --k "$K" \
+    --warmup --json "$OUT/qpert-bench.json" 2>&1 | tee "$OUT/qpert-bench.txt"
+say "qpert exit ${PIPESTATUS[0]}"
+
+say "3/3 ratios"
+if [ -f "$OUT/torch.json" ] && [ -f "$OUT/qpert-bench.json" ]; then
+    "$PY" scripts/torch_baseline.py --ratios-only "$OUT/torch.json" --qpert-json "$OUT/qpert-bench.json" \
+        2>&1 | tee "$OUT/ratios.txt"
+else
+    say "no ratio table: a report is missing (see torch.txt / qpert-bench.txt)"
+fi
+say "done"

@@ -1,0 +1,91 @@
+//! `qpert bench` end to end on CPU through the binary: the tiny configuration on four synthetic
+//! images runs every stage, and the table and projections come out with plausible numbers; the
+//! random model it writes loads back with identical weights.
+
+use std::process::Command;
+
+/// The table row of `stage` (below the header; stage messages come before it), split on whitespace.
+fn row<'a>(stdout: &'a str, stage: &str) -> Vec<&'a str> {
+    stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("stage "))
+        .find(|l| l.split_whitespace().next() == Some(stage))
+        .unwrap_or_else(|| panic!("no `{stage}` row in:\n{stdout}"))
+        .split_whitespace()
+        .collect()
+}
+
+#[test]
+fn bench_tiny_reports_every_stage_and_projections() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_qpert"))
+        .args(["bench", "--model-config", "tiny", "--images", "4", "--k", "3", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("model tiny, 4 images x 5 captions, 4 boxes per image, k = 3, on cpu"), "{stdout}");
+
+    // Columns: stage items unit wall load items/s GFLOP TFLOP/s preproc eigen autotune(2 words) host GPU.
+    for (stage, items, unit) in [("index", 4.0, "images"), ("extract", 4.0, "images"), ("text", 20.0, "texts"), ("sim", 80.0, "pairs")] {
+        let r = row(&stdout, stage);
+        assert_eq!(r[1].parse::<f64>().unwrap(), items, "{stage}: {r:?}");
+        assert_eq!(r[2], unit);
+        assert!(r[3].parse::<f64>().unwrap() > 0.0, "wall {r:?}");
+        assert!(r[5].parse::<f64>().unwrap() > 0.0, "throughput {r:?}");
+        assert_eq!(&r[10..12], ["n/a", "(cpu)"], "autotune is GPU only: {r:?}");
+        assert!(r[12].parse::<f64>().unwrap() > 0.0, "host memory {r:?}");
+        assert_eq!(r[13], "n/a", "no GPU memory on CPU: {r:?}");
+    }
+    // k = 3 both ways over 4 images x 20 texts: 4*3 i2t pairs and all 20*3 t2i pairs, union in [60, 72].
+    let rerank = row(&stdout, "rerank");
+    let pairs: f64 = rerank[1].parse().unwrap();
+    assert!((60.0..=72.0).contains(&pairs), "{rerank:?}");
+    assert!(rerank[7].parse::<f64>().unwrap() > 0.0, "TFLOP/s {rerank:?}");
+    // Extract decoded the JPEGs and ran the eigendecompositions: both counters moved.
+    let extract = row(&stdout, "extract");
+    assert!(extract[8].parse::<f64>().unwrap() > 0.0 && extract[9].parse::<f64>().unwrap() > 0.0, "{extract:?}");
+
+    for (name, line) in [("flickr30k", "1000 images x 5000 texts, k = 64, <= 384000 ITM pairs"), ("coco", "5000 images x 25010 texts, k = 128, <= 3841280 ITM pairs")] {
+        let projection = stdout.lines().find(|l| l.starts_with(&format!("projected {name}:"))).unwrap_or_else(|| panic!("{stdout}"));
+        assert!(projection.contains(line), "{projection}");
+        let seconds: f64 = projection.split("ITM pairs: ").nth(1).unwrap().split(" s ").next().unwrap().parse().unwrap();
+        assert!(seconds > 0.0 && seconds.is_finite(), "{projection}");
+    }
+
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["stages"].as_array().unwrap().len(), 5);
+    assert_eq!(report["projections"][0]["pairs"], 384000.0);
+}
+
+#[test]
+fn bench_rejects_a_missing_config_file_with_one_line() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qpert")).args(["bench", "--model-config", "no/such/config.json"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("qpert: no/such/config.json: cannot read"), "{err}");
+}
+
+#[test]
+fn a_saved_random_model_loads_back_with_the_same_weights() {
+    use burn::tensor::{Device, Tensor};
+    use qpert::model::Blip2Model;
+
+    let dir = tempfile::tempdir().unwrap();
+    let device = Device::flex();
+    let config = qpert::bench::ModelChoice::Tiny.config().unwrap();
+    let model = Blip2Model::init_random(&config, 3, &device).unwrap();
+    qpert::bench::synthetic::write_model(dir.path(), &config, 3, &device).unwrap();
+    let loaded = Blip2Model::load(dir.path(), &device).unwrap();
+    let z = Tensor::<3>::ones([1, config.vision_config.num_tokens(), config.vision_config.hidden_size], &device);
+    let a = model.image_features(z.clone(), None).unwrap().into_data().try_to_vec::<f32>().unwrap();
+    let b = loaded.image_features(z, None).unwrap().into_data().try_to_vec::<f32>().unwrap();
+    assert_eq!(a, b, "same seed, same weights, same features");
+    let pixels = Tensor::<4>::zeros([1, 3, config.vision_config.image_size, config.vision_config.image_size], &device);
+    let za = model.vision_tokens(pixels.clone()).unwrap().into_data().try_to_vec::<f32>().unwrap();
+    let zb = loaded.vision_tokens(pixels).unwrap().into_data().try_to_vec::<f32>().unwrap();
+    assert_eq!(za, zb);
+}
