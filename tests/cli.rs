@@ -4,48 +4,11 @@
 
 mod common;
 
-use arrow::array::{Array, BooleanArray, FixedSizeListArray, Float32Array, ListArray, StringArray, UInt32Array};
 use arrow::datatypes::DataType;
-use arrow::record_batch::RecordBatch;
-use common::{Workspace, assert_fails, stderr, stdout};
+use common::{Workspace, area, assert_fails, bools, boxes, chains, f32s, stderr, stdout, strings, u32s};
 
 const LAVIS: &str = "flickr30k_test.json";
 const KARPATHY: &str = "dataset_flickr30k.json";
-
-fn u32s(batch: &RecordBatch, name: &str) -> Vec<u32> {
-    batch.column_by_name(name).unwrap().as_any().downcast_ref::<UInt32Array>().unwrap().values().to_vec()
-}
-
-fn f32s(batch: &RecordBatch, name: &str) -> Vec<f32> {
-    batch.column_by_name(name).unwrap().as_any().downcast_ref::<Float32Array>().unwrap().values().to_vec()
-}
-
-fn strings(batch: &RecordBatch, name: &str) -> Vec<String> {
-    let col = batch.column_by_name(name).unwrap().as_any().downcast_ref::<StringArray>().unwrap();
-    col.iter().map(|s| s.unwrap().to_string()).collect()
-}
-
-fn boxes(batch: &RecordBatch) -> Vec<[f32; 4]> {
-    let col = batch.column_by_name("box").unwrap().as_any().downcast_ref::<FixedSizeListArray>().unwrap();
-    let values = col.values().as_any().downcast_ref::<Float32Array>().unwrap();
-    values.values().chunks(4).map(|c| [c[0], c[1], c[2], c[3]]).collect()
-}
-
-fn chains(batch: &RecordBatch) -> Vec<Vec<String>> {
-    let col = batch.column_by_name("chains").unwrap().as_any().downcast_ref::<ListArray>().unwrap();
-    (0..col.len())
-        .map(|i| {
-            let v = col.value(i);
-            let s = v.as_any().downcast_ref::<StringArray>().unwrap();
-            s.iter().map(|x| x.unwrap().to_string()).collect()
-        })
-        .collect()
-}
-
-/// Area ratio as qpert computes it: f64, then stored as f32.
-fn area(b: [f64; 4], w: f64, h: f64) -> f32 {
-    ((b[2] - b[0]) * (b[3] - b[1]) / (w * h)) as f32
-}
 
 fn index(ws: &Workspace, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["stage", "index", "--config", "{config}"];
@@ -101,8 +64,7 @@ fn index_writes_exact_images_boxes_and_texts() {
     assert_eq!(f32s(&b, "area"), areas);
     assert_eq!(f32s(&b, "area")[2], 1600.0 / 262144.0);
     assert_eq!(chains(&b), [vec!["1"], vec!["2", "3"], vec!["4"], vec!["4"], vec!["10"], vec!["20"], vec!["21"]]);
-    let outside = b.column_by_name("outside_image").unwrap().as_any().downcast_ref::<BooleanArray>().unwrap();
-    assert_eq!(outside.iter().map(Option::unwrap).collect::<Vec<_>>(), [false, false, false, false, false, true, false]);
+    assert_eq!(bools(&b, "outside_image"), [false, false, false, false, false, true, false]);
     let DataType::FixedSizeList(item, 4) = b.schema().field_with_name("box").unwrap().data_type().clone() else {
         panic!("box must be FixedSizeList<float32, 4>")
     };

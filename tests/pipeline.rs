@@ -6,9 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use arrow::array::{Array, BooleanArray, Float32Array, UInt32Array};
-use arrow::record_batch::RecordBatch;
-use common::{Workspace, read_parquet, stderr};
+use common::{Workspace, bools, f32s, parts, stderr, u32s};
 
 fn expected(variant: &str) -> serde_json::Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/e2e/expected_{variant}.json"));
@@ -39,31 +37,6 @@ fn run_model_stages(ws: &Workspace, variant: &str) {
     for name in ["index", "extract", "text", "sim", "rerank", "report"] {
         stage(ws, variant, &["stage", name]);
     }
-}
-
-fn u32s(batch: &RecordBatch, name: &str) -> Vec<u32> {
-    batch.column_by_name(name).unwrap().as_any().downcast_ref::<UInt32Array>().unwrap().values().to_vec()
-}
-
-fn f32s(batch: &RecordBatch, name: &str) -> Vec<f32> {
-    batch.column_by_name(name).unwrap().as_any().downcast_ref::<Float32Array>().unwrap().values().to_vec()
-}
-
-fn bools(batch: &RecordBatch, name: &str) -> Vec<bool> {
-    let c = batch.column_by_name(name).unwrap().as_any().downcast_ref::<BooleanArray>().unwrap();
-    (0..c.len()).map(|i| c.value(i)).collect()
-}
-
-fn parts(ws: &Workspace, stage: &str) -> RecordBatch {
-    let dir = ws.path().join("out").join(stage);
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("part-"))
-        .collect();
-    files.sort();
-    let batches: Vec<RecordBatch> = files.iter().map(|f| read_parquet(f)).collect();
-    arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
 }
 
 fn close(got: f32, want: &serde_json::Value, what: &str) {

@@ -9,6 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use arrow::array::{Array, BooleanArray, FixedSizeListArray, Float32Array, ListArray, StringArray, UInt32Array};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
@@ -109,7 +110,8 @@ pub fn read_parquet(path: &Path) -> RecordBatch {
     arrow::compute::concat_batches(&schema, &batches).unwrap()
 }
 
-fn copy_dir(from: &Path, to: &Path) {
+/// Copies a folder tree.
+pub fn copy_dir(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();
     for entry in fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
@@ -143,4 +145,58 @@ pub fn assert_fails(out: &Output, code: i32, needles: &[&str]) {
     for bad in ["panicked", "backtrace", "RUST_BACKTRACE", "internal error"] {
         assert!(!err.contains(bad), "{err}");
     }
+}
+
+/// All `part-*.parquet` files of `out/<stage>/`, in name (= shard) order, as one table.
+pub fn parts(ws: &Workspace, stage: &str) -> RecordBatch {
+    let mut files: Vec<_> = fs::read_dir(ws.path().join("out").join(stage))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("part-"))
+        .collect();
+    files.sort();
+    let batches: Vec<RecordBatch> = files.iter().map(|f| read_parquet(f)).collect();
+    arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+}
+
+pub fn u32s(batch: &RecordBatch, name: &str) -> Vec<u32> {
+    batch.column_by_name(name).unwrap().as_any().downcast_ref::<UInt32Array>().unwrap().values().to_vec()
+}
+
+pub fn f32s(batch: &RecordBatch, name: &str) -> Vec<f32> {
+    batch.column_by_name(name).unwrap().as_any().downcast_ref::<Float32Array>().unwrap().values().to_vec()
+}
+
+pub fn bools(batch: &RecordBatch, name: &str) -> Vec<bool> {
+    let c = batch.column_by_name(name).unwrap().as_any().downcast_ref::<BooleanArray>().unwrap();
+    (0..c.len()).map(|i| c.value(i)).collect()
+}
+
+pub fn strings(batch: &RecordBatch, name: &str) -> Vec<String> {
+    let col = batch.column_by_name(name).unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+    col.iter().map(|s| s.unwrap().to_string()).collect()
+}
+
+/// `boxes.parquet`'s `box` column.
+pub fn boxes(batch: &RecordBatch) -> Vec<[f32; 4]> {
+    let col = batch.column_by_name("box").unwrap().as_any().downcast_ref::<FixedSizeListArray>().unwrap();
+    let values = col.values().as_any().downcast_ref::<Float32Array>().unwrap();
+    values.values().chunks(4).map(|c| [c[0], c[1], c[2], c[3]]).collect()
+}
+
+/// `boxes.parquet`'s `chains` column.
+pub fn chains(batch: &RecordBatch) -> Vec<Vec<String>> {
+    let col = batch.column_by_name("chains").unwrap().as_any().downcast_ref::<ListArray>().unwrap();
+    (0..col.len())
+        .map(|i| {
+            let v = col.value(i);
+            let s = v.as_any().downcast_ref::<StringArray>().unwrap();
+            s.iter().map(|x| x.unwrap().to_string()).collect()
+        })
+        .collect()
+}
+
+/// Area ratio as qpert computes it: f64, then stored as f32.
+pub fn area(b: [f64; 4], w: f64, h: f64) -> f32 {
+    ((b[2] - b[0]) * (b[3] - b[1]) / (w * h)) as f32
 }
