@@ -58,6 +58,11 @@ fn bench_tiny_reports_every_stage_and_projections() {
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["stages"].as_array().unwrap().len(), 5);
     assert_eq!(report["projections"][0]["pairs"], 384000.0);
+    // Both Z options measured: the tiny model's Z is 17 x 48 f16 values per image.
+    let z = &report["z_cache"];
+    assert_eq!(z["mib_per_image"].as_f64().unwrap(), (17 * 48 * 2) as f64 / (1024.0 * 1024.0));
+    assert!(z["recompute_ms"].as_f64().unwrap() > 0.0 && z["store_and_load_ms"].as_f64().unwrap() > 0.0, "{z}");
+    assert!(stdout.lines().any(|l| l.starts_with("Z cache (")), "{stdout}");
 }
 
 #[test]

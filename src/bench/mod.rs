@@ -6,6 +6,7 @@
 //! measured per-item rates. See README, "Benchmark".
 
 pub mod flops;
+pub mod z_cache;
 pub mod synthetic;
 
 use std::path::{Path, PathBuf};
@@ -211,6 +212,8 @@ pub struct BenchReport {
     pub setup_s: f64,
     /// Per stage.
     pub stages: Vec<StageTiming>,
+    /// Caching the vision tokens Z between `extract` and `rerank` against recomputing them.
+    pub z_cache: z_cache::ZCacheTiming,
     /// Projections.
     pub projections: Vec<Projection>,
 }
@@ -482,6 +485,8 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
         }
     }
     let projections = TARGETS.iter().map(|target| project(&stages, sizes, target)).collect();
+    let vision = crate::model::Blip2Model::load(&model_dir, &burn_device)?;
+    let z_cache = z_cache::measure(&vision, options.image_batch.min(options.images), &burn_device, &scratch.0)?;
     let report = BenchReport {
         model: options.model.label(),
         device: ctx.device.name.clone(),
@@ -491,11 +496,21 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
         k: options.k,
         setup_s,
         stages,
+        z_cache,
         projections,
     };
     for line in table(&report, on_gpu, options.warmup) {
         ctx.reporter.info(&line);
     }
+    let z = &report.z_cache;
+    ctx.reporter.info(&format!(
+        "Z cache ({} images, {:.2} MiB per image in f16): recompute {:.2} ms/image, store + load {:.2} ms/image ({})",
+        z.images,
+        z.mib_per_image,
+        z.recompute_ms,
+        z.store_and_load_ms,
+        if z.store_and_load_ms < z.recompute_ms { "caching would win" } else { "recomputing wins" }
+    ));
     if let Some(path) = &options.json {
         let text = serde_json::to_string_pretty(&report).unwrap_or_default();
         std::fs::write(path, text).map_err(|e| Error::input(path, format!("cannot write the report: {e}")))?;
