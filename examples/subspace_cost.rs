@@ -50,6 +50,14 @@ fn main() {
     let threads = rayon::current_num_threads();
     println!("subspace work for one image ({n} eigendecompositions of {d}x{d}, f64, faer):");
     println!("  one core:        {:8.1} ms  ({:.0} us per matrix)", one_core * 1e3, one_core * 1e6 / n as f64);
-    println!("    of which eigendecompositions {:.1} ms, projectors {:.1} ms", decompositions * 1e3, (one_core - decompositions) * 1e3);
-    println!("  {threads} rayon threads: {:8.1} ms  (speed-up {:.2}x over one core)", all_cores * 1e3, one_core / all_cores);
+    println!(
+        "    of which eigendecompositions {:.1} ms, projectors {:.1} ms",
+        decompositions * 1e3,
+        (one_core - decompositions) * 1e3
+    );
+    println!(
+        "  {threads} rayon threads: {:8.1} ms  (speed-up {:.2}x over one core)",
+        all_cores * 1e3,
+        one_core / all_cores
+    );
 }

@@ -153,12 +153,7 @@ pub struct OutputConfig {
 impl QpertConfig {
     /// The method's settings, for the `qpert` module.
     pub fn settings(&self) -> QpertSettings {
-        QpertSettings {
-            alpha: self.alpha as f32,
-            components: self.npc,
-            weight: self.weight,
-            projector: self.projector,
-        }
+        QpertSettings { alpha: self.alpha as f32, components: self.npc, weight: self.weight, projector: self.projector }
     }
 }
 
@@ -195,7 +190,9 @@ impl Config {
             return Err(format!("qpert.alpha must be a finite number, not {}", self.qpert.alpha));
         }
         match self.qpert.npc {
-            Components::Ratio(r) if !(r > 0.0 && r < 1.0) => return Err(format!("qpert.npc ratio {r} must be in (0, 1)")),
+            Components::Ratio(r) if !(r > 0.0 && r < 1.0) => {
+                return Err(format!("qpert.npc ratio {r} must be in (0, 1)"));
+            }
             Components::Count(0) => return Err("qpert.npc count must be at least 1".into()),
             _ => {}
         }

@@ -24,7 +24,11 @@ fn missing_annotation_file() {
 #[test]
 fn malformed_split_json_gives_line_and_column() {
     let ws = Workspace::with_copy(LAVIS);
-    fs::write(ws.data.join("annotations/flickr30k_test.json"), "[\n  {\"image\": \"a.jpg\", \"caption\": [\"x\"]},\n  {\"image\": }\n]").unwrap();
+    fs::write(
+        ws.data.join("annotations/flickr30k_test.json"),
+        "[\n  {\"image\": \"a.jpg\", \"caption\": [\"x\"]},\n  {\"image\": }\n]",
+    )
+    .unwrap();
     assert_fails(&index(&ws, &[]), 1, &["flickr30k_test.json: line 3, column 13"]);
 }
 
@@ -93,7 +97,14 @@ fn unknown_config_key_is_named_with_the_known_keys() {
     assert_fails(
         &index(&ws, &[]),
         2,
-        &["qpert.toml: line 8", "in [dataset]", "unknown field `box_orign`", "`box_origin`", "`annotations`", "`entities`"],
+        &[
+            "qpert.toml: line 8",
+            "in [dataset]",
+            "unknown field `box_orign`",
+            "`box_origin`",
+            "`annotations`",
+            "`entities`",
+        ],
     );
 }
 
@@ -130,7 +141,9 @@ fn missing_config_file() {
 #[test]
 fn bad_shard_values() {
     let ws = Workspace::new(LAVIS);
-    for (shard, why) in [("0/4", "out of range"), ("5/4", "out of range"), ("x", "expected I/N"), ("1/0", "between 1 and")] {
+    for (shard, why) in
+        [("0/4", "out of range"), ("5/4", "out of range"), ("x", "expected I/N"), ("1/0", "between 1 and")]
+    {
         let out = ws.qpert(&["stage", "extract", "--config", "{config}", "--shard", shard]);
         assert_fails(&out, 2, &["--shard", shard, why]);
     }
@@ -139,7 +152,11 @@ fn bad_shard_values() {
 #[test]
 fn unknown_stage_and_verb() {
     let ws = Workspace::new(LAVIS);
-    assert_fails(&ws.qpert(&["stage", "train", "--config", "{config}"]), 2, &["train", "possible values: index, extract"]);
+    assert_fails(
+        &ws.qpert(&["stage", "train", "--config", "{config}"]),
+        2,
+        &["train", "possible values: index, extract"],
+    );
     assert_fails(&ws.qpert(&["frobnicate"]), 2, &["frobnicate"]);
     let none = ws.qpert(&[]);
     assert_fails(&none, 2, &["no command given"]);
@@ -200,7 +217,9 @@ fn a_model_folder_whose_config_does_not_match_its_weights() {
     for f in ["model.safetensors", "vocab.txt"] {
         fs::copy(tiny.join(f), model.join(f)).unwrap();
     }
-    let config = fs::read_to_string(tiny.join("config.json")).unwrap().replace("\"intermediate_size\": 64", "\"intermediate_size\": 80");
+    let config = fs::read_to_string(tiny.join("config.json"))
+        .unwrap()
+        .replace("\"intermediate_size\": 64", "\"intermediate_size\": 80");
     fs::write(model.join("config.json"), config).unwrap();
     let dir = format!("model.dir={}", model.display());
     run_through(&ws, "index");

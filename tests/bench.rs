@@ -29,7 +29,9 @@ fn bench_tiny_reports_every_stage_and_projections() {
     assert!(stdout.contains("model tiny, 4 images x 5 captions, 4 boxes per image, k = 3, on cpu"), "{stdout}");
 
     // Columns: stage items unit wall load items/s GFLOP TFLOP/s preproc eigen autotune(2 words) host GPU.
-    for (stage, items, unit) in [("index", 4.0, "images"), ("extract", 4.0, "images"), ("text", 20.0, "texts"), ("sim", 80.0, "pairs")] {
+    for (stage, items, unit) in
+        [("index", 4.0, "images"), ("extract", 4.0, "images"), ("text", 20.0, "texts"), ("sim", 80.0, "pairs")]
+    {
         let r = row(&stdout, stage);
         assert_eq!(r[1].parse::<f64>().unwrap(), items, "{stage}: {r:?}");
         assert_eq!(r[2], unit);
@@ -48,10 +50,15 @@ fn bench_tiny_reports_every_stage_and_projections() {
     let extract = row(&stdout, "extract");
     assert!(extract[8].parse::<f64>().unwrap() > 0.0 && extract[9].parse::<f64>().unwrap() > 0.0, "{extract:?}");
 
-    for (name, line) in [("flickr30k", "1000 images x 5000 texts, k = 64, <= 384000 ITM pairs"), ("coco", "5000 images x 25010 texts, k = 128, <= 3841280 ITM pairs")] {
-        let projection = stdout.lines().find(|l| l.starts_with(&format!("projected {name}:"))).unwrap_or_else(|| panic!("{stdout}"));
+    for (name, line) in [
+        ("flickr30k", "1000 images x 5000 texts, k = 64, <= 384000 ITM pairs"),
+        ("coco", "5000 images x 25010 texts, k = 128, <= 3841280 ITM pairs"),
+    ] {
+        let projection =
+            stdout.lines().find(|l| l.starts_with(&format!("projected {name}:"))).unwrap_or_else(|| panic!("{stdout}"));
         assert!(projection.contains(line), "{projection}");
-        let seconds: f64 = projection.split("ITM pairs: ").nth(1).unwrap().split(" s ").next().unwrap().parse().unwrap();
+        let seconds: f64 =
+            projection.split("ITM pairs: ").nth(1).unwrap().split(" s ").next().unwrap().parse().unwrap();
         assert!(seconds > 0.0 && seconds.is_finite(), "{projection}");
     }
 
@@ -67,7 +74,10 @@ fn bench_tiny_reports_every_stage_and_projections() {
 
 #[test]
 fn bench_rejects_a_missing_config_file_with_one_line() {
-    let out = Command::new(env!("CARGO_BIN_EXE_qpert")).args(["bench", "--model-config", "no/such/config.json"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_qpert"))
+        .args(["bench", "--model-config", "no/such/config.json"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");

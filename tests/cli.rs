@@ -27,7 +27,10 @@ fn index_writes_exact_images_boxes_and_texts() {
     assert!(report.contains("1 annotated images without a kept box"), "{report}");
     let warnings = stderr(&out);
     assert_eq!(warnings.lines().count(), 1, "{warnings}");
-    assert!(warnings.starts_with("qpert: warning: ") && warnings.contains("1000003.xml: image 1000003: kept box 1"), "{warnings}");
+    assert!(
+        warnings.starts_with("qpert: warning: ") && warnings.contains("1000003.xml: image 1000003: kept box 1"),
+        "{warnings}"
+    );
 
     let images = ws.table("index", "images");
     assert_eq!(u32s(&images, "image_idx"), [0, 1, 2, 3, 4]);

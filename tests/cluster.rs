@@ -68,19 +68,38 @@ fn shard_auto_takes_the_shard_from_slurm_and_kubernetes_environments() {
     env.extend([("SLURM_ARRAY_TASK_COUNT", "3"), ("SLURM_ARRAY_TASK_STEP", "1")]);
     assert!(ok(&ws, &["stage", "text", "--shard", "auto"], &env).contains("text 2/3: "));
     // A Kubernetes Indexed Job pod: 0-based index, N from --shards.
-    assert!(ok(&ws, &["stage", "text", "--shard", "auto", "--shards", "3"], &[("JOB_COMPLETION_INDEX", "0")]).contains("text 1/3: "));
+    assert!(
+        ok(&ws, &["stage", "text", "--shard", "auto", "--shards", "3"], &[("JOB_COMPLETION_INDEX", "0")])
+            .contains("text 1/3: ")
+    );
     assert_eq!(parts(&ws, "text"), ["part-00001-of-00003.parquet", "part-00002-of-00003.parquet"]);
     // A resubmitted Slurm index (--array=3) says nothing of N: without --shards that is an error.
-    assert_fails(&qpert(&ws, &["stage", "text", "--shard", "auto"], &slurm("3", "3", "3")), 2, &["SLURM_ARRAY_TASK_MIN=3", "add --shards N"]);
+    assert_fails(
+        &qpert(&ws, &["stage", "text", "--shard", "auto"], &slurm("3", "3", "3")),
+        2,
+        &["SLURM_ARRAY_TASK_MIN=3", "add --shards N"],
+    );
     let out = ok(&ws, &["stage", "text", "--shard", "auto", "--shards", "3"], &slurm("3", "3", "3"));
     assert!(out.contains("text 3/3: "), "{out}");
     assert!(ws.path().join("out/text/manifest.json").exists(), "the last shard writes the manifest");
 
     // No scheduler, an inconsistent array, a pod without --shards, --shards without auto.
     assert_fails(&qpert(&ws, &["stage", "text", "--shard", "auto"], &[]), 2, &["no array task in the environment"]);
-    assert_fails(&qpert(&ws, &["stage", "text", "--shard", "auto", "--shards", "2"], &slurm("1", "1", "3")), 2, &["SLURM_ARRAY_TASK_MAX=3, more than --shards 2"]);
-    assert_fails(&qpert(&ws, &["stage", "text", "--shard", "auto"], &[("JOB_COMPLETION_INDEX", "1")]), 2, &["add --shards N"]);
-    assert_fails(&qpert(&ws, &["stage", "text", "--shard", "1/3", "--shards", "3"], &[]), 2, &["--shards 3 goes with --shard auto"]);
+    assert_fails(
+        &qpert(&ws, &["stage", "text", "--shard", "auto", "--shards", "2"], &slurm("1", "1", "3")),
+        2,
+        &["SLURM_ARRAY_TASK_MAX=3, more than --shards 2"],
+    );
+    assert_fails(
+        &qpert(&ws, &["stage", "text", "--shard", "auto"], &[("JOB_COMPLETION_INDEX", "1")]),
+        2,
+        &["add --shards N"],
+    );
+    assert_fails(
+        &qpert(&ws, &["stage", "text", "--shard", "1/3", "--shards", "3"], &[]),
+        2,
+        &["--shards 3 goes with --shard auto"],
+    );
 }
 
 /// A process that stays alive until killed, and its start time as the lock file records it.
@@ -108,7 +127,14 @@ fn a_live_lock_refuses_a_second_worker_and_a_dead_ones_lock_is_taken_over() {
     let (mut holder, start) = live_process();
     write_lock(&ws, "text", "part-00002-of-00002", holder.id(), start);
     let refused = qpert(&ws, &["stage", "text", "--shard", "2/2"], &[]);
-    assert_fails(&refused, 1, &["part-00002-of-00002.lock: shard 2/2 of text is being computed by host ", &format!("pid {} since 2026-11-27T01:15:16Z", holder.id())]);
+    assert_fails(
+        &refused,
+        1,
+        &[
+            "part-00002-of-00002.lock: shard 2/2 of text is being computed by host ",
+            &format!("pid {} since 2026-11-27T01:15:16Z", holder.id()),
+        ],
+    );
     assert!(parts(&ws, "text").is_empty(), "nothing written by the refused worker");
 
     // The holder dies without cleaning up: its lock is stale, status says so, a worker takes over.
@@ -128,7 +154,13 @@ fn two_processes_racing_for_one_shard_never_both_compute_it() {
     for round in 0..3 {
         // Each round recomputes the shard from scratch.
         let _ = fs::remove_file(ws.path().join("out/text/part-00001-of-00002.parquet"));
-        let spawn = || qpert_cmd(&ws, &["stage", "text", "--shard", "1/2"], &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let spawn = || {
+            qpert_cmd(&ws, &["stage", "text", "--shard", "1/2"], &[])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
         let (a, b) = (spawn(), spawn());
         let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
         let computed = outs.iter().filter(|o| stdout(o).contains("text 1/2: ")).count();
@@ -144,7 +176,11 @@ fn two_processes_racing_for_one_shard_never_both_compute_it() {
         assert_eq!(computed, 1, "round {round}: {:?}", outs.iter().map(|o| (stdout(o), stderr(o))).collect::<Vec<_>>());
     }
     assert_eq!(parts(&ws, "text"), ["part-00001-of-00002.parquet"]);
-    let leftovers: Vec<_> = fs::read_dir(ws.path().join("out/text")).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().starts_with('.')).collect();
+    let leftovers: Vec<_> = fs::read_dir(ws.path().join("out/text"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.'))
+        .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
 
@@ -162,14 +198,19 @@ fn status_lists_every_shard_and_the_command_rerunning_only_the_missing_ones() {
     assert!(line.contains(&format!("pid {} since 2026-11-27T01:15:16Z]", holder.id())), "{line}");
     assert!(line.contains("; stale lock, owner gone [4: host ") && line.ends_with("; missing [3]"), "{line}");
     let config = ws.config().display().to_string();
-    let want = format!("  for i in 3 4; do qpert stage extract --config {config} --set output.dir=out --shard $i/4; done");
+    let want =
+        format!("  for i in 3 4; do qpert stage extract --config {config} --set output.dir=out --shard $i/4; done");
     assert!(status.lines().any(|l| l == want), "want `{want}` in:\n{status}");
     assert!(status.contains("extract: to finish, rerun only shards 3, 4 of 4:"), "{status}");
     assert!(status.contains("  Slurm: sbatch --array=3,4 <job script running: qpert stage extract"), "{status}");
     assert!(status.contains("(shards 2 are running: leave them)"), "{status}");
 
     // --finalize refuses while shards are missing, and completes the stage once they are all there.
-    assert_fails(&qpert(&ws, &["stage", "extract", "--finalize"], &[]), 1, &["cannot finalize: shards 2, 3, 4 of 4 are not done"]);
+    assert_fails(
+        &qpert(&ws, &["stage", "extract", "--finalize"], &[]),
+        1,
+        &["cannot finalize: shards 2, 3, 4 of 4 are not done"],
+    );
     holder.kill().unwrap();
     holder.wait().unwrap();
     for i in 2..=4 {
@@ -213,13 +254,26 @@ fn three_shards_in_parallel_processes_equal_one_process() {
         // Three Kubernetes-style workers at once.
         let workers: Vec<Child> = ["0", "1", "2"]
             .iter()
-            .map(|&i| qpert_cmd(&sharded, &["stage", stage, "--shard", "auto", "--shards", "3"], &[("JOB_COMPLETION_INDEX", i)]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap())
+            .map(|&i| {
+                qpert_cmd(
+                    &sharded,
+                    &["stage", stage, "--shard", "auto", "--shards", "3"],
+                    &[("JOB_COMPLETION_INDEX", i)],
+                )
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+            })
             .collect();
         for worker in workers {
             let out = worker.wait_with_output().unwrap();
             assert_eq!(out.status.code(), Some(0), "{stage}: {}", stderr(&out));
         }
-        assert!(sharded.path().join("out").join(stage).join("manifest.json").exists(), "{stage}: manifest written by the last worker");
+        assert!(
+            sharded.path().join("out").join(stage).join("manifest.json").exists(),
+            "{stage}: manifest written by the last worker"
+        );
     }
     let (a, b) = (single.path().join("out"), sharded.path().join("out"));
     for stage in ["extract", "text", "rerank"] {
@@ -231,6 +285,7 @@ fn three_shards_in_parallel_processes_equal_one_process() {
 }
 
 fn read_parts(root: &Path, stage: &str) -> arrow::record_batch::RecordBatch {
-    let batches: Vec<_> = stage_files(root, stage).iter().map(|(name, _)| read_parquet(&root.join(stage).join(name))).collect();
+    let batches: Vec<_> =
+        stage_files(root, stage).iter().map(|(name, _)| read_parquet(&root.join(stage).join(name))).collect();
     arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
 }

@@ -7,7 +7,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Workspace, area, assert_fails, bools, boxes, chains, copy_dir, f32s, parts, stderr, stdout, strings, u32s};
+use common::{
+    Workspace, area, assert_fails, bools, boxes, chains, copy_dir, f32s, parts, stderr, stdout, strings, u32s,
+};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/coco_mini")
@@ -66,12 +68,12 @@ fn run(ws: &Workspace, args: &[&str]) -> std::process::Output {
 /// The kept boxes of the fixture as written (0-based), per the rules in `src/data/coco_entities.rs`
 /// and the fixture README.
 const KEPT: [Kept; 6] = [
-    (0, [0.0, 10.5, 300.25, 500.0], "0", (512, 512)), // man (x1 = 0)
-    (0, [350.0, 20.0, 450.0, 120.0], "1", (512, 512)), // flag, via "flags"
+    (0, [0.0, 10.5, 300.25, 500.0], "0", (512, 512)),   // man (x1 = 0)
+    (0, [350.0, 20.0, 450.0, 120.0], "1", (512, 512)),  // flag, via "flags"
     (0, [400.0, 200.0, 480.0, 260.0], "1", (512, 512)), // flag, second box
-    (0, [100.0, 0.0, 200.0, 80.0], "3", (512, 512)),  // helmet (y1 = 0)
-    (1, [0.0, 50.0, 200.5, 290.0], "1", (451, 300)),  // cat, via "cats" (x1 = 0)
-    (2, [150.0, 50.0, 450.0, 350.0], "0", (600, 400)), // cup
+    (0, [100.0, 0.0, 200.0, 80.0], "3", (512, 512)),    // helmet (y1 = 0)
+    (1, [0.0, 50.0, 200.5, 290.0], "1", (451, 300)),    // cat, via "cats" (x1 = 0)
+    (2, [150.0, 50.0, 450.0, 350.0], "0", (600, 400)),  // cup
 ];
 
 #[test]
@@ -89,7 +91,10 @@ fn index_keeps_the_exact_boxes_for_both_origins() {
             )),
             "{report}"
         );
-        assert!(report.contains("1 split images have no COCO Entities data (object size -1, not perturbed): 35498"), "{report}");
+        assert!(
+            report.contains("1 split images have no COCO Entities data (object size -1, not perturbed): 35498"),
+            "{report}"
+        );
         let warnings = stderr(&out);
         assert_eq!(warnings.lines().count(), outside, "{warnings}");
         if origin == 1 {
@@ -100,17 +105,17 @@ fn index_keeps_the_exact_boxes_for_both_origins() {
         let images = ws.table("index", "images");
         assert_eq!(
             strings(&images, "image_id"),
-            ["COCO_val2014_000000000101", "COCO_val2014_000000000102", "COCO_val2014_000000000103", "COCO_val2014_000000035498"]
+            [
+                "COCO_val2014_000000000101",
+                "COCO_val2014_000000000102",
+                "COCO_val2014_000000000103",
+                "COCO_val2014_000000035498"
+            ]
         );
         assert!(strings(&images, "path")[0].ends_with("coco_mini/images/val2014/COCO_val2014_000000000101.jpg"));
         assert_eq!(u32s(&images, "width"), [512, 451, 600, 640]);
         assert_eq!(u32s(&images, "height"), [512, 300, 400, 427]);
-        let sizes = [
-            area(KEPT[0].1, 512.0, 512.0),
-            area(KEPT[4].1, 451.0, 300.0),
-            area(KEPT[5].1, 600.0, 400.0),
-            -1.0,
-        ];
+        let sizes = [area(KEPT[0].1, 512.0, 512.0), area(KEPT[4].1, 451.0, 300.0), area(KEPT[5].1, 600.0, 400.0), -1.0];
         assert_eq!(f32s(&images, "object_size"), sizes, "origin {origin}");
         assert_eq!(sizes[2], 0.375);
         assert_eq!(u32s(&images, "num_boxes"), [4, 1, 1, 0]);
@@ -158,7 +163,11 @@ fn bad_coco_input_is_one_line_naming_the_file() {
     assert_fails(&run(&ws, &["stage", "index"]), 1, &["coco_entities_release.json: line 1, column"]);
 
     std::fs::write(&entities, "{\"COCO_101\": {}}").unwrap();
-    assert_fails(&run(&ws, &["stage", "index"]), 1, &["coco_entities_release.json: line 1", "key `COCO_101` is not a COCO image id"]);
+    assert_fails(
+        &run(&ws, &["stage", "index"]),
+        1,
+        &["coco_entities_release.json: line 1", "key `COCO_101` is not a COCO image id"],
+    );
 
     std::fs::remove_file(&entities).unwrap();
     assert_fails(&run(&ws, &["stage", "index"]), 1, &["coco_entities_release.json", "No such file"]);
@@ -195,7 +204,8 @@ fn the_pipeline_runs_end_to_end_and_skips_the_image_without_coco_entities() {
         serde_json::from_slice(&std::fs::read(ws.path().join("out/report/metrics.json")).unwrap()).unwrap();
     assert_eq!(metrics["counts"]["images"], 4);
     assert_eq!(metrics["counts"]["images_with_size"], 3);
-    let binned: u64 = metrics["rerank"]["bins"].as_array().unwrap().iter().map(|b| b["n_images"].as_u64().unwrap()).sum();
+    let binned: u64 =
+        metrics["rerank"]["bins"].as_array().unwrap().iter().map(|b| b["n_images"].as_u64().unwrap()).sum();
     assert_eq!(binned, 3);
 }
 
@@ -207,7 +217,8 @@ fn shipped_coco_config_parses_and_names_the_missing_split() {
     for extra in [&[][..], &["--set", "rerank.k=128"][..]] {
         let mut args = vec!["stage", "index", "--config", "configs/coco.toml"];
         args.extend_from_slice(extra);
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_qpert")).args(&args).current_dir(root).output().unwrap();
+        let out =
+            std::process::Command::new(env!("CARGO_BIN_EXE_qpert")).args(&args).current_dir(root).output().unwrap();
         if Path::new(root).join("data/coco/annotations/coco_karpathy_test.json").exists() {
             return;
         }
@@ -219,7 +230,8 @@ fn shipped_coco_config_parses_and_names_the_missing_split() {
 fn image_shapes_that_disagree_with_the_header_are_warned() {
     let ws = workspace(None, 0);
     let shapes = ws.path().join("coco_img_shapes.json");
-    std::fs::write(&shapes, r#"{"101": [512, 512], "102": [450, 300], "103": [600, 400], "35498": [640, 427]}"#).unwrap();
+    std::fs::write(&shapes, r#"{"101": [512, 512], "102": [450, 300], "103": [600, 400], "35498": [640, 427]}"#)
+        .unwrap();
     let text = std::fs::read_to_string(ws.config()).unwrap();
     let text = text.replace("box_origin = 0", &format!("box_origin = 0\nimage_shapes = \"{}\"", shapes.display()));
     std::fs::write(ws.config(), text).unwrap();
@@ -229,7 +241,9 @@ fn image_shapes_that_disagree_with_the_header_are_warned() {
     let warnings = stderr(&out);
     assert_eq!(warnings.lines().count(), 1, "{warnings}");
     assert!(
-        warnings.contains("coco_img_shapes.json: image COCO_val2014_000000000102: size 450x300 differs from the image's 451x300"),
+        warnings.contains(
+            "coco_img_shapes.json: image COCO_val2014_000000000102: size 450x300 differs from the image's 451x300"
+        ),
         "{warnings}"
     );
     // The mask size stays the header's.

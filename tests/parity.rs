@@ -16,9 +16,7 @@ use safetensors::tensor::{Dtype, TensorView};
 const TOLERANCE: f32 = 1e-5;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 /// A tensor of a fixture file: shape, and values as f32 (floats) or i64 (integers).
@@ -36,41 +34,22 @@ fn read_safetensors(path: &Path) -> HashMap<String, Stored> {
         .map(|(name, view)| {
             let data = view.data();
             let (f32s, i64s) = match view.dtype() {
-                Dtype::F32 => (
-                    data.chunks_exact(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                        .collect(),
-                    vec![],
-                ),
-                Dtype::F16 => (
-                    data.chunks_exact(2)
-                        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                        .collect(),
-                    vec![],
-                ),
-                Dtype::BF16 => (
-                    data.chunks_exact(2)
-                        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                        .collect(),
-                    vec![],
-                ),
-                Dtype::I64 => (
-                    vec![],
-                    data.chunks_exact(8)
-                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-                        .collect(),
-                ),
+                Dtype::F32 => {
+                    (data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(), vec![])
+                }
+                Dtype::F16 => {
+                    (data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(), vec![])
+                }
+                Dtype::BF16 => {
+                    (data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(), vec![])
+                }
+                Dtype::I64 => {
+                    (vec![], data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect())
+                }
                 Dtype::U8 => (vec![], data.iter().map(|&v| v as i64).collect()),
                 other => panic!("{name}: unexpected dtype {other:?}"),
             };
-            (
-                name,
-                Stored {
-                    shape: view.shape().to_vec(),
-                    f32s,
-                    i64s,
-                },
-            )
+            (name, Stored { shape: view.shape().to_vec(), f32s, i64s })
         })
         .collect()
 }
@@ -82,34 +61,23 @@ struct Fixture {
 
 impl Fixture {
     fn get(&self, name: &str) -> &Stored {
-        self.tensors
-            .get(name)
-            .unwrap_or_else(|| panic!("fixture lacks `{name}`"))
+        self.tensors.get(name).unwrap_or_else(|| panic!("fixture lacks `{name}`"))
     }
 
     fn float<const D: usize>(&self, name: &str) -> Tensor<D> {
         let s = self.get(name);
-        Tensor::from_data(
-            TensorData::new(s.f32s.clone(), s.shape.clone()),
-            &self.device,
-        )
+        Tensor::from_data(TensorData::new(s.f32s.clone(), s.shape.clone()), &self.device)
     }
 
     fn int<const D: usize>(&self, name: &str) -> Tensor<D, Int> {
         let s = self.get(name);
-        Tensor::from_data(
-            TensorData::new(s.i64s.clone(), s.shape.clone()),
-            &self.device,
-        )
+        Tensor::from_data(TensorData::new(s.i64s.clone(), s.shape.clone()), &self.device)
     }
 }
 
 /// A tensor's shape and values, read back to the host.
 fn host<const D: usize>(tensor: Tensor<D>) -> (Vec<usize>, Vec<f32>) {
-    (
-        tensor.dims().to_vec(),
-        tensor.into_data().try_into_vec_as::<f32>().unwrap(),
-    )
+    (tensor.dims().to_vec(), tensor.into_data().try_into_vec_as::<f32>().unwrap())
 }
 
 /// Largest absolute difference (infinite if any value is not finite); panics on a shape mismatch.
@@ -128,10 +96,7 @@ fn max_abs_diff(name: &str, (shape, actual): (Vec<usize>, Vec<f32>), expected: &
 fn parity_errors(dir: &Path, device: &Device, dtype: FloatDType) -> Vec<(String, f32)> {
     let model = Blip2Model::load_with_dtype(dir, device, dtype).unwrap();
     assert_eq!(model.dtype(), dtype);
-    let reference = Fixture {
-        tensors: read_safetensors(&dir.join("reference.safetensors")),
-        device: device.clone(),
-    };
+    let reference = Fixture { tensors: read_safetensors(&dir.join("reference.safetensors")), device: device.clone() };
     let mut errors = Vec::new();
     let mut check = |name: &str, actual: (Vec<usize>, Vec<f32>), expected: &Stored| {
         errors.push((name.to_string(), max_abs_diff(name, actual, expected)))
@@ -139,76 +104,34 @@ fn parity_errors(dir: &Path, device: &Device, dtype: FloatDType) -> Vec<(String,
 
     let pixels: Tensor<4> = reference.float("pixel_values");
     // The submodules compute in the run dtype: their input is cast, their output read as f32.
-    let embeddings = model
-        .vision_model
-        .embeddings
-        .forward(pixels.clone().cast(dtype));
-    check(
-        "vision_embeddings",
-        host(embeddings.clone()),
-        reference.get("vision_embeddings"),
-    );
+    let embeddings = model.vision_model.embeddings.forward(pixels.clone().cast(dtype));
+    check("vision_embeddings", host(embeddings.clone()), reference.get("vision_embeddings"));
     let layer0 = model.vision_model.encoder.layers[0].forward(embeddings);
-    check(
-        "vision_layer0",
-        host(layer0),
-        reference.get("vision_layer0"),
-    );
+    check("vision_layer0", host(layer0), reference.get("vision_layer0"));
     let z = model.vision_tokens(pixels).unwrap();
-    check(
-        "vision_tokens",
-        host(z.clone()),
-        reference.get("vision_tokens"),
-    );
-    check(
-        "query_output",
-        host(model.query_output(z.clone(), None).unwrap()),
-        reference.get("query_output"),
-    );
+    check("vision_tokens", host(z.clone()), reference.get("vision_tokens"));
+    check("query_output", host(model.query_output(z.clone(), None).unwrap()), reference.get("query_output"));
     let image_embeds = model.image_features(z.clone(), None).unwrap();
-    check(
-        "image_embeds",
-        host(image_embeds.clone()),
-        reference.get("image_embeds"),
-    );
+    check("image_embeds", host(image_embeds.clone()), reference.get("image_embeds"));
 
     let ids: Tensor<2, Int> = reference.int("input_ids");
     let mask: Tensor<2, Int> = reference.int("attention_mask");
     let text_cls = model.text_cls(ids.clone(), mask.clone()).unwrap();
     check("text_cls", host(text_cls), reference.get("text_cls"));
     let text_embeds = model.text_features(ids.clone(), mask.clone()).unwrap();
-    check(
-        "text_embeds",
-        host(text_embeds.clone()),
-        reference.get("text_embeds"),
-    );
-    check(
-        "itc",
-        host(itc(image_embeds, text_embeds)),
-        reference.get("itc"),
-    );
+    check("text_embeds", host(text_embeds.clone()), reference.get("text_embeds"));
+    check("itc", host(itc(image_embeds, text_embeds)), reference.get("itc"));
 
     let pair_image: Tensor<1, Int> = reference.int("itm_image_index");
     let pair_text: Tensor<1, Int> = reference.int("itm_text_index");
     let pair_ids = ids.select(0, pair_text.clone());
     let pair_mask = mask.select(0, pair_text);
-    let itm = model
-        .itm_logits(
-            z.clone(),
-            pair_image.clone(),
-            pair_ids.clone(),
-            pair_mask.clone(),
-            None,
-        )
-        .unwrap();
+    let itm = model.itm_logits(z.clone(), pair_image.clone(), pair_ids.clone(), pair_mask.clone(), None).unwrap();
     check("itm_logits", host(itm), reference.get("itm_logits"));
 
     let qpert_path = dir.join("qpert.safetensors");
     if qpert_path.is_file() {
-        let qpert = Fixture {
-            tensors: read_safetensors(&qpert_path),
-            device: device.clone(),
-        };
+        let qpert = Fixture { tensors: read_safetensors(&qpert_path), device: device.clone() };
         // Key projections: n_cross x [b,h,t,d] against [b,n_cross,t,dq].
         let keys: Vec<Tensor<3>> = model
             .cross_attention_keys(z.clone())
@@ -224,25 +147,10 @@ fn parity_errors(dir: &Path, device: &Device, dtype: FloatDType) -> Vec<(String,
         for variant in ["principal", "official"] {
             let pi: Tensor<5> = qpert.float(&format!("pi_{variant}_constant"));
             let features = model.image_features(z.clone(), Some(pi.clone())).unwrap();
-            check(
-                &format!("image_embeds_{variant}"),
-                host(features),
-                qpert.get(&format!("image_embeds_{variant}")),
-            );
-            let itm = model
-                .itm_logits(
-                    z.clone(),
-                    pair_image.clone(),
-                    pair_ids.clone(),
-                    pair_mask.clone(),
-                    Some(pi),
-                )
-                .unwrap();
-            check(
-                &format!("itm_logits_{variant}"),
-                host(itm),
-                qpert.get(&format!("itm_logits_{variant}")),
-            );
+            check(&format!("image_embeds_{variant}"), host(features), qpert.get(&format!("image_embeds_{variant}")));
+            let itm =
+                model.itm_logits(z.clone(), pair_image.clone(), pair_ids.clone(), pair_mask.clone(), Some(pi)).unwrap();
+            check(&format!("itm_logits_{variant}"), host(itm), qpert.get(&format!("itm_logits_{variant}")));
         }
     }
     errors
@@ -252,21 +160,13 @@ fn parity_errors(dir: &Path, device: &Device, dtype: FloatDType) -> Vec<(String,
 fn itc(image: Tensor<3>, text: Tensor<2>) -> Tensor<2> {
     let [b, q, e] = image.dims();
     let [n, _] = text.dims();
-    image
-        .reshape([b * q, e])
-        .matmul(text.transpose())
-        .reshape([b, q, n])
-        .max_dim(1)
-        .reshape([b, n])
+    image.reshape([b * q, e]).matmul(text.transpose()).reshape([b, q, n]).max_dim(1).reshape([b, n])
 }
 
 fn assert_parity(dir: &Path, device: &Device, tolerance: f32) {
     let errors = parity_errors(dir, device, FloatDType::F32);
     for (name, error) in &errors {
-        eprintln!(
-            "{}: {name:<24} max abs error {error:.2e}",
-            dir.file_name().unwrap().to_string_lossy()
-        );
+        eprintln!("{}: {name:<24} max abs error {error:.2e}", dir.file_name().unwrap().to_string_lossy());
     }
     let bad: Vec<_> = errors.iter().filter(|(_, e)| *e > tolerance).collect();
     assert!(bad.is_empty(), "outside {tolerance:e}: {bad:?}");
@@ -336,10 +236,8 @@ fn assert_precision(device: &Device, dtype: FloatDType) {
         for (output, error) in &errors {
             eprintln!("{name} {dtype:?}: {output:<24} max abs error {error:.2e}");
         }
-        let bad: Vec<_> = errors
-            .iter()
-            .filter(|(output, e)| *e > precision_bound(dtype, output) || *e < 1e-4)
-            .collect();
+        let bad: Vec<_> =
+            errors.iter().filter(|(output, e)| *e > precision_bound(dtype, output) || *e < 1e-4).collect();
         assert!(bad.is_empty(), "{name} {dtype:?} outside bounds: {bad:?}");
         assert!(errors.len() >= 14, "every head was compared: {errors:?}");
     }
@@ -385,42 +283,19 @@ fn other_dtypes_are_a_config_error() {
 fn hf_tensor_table(c: &Blip2Config) -> Vec<(String, Vec<usize>)> {
     let v = &c.vision_config;
     let q = &c.qformer_config;
-    let (dv, dq, iv, iq, e) = (
-        v.hidden_size,
-        q.hidden_size,
-        v.intermediate_size,
-        q.intermediate_size,
-        c.image_text_hidden_size,
-    );
+    let (dv, dq, iv, iq, e) =
+        (v.hidden_size, q.hidden_size, v.intermediate_size, q.intermediate_size, c.image_text_hidden_size);
     let p = v.patch_size;
     let mut t: Vec<(String, Vec<usize>)> = vec![
         ("query_tokens".into(), vec![1, c.num_query_tokens, dq]),
-        (
-            "vision_model.embeddings.class_embedding".into(),
-            vec![1, 1, dv],
-        ),
-        (
-            "vision_model.embeddings.position_embedding".into(),
-            vec![1, v.num_tokens(), dv],
-        ),
-        (
-            "vision_model.embeddings.patch_embedding.weight".into(),
-            vec![dv, 3, p, p],
-        ),
-        (
-            "vision_model.embeddings.patch_embedding.bias".into(),
-            vec![dv],
-        ),
+        ("vision_model.embeddings.class_embedding".into(), vec![1, 1, dv]),
+        ("vision_model.embeddings.position_embedding".into(), vec![1, v.num_tokens(), dv]),
+        ("vision_model.embeddings.patch_embedding.weight".into(), vec![dv, 3, p, p]),
+        ("vision_model.embeddings.patch_embedding.bias".into(), vec![dv]),
         ("vision_model.post_layernorm.weight".into(), vec![dv]),
         ("vision_model.post_layernorm.bias".into(), vec![dv]),
-        (
-            "embeddings.word_embeddings.weight".into(),
-            vec![q.vocab_size, dq],
-        ),
-        (
-            "embeddings.position_embeddings.weight".into(),
-            vec![q.max_position_embeddings, dq],
-        ),
+        ("embeddings.word_embeddings.weight".into(), vec![q.vocab_size, dq]),
+        ("embeddings.position_embeddings.weight".into(), vec![q.max_position_embeddings, dq]),
         ("qformer.layernorm.weight".into(), vec![dq]),
         ("qformer.layernorm.bias".into(), vec![dq]),
     ];
@@ -428,11 +303,7 @@ fn hf_tensor_table(c: &Blip2Config) -> Vec<(String, Vec<usize>)> {
         t.push((format!("{name}.weight"), vec![d_out, d_in]));
         t.push((format!("{name}.bias"), vec![d_out]));
     }
-    for (name, d_out) in [
-        ("vision_projection", e),
-        ("text_projection", e),
-        ("itm_head", 2),
-    ] {
+    for (name, d_out) in [("vision_projection", e), ("text_projection", e), ("itm_head", 2)] {
         linear(&mut t, name.into(), dq, d_out);
     }
     for i in 0..v.num_hidden_layers {
@@ -460,10 +331,7 @@ fn hf_tensor_table(c: &Blip2Config) -> Vec<(String, Vec<usize>)> {
         if j % q.cross_attention_frequency == 0 {
             block(&mut t, "crossattention", dv);
         }
-        for (inter, out) in [
-            ("intermediate", "output"),
-            ("intermediate_query", "output_query"),
-        ] {
+        for (inter, out) in [("intermediate", "output"), ("intermediate_query", "output_query")] {
             linear(&mut t, format!("{l}.{inter}.dense"), dq, iq);
             linear(&mut t, format!("{l}.{out}.dense"), iq, dq);
             t.push((format!("{l}.{out}.LayerNorm.weight"), vec![dq]));
@@ -533,12 +401,7 @@ fn random_f16_bytes(n: usize, seed: &mut u64) -> Vec<u8> {
 fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Dtype, Vec<u8>)]) {
     let views: Vec<(String, TensorView)> = tensors
         .iter()
-        .map(|(name, shape, dtype, bytes)| {
-            (
-                name.clone(),
-                TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
-            )
-        })
+        .map(|(name, shape, dtype, bytes)| (name.clone(), TensorView::new(*dtype, shape.clone(), bytes).unwrap()))
         .collect();
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
@@ -583,18 +446,11 @@ fn loads_the_real_layout_from_f16_without_metadata() {
     expected_config.torch_dtype = Some("float16".into());
     assert_eq!(model.config(), &expected_config);
     // One stored value comes back exactly (f16 -> f32 is exact), in the right place.
-    let (name, shape, _, bytes) = tensors
-        .iter()
-        .find(|(n, ..)| n == "itm_head.weight")
-        .unwrap();
+    let (name, shape, _, bytes) = tensors.iter().find(|(n, ..)| n == "itm_head.weight").unwrap();
     assert_eq!(shape, &vec![2, 768]);
     let expected = half::f16::from_le_bytes([bytes[2 * 769], bytes[2 * 769 + 1]]).to_f32(); // [1, 1]
     let weight = model.itm_head.weight.val(); // burn stores Linear weights [in, out]
-    let actual = weight
-        .slice([1..2, 1..2])
-        .into_data()
-        .try_into_vec_as::<f32>()
-        .unwrap()[0];
+    let actual = weight.slice([1..2, 1..2]).into_data().try_into_vec_as::<f32>().unwrap()[0];
     assert_eq!(actual, expected, "{name}[1, 1]");
 
     // The forwards run with the real shapes.
@@ -602,29 +458,13 @@ fn loads_the_real_layout_from_f16_without_metadata() {
     let pixels = Tensor::<4>::zeros([1, 3, s, s], &device);
     let z = model.vision_tokens(pixels).unwrap();
     assert_eq!(z.dims(), [1, 677, 1408]);
-    assert_eq!(
-        model.cross_attention_keys(z.clone()).unwrap()[0].dims(),
-        [1, 12, 677, 64]
-    );
-    assert_eq!(
-        model.image_features(z.clone(), None).unwrap().dims(),
-        [1, 32, 256]
-    );
-    let ids =
-        Tensor::<2, Int>::from_data(TensorData::new(vec![101i64, 2000, 102, 0], [1, 4]), &device);
+    assert_eq!(model.cross_attention_keys(z.clone()).unwrap()[0].dims(), [1, 12, 677, 64]);
+    assert_eq!(model.image_features(z.clone(), None).unwrap().dims(), [1, 32, 256]);
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![101i64, 2000, 102, 0], [1, 4]), &device);
     let mask = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 1, 1, 0], [1, 4]), &device);
-    assert_eq!(
-        model
-            .text_features(ids.clone(), mask.clone())
-            .unwrap()
-            .dims(),
-        [1, 256]
-    );
+    assert_eq!(model.text_features(ids.clone(), mask.clone()).unwrap().dims(), [1, 256]);
     let pair = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64], [1]), &device);
-    assert_eq!(
-        model.itm_logits(z, pair, ids, mask, None).unwrap().dims(),
-        [1]
-    );
+    assert_eq!(model.itm_logits(z, pair, ids, mask, None).unwrap().dims(), [1]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -637,14 +477,7 @@ fn tiny_a_tensors() -> Vec<(String, Vec<usize>, Dtype, Vec<u8>)> {
     let mut tensors: Vec<_> = file
         .tensors()
         .into_iter()
-        .map(|(name, view)| {
-            (
-                name,
-                view.shape().to_vec(),
-                view.dtype(),
-                view.data().to_vec(),
-            )
-        })
+        .map(|(name, view)| (name, view.shape().to_vec(), view.dtype(), view.data().to_vec()))
         .collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     tensors
@@ -653,11 +486,7 @@ fn tiny_a_tensors() -> Vec<(String, Vec<usize>, Dtype, Vec<u8>)> {
 /// A model folder with tiny model a's config and the given tensors in `model.safetensors`.
 fn tiny_a_dir(tensors: &[(String, Vec<usize>, Dtype, Vec<u8>)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        fixture("tiny_blip2_a").join("config.json"),
-        dir.path().join("config.json"),
-    )
-    .unwrap();
+    std::fs::copy(fixture("tiny_blip2_a").join("config.json"), dir.path().join("config.json")).unwrap();
     write_safetensors(&dir.path().join("model.safetensors"), tensors);
     dir
 }
@@ -674,11 +503,7 @@ fn weights_error(dir: &Path) -> (PathBuf, String) {
 fn sharded_tiny_a() -> tempfile::TempDir {
     let tensors = tiny_a_tensors();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        fixture("tiny_blip2_a").join("config.json"),
-        dir.path().join("config.json"),
-    )
-    .unwrap();
+    std::fs::copy(fixture("tiny_blip2_a").join("config.json"), dir.path().join("config.json")).unwrap();
     let half = tensors.len() / 2;
     let mut weight_map = serde_json::Map::new();
     for (i, part) in [&tensors[..half], &tensors[half..]].into_iter().enumerate() {
@@ -689,11 +514,7 @@ fn sharded_tiny_a() -> tempfile::TempDir {
         }
     }
     let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
-    std::fs::write(
-        dir.path().join("model.safetensors.index.json"),
-        index.to_string(),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
     dir
 }
 
@@ -705,20 +526,9 @@ fn sharded_checkpoint_loads_like_the_single_file() {
     let single = Blip2Model::load(&fixture("tiny_blip2_a"), &device).unwrap();
     let reference = read_safetensors(&fixture("tiny_blip2_a").join("reference.safetensors"));
     let px = &reference["pixel_values"];
-    let pixels =
-        Tensor::<4>::from_data(TensorData::new(px.f32s.clone(), px.shape.clone()), &device);
-    let a = sharded
-        .vision_tokens(pixels.clone())
-        .unwrap()
-        .into_data()
-        .try_into_vec_as::<f32>()
-        .unwrap();
-    let b = single
-        .vision_tokens(pixels)
-        .unwrap()
-        .into_data()
-        .try_into_vec_as::<f32>()
-        .unwrap();
+    let pixels = Tensor::<4>::from_data(TensorData::new(px.f32s.clone(), px.shape.clone()), &device);
+    let a = sharded.vision_tokens(pixels.clone()).unwrap().into_data().try_into_vec_as::<f32>().unwrap();
+    let b = single.vision_tokens(pixels).unwrap().into_data().try_into_vec_as::<f32>().unwrap();
     assert_eq!(a, b);
 }
 
@@ -727,11 +537,7 @@ fn missing_shard_is_named() {
     let dir = sharded_tiny_a();
     std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
     let (path, msg) = weights_error(dir.path());
-    assert!(
-        path.ends_with("model-00002-of-00002.safetensors"),
-        "{}",
-        path.display()
-    );
+    assert!(path.ends_with("model-00002-of-00002.safetensors"), "{}", path.display());
     assert!(msg.contains("model.safetensors.index.json"), "{msg}");
 }
 
@@ -743,10 +549,7 @@ fn missing_tensor_is_named() {
     let dir = tiny_a_dir(&tensors);
     let (path, msg) = weights_error(dir.path());
     assert!(path.ends_with("model.safetensors"), "{}", path.display());
-    assert!(
-        msg.contains(name) && msg.contains("missing") && msg.contains("[32, 48]"),
-        "{msg}"
-    );
+    assert!(msg.contains(name) && msg.contains("missing") && msg.contains("[32, 48]"), "{msg}");
 }
 
 #[test]
@@ -765,12 +568,7 @@ fn mis_shaped_tensor_names_expected_and_found_shapes() {
     let entry = tensors.iter_mut().find(|(n, ..)| n == name).unwrap();
     entry.1 = vec![48, 96];
     let (_, msg) = weights_error(tiny_a_dir(&tensors).path());
-    assert!(
-        msg.contains(name)
-            && msg.contains("expected shape [96, 48]")
-            && msg.contains("found [48, 96]"),
-        "{msg}"
-    );
+    assert!(msg.contains(name) && msg.contains("expected shape [96, 48]") && msg.contains("found [48, 96]"), "{msg}");
 }
 
 #[test]
@@ -784,11 +582,7 @@ fn missing_config_json_is_named() {
 #[test]
 fn malformed_config_json_is_named() {
     let dir = tiny_a_dir(&tiny_a_tensors());
-    std::fs::write(
-        dir.path().join("config.json"),
-        "{\"vision_config\": {\"hidden_size\": \"wide\"",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("config.json"), "{\"vision_config\": {\"hidden_size\": \"wide\"").unwrap();
     let (path, msg) = weights_error(dir.path());
     assert!(path.ends_with("config.json"), "{}", path.display());
     assert!(msg.contains("malformed"), "{msg}");
@@ -808,34 +602,21 @@ fn bad_inputs_are_rejected() {
     let device = Device::default();
     let model = Blip2Model::load(&fixture("tiny_blip2_a"), &device).unwrap();
     let wrong_side = Tensor::<4>::zeros([1, 3, 28, 56], &device);
-    assert!(matches!(
-        model.vision_tokens(wrong_side),
-        Err(Error::Input { .. })
-    ));
+    assert!(matches!(model.vision_tokens(wrong_side), Err(Error::Input { .. })));
     let z = Tensor::<3>::zeros([2, 17, 48], &device);
     let pi = Tensor::<5>::zeros([2, 3, 4, 8, 8], &device); // tiny a has 2 cross layers
-    assert!(matches!(
-        model.image_features(z.clone(), Some(pi)),
-        Err(Error::Input { .. })
-    ));
+    assert!(matches!(model.image_features(z.clone(), Some(pi)), Err(Error::Input { .. })));
     let ids = Tensor::<2, Int>::zeros([1, 4], &device);
     let mask = Tensor::<2, Int>::ones([1, 4], &device);
     let out_of_range = Tensor::<1, Int>::from_data(TensorData::new(vec![2i64], [1]), &device);
-    let err = model
-        .itm_logits(z, out_of_range, ids.clone(), mask.clone(), None)
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::Input { .. }) && err.to_string().contains("pair_image"),
-        "{err}"
-    );
+    let err = model.itm_logits(z, out_of_range, ids.clone(), mask.clone(), None).unwrap_err();
+    assert!(matches!(err, Error::Input { .. }) && err.to_string().contains("pair_image"), "{err}");
     let bad_id = Tensor::<2, Int>::from_data(TensorData::new(vec![101i64, 30523], [1, 2]), &device);
     let mask2 = Tensor::<2, Int>::ones([1, 2], &device);
     let err = model.text_features(bad_id, mask2.clone()).unwrap_err();
     assert!(err.to_string().contains("30523"), "{err}");
     let bad_mask = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 2], [1, 2]), &device);
-    let err = model
-        .text_features(ids.narrow(1, 0, 2), bad_mask)
-        .unwrap_err();
+    let err = model.text_features(ids.narrow(1, 0, 2), bad_mask).unwrap_err();
     assert!(err.to_string().starts_with("attention_mask: "), "{err}");
     let too_long = Tensor::<2, Int>::zeros([1, 513], &device);
     let err = model.text_features(too_long.clone(), too_long).unwrap_err();
@@ -848,9 +629,7 @@ fn init_random_is_seeded() {
     let config = Blip2Config::from_model_dir(&fixture("tiny_blip2_a")).unwrap();
     let features = |seed: u64| {
         let model = Blip2Model::init_random(&config, seed, &device).unwrap();
-        let z = model
-            .vision_tokens(Tensor::<4>::ones([1, 3, 56, 56], &device))
-            .unwrap();
+        let z = model.vision_tokens(Tensor::<4>::ones([1, 3, 56, 56], &device)).unwrap();
         host(model.image_features(z, None).unwrap()).1
     };
     let a = features(7);

@@ -55,13 +55,19 @@ fn every_stage_matches_the_python_reference() {
         let itc = &want["itc"];
 
         // Top-k in both directions: the same candidates in the same order, the same ITC scores.
-        for (table, query, item, lists) in [("i2t_topk", "image_idx", "text_idx", "i2t_topk"), ("t2i_topk", "text_idx", "image_idx", "t2i_topk")] {
+        for (table, query, item, lists) in
+            [("i2t_topk", "image_idx", "text_idx", "i2t_topk"), ("t2i_topk", "text_idx", "image_idx", "t2i_topk")]
+        {
             let t = ws.table(&dir("sim"), table);
             let (queries, items, scores) = (u32s(&t, query), u32s(&t, item), f32s(&t, "itc"));
             let mut row = 0;
             for (q, list) in want[lists].as_array().unwrap().iter().enumerate() {
                 for expected_item in list.as_array().unwrap() {
-                    assert_eq!((queries[row], items[row] as u64), (q as u32, expected_item.as_u64().unwrap()), "{variant} {table} row {row}");
+                    assert_eq!(
+                        (queries[row], items[row] as u64),
+                        (q as u32, expected_item.as_u64().unwrap()),
+                        "{variant} {table} row {row}"
+                    );
                     let (i, t) = if query == "image_idx" { (q, items[row] as usize) } else { (items[row] as usize, q) };
                     close(scores[row], &itc[i][t], &format!("{variant} itc[{i}][{t}]"));
                     row += 1;
@@ -70,17 +76,29 @@ fn every_stage_matches_the_python_reference() {
             assert_eq!(row, queries.len());
         }
         // Ground-truth ITC ranks.
-        assert_eq!(u32s(&ws.table(&dir("sim"), "i2t_ranks"), "itc_rank"), to_u32s(&want["ranks"]["itc"]["i2t"]), "{variant}");
-        assert_eq!(u32s(&ws.table(&dir("sim"), "t2i_ranks"), "itc_rank"), to_u32s(&want["ranks"]["itc"]["t2i"]), "{variant}");
+        assert_eq!(
+            u32s(&ws.table(&dir("sim"), "i2t_ranks"), "itc_rank"),
+            to_u32s(&want["ranks"]["itc"]["i2t"]),
+            "{variant}"
+        );
+        assert_eq!(
+            u32s(&ws.table(&dir("sim"), "t2i_ranks"), "itc_rank"),
+            to_u32s(&want["ranks"]["itc"]["t2i"]),
+            "{variant}"
+        );
 
         // ITM re-ranking: the union of both directions' pairs, each once, in (image, text) order.
         let r = parts(&ws, &dir("rerank"));
         let pairs = want["pairs"].as_array().unwrap();
         assert_eq!(r.num_rows(), pairs.len(), "{variant}: scored pairs");
-        let (images, texts, itm, score) = (u32s(&r, "image_idx"), u32s(&r, "text_idx"), f32s(&r, "itm"), f32s(&r, "score"));
+        let (images, texts, itm, score) =
+            (u32s(&r, "image_idx"), u32s(&r, "text_idx"), f32s(&r, "itm"), f32s(&r, "score"));
         let (in_i2t, in_t2i) = (bools(&r, "in_i2t"), bools(&r, "in_t2i"));
         for (row, p) in pairs.iter().enumerate() {
-            assert_eq!((images[row] as u64, texts[row] as u64), (p["image"].as_u64().unwrap(), p["text"].as_u64().unwrap()));
+            assert_eq!(
+                (images[row] as u64, texts[row] as u64),
+                (p["image"].as_u64().unwrap(), p["text"].as_u64().unwrap())
+            );
             close(itm[row], &p["itm"], &format!("{variant} itm {row}"));
             close(score[row], &p["score"], &format!("{variant} score {row}"));
             assert_eq!((in_i2t[row], in_t2i[row]), (p["in_i2t"].as_bool().unwrap(), p["in_t2i"].as_bool().unwrap()));
@@ -93,7 +111,9 @@ fn every_stage_matches_the_python_reference() {
             let (g, w) = (&got[block], &want["metrics"][block]);
             for (key, value) in w.as_object().unwrap() {
                 if key == "bins" {
-                    for (bin, (gb, wb)) in g["bins"].as_array().unwrap().iter().zip(value.as_array().unwrap()).enumerate() {
+                    for (bin, (gb, wb)) in
+                        g["bins"].as_array().unwrap().iter().zip(value.as_array().unwrap()).enumerate()
+                    {
                         for (k, v) in wb.as_object().unwrap() {
                             same_number(&gb[k], v, &format!("{variant} {block} bin {bin} {k}"));
                         }
@@ -154,7 +174,9 @@ fn bf16_runs_every_model_stage_near_the_f32_reference() {
                 matched += 1;
             }
         }
-        eprintln!("bf16 {variant}: worst ITC deviation {itc_worst:.2e}, worst ITM deviation {itm_worst:.2e} ({matched} pairs)");
+        eprintln!(
+            "bf16 {variant}: worst ITC deviation {itc_worst:.2e}, worst ITM deviation {itm_worst:.2e} ({matched} pairs)"
+        );
         assert!(matched > 0, "{variant}: no re-ranked pair in common with the reference");
         assert!(itc_worst > 1e-4 && itc_worst < itc_bound, "{variant}: bf16 ITC deviation {itc_worst:e}");
         assert!(itm_worst > 1e-4 && itm_worst < itm_bound, "{variant}: bf16 ITM deviation {itm_worst:e}");

@@ -4,10 +4,10 @@
 
 mod reference;
 
-use reference::{Fixture, assert_close};
 use qpert::qpert::perturbation::{BoxGrams, image_perturbations};
 use qpert::qpert::subspace::KeySubspace;
 use qpert::qpert::{AlphaWeight, Components, ObjectBox, PatchGrid, ProjectorKind, QpertSettings, patch_weights};
+use reference::{Fixture, assert_close};
 
 const MODELS: [&str; 2] = ["tiny_blip2_a", "tiny_blip2_b"];
 
@@ -41,9 +41,8 @@ fn device_grams(fx: &Fixture) -> Vec<f64> {
     let heads = fx.qpert_json["heads"].as_u64().unwrap() as usize;
     let [b, l, t, dq] = fx.qpert_shape::<4>("cross_keys");
     let keys = Tensor::<4>::from_data(TensorData::new(fx.qpert("cross_keys"), [b, l, t, dq]), &device);
-    let per_layer: Vec<Tensor<4>> = (0..l)
-        .map(|layer| keys.clone().narrow(1, layer, 1).reshape([b, t, heads, d]).swap_dims(1, 2))
-        .collect();
+    let per_layer: Vec<Tensor<4>> =
+        (0..l).map(|layer| keys.clone().narrow(1, layer, 1).reshape([b, t, heads, d]).swap_dims(1, 2)).collect();
     let weights = fx.qpert("patch_weights");
     let n = weights.len() / t;
     let grams = qpert::qpert::gram::gram_matrices(
@@ -93,7 +92,12 @@ fn subspaces_and_projectors_match_the_reference() {
             let block = i * d * d..(i + 1) * d * d;
             // A projector is only defined up to rounding when its eigengap is tiny.
             if gap[i] > 1e-3 {
-                assert_close(&s.projector(ProjectorKind::Principal, m), &principal[block.clone()], 1e-5, &format!("{model} P {i}"));
+                assert_close(
+                    &s.projector(ProjectorKind::Principal, m),
+                    &principal[block.clone()],
+                    1e-5,
+                    &format!("{model} P {i}"),
+                );
             }
             // With npc = 2 the second eigenvector is only determined when lambda_2 > lambda_3 = 0 at least.
             if rank[i] >= 2 {
@@ -101,7 +105,12 @@ fn subspaces_and_projectors_match_the_reference() {
                 assert_close(&p2, &n2[block.clone()], 1e-5, &format!("{model} P n2 {i}"));
             }
             if full_rank[i] == 1 && gap[i] > 1e-3 {
-                assert_close(&s.projector(ProjectorKind::Official, m), &official[block], 1e-5, &format!("{model} P~ {i}"));
+                assert_close(
+                    &s.projector(ProjectorKind::Official, m),
+                    &official[block],
+                    1e-5,
+                    &format!("{model} P~ {i}"),
+                );
                 compared_official += 1;
             }
         }
@@ -206,7 +215,9 @@ mod with_the_model {
             let ids = self.fx.reference_i64("input_ids");
             let mask = self.fx.reference_i64("attention_mask");
             let len = 35;
-            let rows = |all: &[i64]| -> Vec<i64> { text.iter().flat_map(|&t| all[t as usize * len..][..len].to_vec()).collect() };
+            let rows = |all: &[i64]| -> Vec<i64> {
+                text.iter().flat_map(|&t| all[t as usize * len..][..len].to_vec()).collect()
+            };
             let p = text.len();
             let int2 = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [p, len]), &self.device);
             let pair_image = Tensor::<1, Int>::from_data(TensorData::new(image, [p]), &self.device);
@@ -232,7 +243,12 @@ mod with_the_model {
                         continue;
                     }
                     let rows = image * q * e..(image + 1) * q * e;
-                    assert_close(&features[rows.clone()], &want[rows], 1e-5, &format!("{name} ITC {label} image {image}"));
+                    assert_close(
+                        &features[rows.clone()],
+                        &want[rows],
+                        1e-5,
+                        &format!("{name} ITC {label} image {image}"),
+                    );
                     compared += 1;
                 }
                 assert!(compared > 0);
@@ -242,7 +258,12 @@ mod with_the_model {
                     if projector == ProjectorKind::Official && comparable[image as usize] == 0 {
                         continue;
                     }
-                    assert_close(&itm[pair..pair + 1], &want[pair..pair + 1], 1e-5, &format!("{name} ITM {label} pair {pair}"));
+                    assert_close(
+                        &itm[pair..pair + 1],
+                        &want[pair..pair + 1],
+                        1e-5,
+                        &format!("{name} ITM {label} pair {pair}"),
+                    );
                 }
             }
         }

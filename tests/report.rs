@@ -14,9 +14,7 @@ use serde_json::Value;
 
 use qpert::config::Config;
 use qpert::error::Error;
-use qpert::stages::{
-    Context, DeviceChoice, Outcome, Reporter, Stage, index, report, rerank, run_stage, sim,
-};
+use qpert::stages::{Context, DeviceChoice, Outcome, Reporter, Stage, index, report, rerank, run_stage, sim};
 use qpert::store::{FileEntry, Notes, Shard, StageDir};
 
 fn config(out: &Path, rerank: bool) -> Config {
@@ -40,15 +38,9 @@ fn context(config: Config, lines: Arc<Mutex<Vec<String>>>) -> Context {
 }
 
 fn batch(columns: Vec<(&str, ArrayRef)>) -> RecordBatch {
-    let fields: Vec<Field> = columns
-        .iter()
-        .map(|(n, a)| Field::new(*n, a.data_type().clone(), a.null_count() > 0))
-        .collect();
-    RecordBatch::try_new(
-        Arc::new(Schema::new(fields)),
-        columns.into_iter().map(|(_, a)| a).collect(),
-    )
-    .unwrap()
+    let fields: Vec<Field> =
+        columns.iter().map(|(n, a)| Field::new(*n, a.data_type().clone(), a.null_count() > 0)).collect();
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns.into_iter().map(|(_, a)| a).collect()).unwrap()
 }
 
 fn u32s(v: &[u32]) -> ArrayRef {
@@ -60,13 +52,8 @@ fn f32s(v: &[f32]) -> ArrayRef {
 }
 
 fn write_tables(dir: &StageDir, tables: &[(&str, RecordBatch)]) {
-    let files: Vec<FileEntry> = tables
-        .iter()
-        .map(|(name, b)| {
-            dir.write_table(name, &b.schema(), std::slice::from_ref(b))
-                .unwrap()
-        })
-        .collect();
+    let files: Vec<FileEntry> =
+        tables.iter().map(|(name, b)| dir.write_table(name, &b.schema(), std::slice::from_ref(b)).unwrap()).collect();
     dir.finish(files, Value::Null, Notes::default()).unwrap();
 }
 
@@ -100,21 +87,10 @@ const PAIRS: [Pair; 15] = [
 ];
 
 fn write_index(config: &Config) {
-    let dir = StageDir::open(
-        &config.output.dir,
-        "index",
-        index::fingerprint(config).unwrap(),
-    );
+    let dir = StageDir::open(&config.output.dir, "index", index::fingerprint(config).unwrap());
     let ids: ArrayRef = Arc::new(StringArray::from(vec!["a", "b", "c"]));
-    let images = batch(vec![
-        ("image_idx", u32s(&[0, 1, 2])),
-        ("image_id", ids),
-        ("object_size", f32s(&SIZES)),
-    ]);
-    let texts = batch(vec![
-        ("text_idx", u32s(&[0, 1, 2, 3, 4, 5])),
-        ("image_idx", u32s(&TEXT_IMAGE)),
-    ]);
+    let images = batch(vec![("image_idx", u32s(&[0, 1, 2])), ("image_id", ids), ("object_size", f32s(&SIZES))]);
+    let texts = batch(vec![("text_idx", u32s(&[0, 1, 2, 3, 4, 5])), ("image_idx", u32s(&TEXT_IMAGE))]);
     write_tables(&dir, &[("images", images), ("texts", texts)]);
 }
 
@@ -125,56 +101,29 @@ fn write_sim(config: &Config, i2t_ranks: &[u32]) {
         let (qs, items): (Vec<u32>, Vec<u32>) = rows.iter().copied().unzip();
         let ranks: Vec<u32> = (0..rows.len() as u32).map(|r| r % 2).collect();
         let itc: Vec<f32> = vec![0.5; rows.len()];
-        batch(vec![
-            (query, u32s(&qs)),
-            ("rank", u32s(&ranks)),
-            (item, u32s(&items)),
-            ("itc", f32s(&itc)),
-        ])
+        batch(vec![(query, u32s(&qs)), ("rank", u32s(&ranks)), (item, u32s(&items)), ("itc", f32s(&itc))])
     };
     let i2t_topk = topk(|p| p.3.then_some((p.0, p.1)), "image_idx", "text_idx");
     let t2i_topk = topk(|p| p.4.then_some((p.1, p.0)), "text_idx", "image_idx");
-    let i2t = batch(vec![
-        ("image_idx", u32s(&[0, 1, 2])),
-        ("itc_rank", u32s(i2t_ranks)),
-    ]);
-    let t2i = batch(vec![
-        ("text_idx", u32s(&[0, 1, 2, 3, 4, 5])),
-        ("itc_rank", u32s(&ITC_T2I)),
-    ]);
-    write_tables(
-        &dir,
-        &[
-            ("i2t_topk", i2t_topk),
-            ("t2i_topk", t2i_topk),
-            ("i2t_ranks", i2t),
-            ("t2i_ranks", t2i),
-        ],
-    );
+    let i2t = batch(vec![("image_idx", u32s(&[0, 1, 2])), ("itc_rank", u32s(i2t_ranks))]);
+    let t2i = batch(vec![("text_idx", u32s(&[0, 1, 2, 3, 4, 5])), ("itc_rank", u32s(&ITC_T2I))]);
+    write_tables(&dir, &[("i2t_topk", i2t_topk), ("t2i_topk", t2i_topk), ("i2t_ranks", i2t), ("t2i_ranks", t2i)]);
 }
 
 /// The pairs in two parts (shards 1/2 and 2/2), as the sharded stage writes them.
 fn write_rerank(config: &Config, pairs: &[Pair]) {
-    let dir = StageDir::open(
-        &config.output.dir,
-        "rerank",
-        rerank::fingerprint(config).unwrap(),
-    );
+    let dir = StageDir::open(&config.output.dir, "rerank", rerank::fingerprint(config).unwrap());
     for shard in Shard::all_of(2).unwrap() {
         let rows = &pairs[shard.range(pairs.len())];
         let col = |f: fn(&Pair) -> u32| u32s(&rows.iter().map(f).collect::<Vec<_>>());
-        let flag = |f: fn(&Pair) -> bool| -> ArrayRef {
-            Arc::new(BooleanArray::from(rows.iter().map(f).collect::<Vec<_>>()))
-        };
+        let flag =
+            |f: fn(&Pair) -> bool| -> ArrayRef { Arc::new(BooleanArray::from(rows.iter().map(f).collect::<Vec<_>>())) };
         let score: Vec<f32> = rows.iter().map(|p| p.2).collect();
         let b = batch(vec![
             ("image_idx", col(|p| p.0)),
             ("text_idx", col(|p| p.1)),
             ("itc", f32s(&vec![0.25; rows.len()])),
-            (
-                "itm",
-                f32s(&score.iter().map(|s| s - 0.25).collect::<Vec<_>>()),
-            ),
+            ("itm", f32s(&score.iter().map(|s| s - 0.25).collect::<Vec<_>>())),
             ("score", f32s(&score)),
             ("in_i2t", flag(|p| p.3)),
             ("in_t2i", flag(|p| p.4)),
@@ -203,22 +152,13 @@ fn close(v: &Value, expected: f64) {
 
 fn per_query(path: &Path) -> RecordBatch {
     let file = fs::File::open(path).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
     let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
     arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
 }
 
 fn u32_column(b: &RecordBatch, name: &str) -> Vec<Option<u32>> {
-    b.column_by_name(name)
-        .unwrap()
-        .as_any()
-        .downcast_ref::<UInt32Array>()
-        .unwrap()
-        .iter()
-        .collect()
+    b.column_by_name(name).unwrap().as_any().downcast_ref::<UInt32Array>().unwrap().iter().collect()
 }
 
 #[test]
@@ -240,23 +180,12 @@ fn hand_checked_report_with_rerank() {
     assert_eq!(m["qpert"]["npc"], 0.99);
     let c = &m["counts"];
     assert_eq!(
-        (
-            c["images"].as_u64(),
-            c["texts"].as_u64(),
-            c["images_with_size"].as_u64()
-        ),
+        (c["images"].as_u64(), c["texts"].as_u64(), c["images_with_size"].as_u64()),
         (Some(3), Some(6), Some(2))
     );
+    assert_eq!((c["small_images"].as_u64(), c["small_texts"].as_u64()), (Some(1), Some(2)));
     assert_eq!(
-        (c["small_images"].as_u64(), c["small_texts"].as_u64()),
-        (Some(1), Some(2))
-    );
-    assert_eq!(
-        (
-            c["rerank_pairs"].as_u64(),
-            c["rerank_i2t_pairs"].as_u64(),
-            c["rerank_t2i_pairs"].as_u64()
-        ),
+        (c["rerank_pairs"].as_u64(), c["rerank_i2t_pairs"].as_u64(), c["rerank_t2i_pairs"].as_u64()),
         (Some(15), Some(6), Some(12))
     );
     let keys = [
@@ -284,23 +213,12 @@ fn hand_checked_report_with_rerank() {
         }
         let bins = m[block]["bins"].as_array().unwrap();
         assert_eq!(bins.len(), 10);
-        let bin_keys: Vec<&str> = bins[0]
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
+        let bin_keys: Vec<&str> = bins[0].as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(bin_keys.len(), 10, "{bin_keys:?}");
-        for key in [
-            "lo", "hi", "n_images", "n_texts", "txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5",
-            "img_r10",
-        ] {
+        for key in ["lo", "hi", "n_images", "n_texts", "txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"] {
             assert!(bins[0].get(key).is_some(), "bins[].{key} missing");
         }
-        assert_eq!(
-            (bins[3]["lo"].as_f64(), bins[3]["hi"].as_f64()),
-            (Some(0.3), Some(0.4))
-        );
+        assert_eq!((bins[3]["lo"].as_f64(), bins[3]["hi"].as_f64()), (Some(0.3), Some(0.4)));
         assert!(bins[7]["txt_r1"].is_null() && bins[7]["n_images"] == 0);
     }
 
@@ -311,10 +229,7 @@ fn hand_checked_report_with_rerank() {
     close(&itc["img_r1"], 50.0);
     close(&itc["txt_mdr"], 2.0);
     close(&itc["txt_mer"], 7.0 / 3.0);
-    close(
-        &itc["img_mrr"],
-        (1.0 + 0.5 + 1.0 / 3.0 + 1.0 + 0.5 + 1.0) / 6.0,
-    );
+    close(&itc["img_mrr"], (1.0 + 0.5 + 1.0 / 3.0 + 1.0 + 0.5 + 1.0) / 6.0);
     close(&itc["small"]["txt_r1"], 100.0);
     close(&itc["small"]["img_r1"], 50.0);
     // Re-rank (hand-derived in report.rs's unit tests): i2t [1, 0, 1], t2i [1, 1, 1, 0, 1, 2].
@@ -324,17 +239,8 @@ fn hand_checked_report_with_rerank() {
     close(&rr["img_r5"], 100.0);
     close(&rr["img_mer"], 2.0);
     close(&rr["txt_r_mean"], (100.0 / 3.0 + 200.0) / 3.0);
-    close(
-        &rr["r_mean"],
-        ((100.0 / 3.0 + 200.0) / 3.0 + (100.0 / 6.0 + 200.0) / 3.0) / 2.0,
-    );
-    assert_eq!(
-        (
-            rr["small"]["n_images"].as_u64(),
-            rr["small"]["n_texts"].as_u64()
-        ),
-        (Some(1), Some(2))
-    );
+    close(&rr["r_mean"], ((100.0 / 3.0 + 200.0) / 3.0 + (100.0 / 6.0 + 200.0) / 3.0) / 2.0);
+    assert_eq!((rr["small"]["n_images"].as_u64(), rr["small"]["n_texts"].as_u64()), (Some(1), Some(2)));
     close(&rr["small"]["txt_r1"], 0.0);
     close(&rr["small"]["img_r1"], 0.0);
     close(&rr["bins"][3]["txt_r1"], 100.0);
@@ -359,35 +265,14 @@ fn hand_checked_report_with_rerank() {
         .iter()
         .flatten()
         .collect();
-    assert_eq!(
-        direction,
-        [
-            "i2t", "i2t", "i2t", "t2i", "t2i", "t2i", "t2i", "t2i", "t2i"
-        ]
-    );
-    assert_eq!(
-        u32_column(&pq, "query_idx"),
-        [0, 1, 2, 0, 1, 2, 3, 4, 5].map(Some)
-    );
-    assert_eq!(
-        u32_column(&pq, "itc_rank"),
-        [0, 3, 1, 0, 1, 2, 0, 1, 0].map(Some)
-    );
-    assert_eq!(
-        u32_column(&pq, "rerank_rank"),
-        [1, 0, 1, 1, 1, 1, 0, 1, 2].map(Some)
-    );
-    let size: Vec<f32> = pq
-        .column_by_name("object_size")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<Float32Array>()
-        .unwrap()
-        .values()
-        .to_vec();
+    assert_eq!(direction, ["i2t", "i2t", "i2t", "t2i", "t2i", "t2i", "t2i", "t2i", "t2i"]);
+    assert_eq!(u32_column(&pq, "query_idx"), [0, 1, 2, 0, 1, 2, 3, 4, 5].map(Some));
+    assert_eq!(u32_column(&pq, "itc_rank"), [0, 3, 1, 0, 1, 2, 0, 1, 0].map(Some));
+    assert_eq!(u32_column(&pq, "rerank_rank"), [1, 0, 1, 1, 1, 1, 0, 1, 2].map(Some));
+    let size: Vec<f32> =
+        pq.column_by_name("object_size").unwrap().as_any().downcast_ref::<Float32Array>().unwrap().values().to_vec();
     assert_eq!(size, [0.05, 0.35, -1.0, 0.05, 0.05, 0.35, 0.35, -1.0, -1.0]);
-    let meta =
-        qpert::store::parquet::read_key_value_metadata(&dir.join("per_query.parquet")).unwrap();
+    let meta = qpert::store::parquet::read_key_value_metadata(&dir.join("per_query.parquet")).unwrap();
     assert_eq!(meta["qpert.stage"], "report");
 
     let md = fs::read_to_string(dir.join("report.md")).unwrap();
@@ -405,32 +290,17 @@ fn hand_checked_report_with_rerank() {
     }
     let svg = fs::read_to_string(dir.join("recall_by_size.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-    assert!(
-        svg.contains("ITC + ITM re-rank")
-            && svg.contains("Image to text")
-            && svg.contains("Text to image")
-    );
+    assert!(svg.contains("ITC + ITM re-rank") && svg.contains("Image to text") && svg.contains("Text to image"));
 
     let manifest = json(&dir.join("manifest.json"));
-    let names: Vec<&str> = manifest["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = manifest["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
     assert_eq!(names, report::FILES);
     close(&manifest["summary"]["rerank"]["img_r1"], 100.0 / 6.0);
 
     let lines = lines.lock().unwrap().join("\n");
-    assert!(
-        lines.contains("re-rank  image->text R@1/5/10 33.33 / 100.00 / 100.00"),
-        "{lines}"
-    );
+    assert!(lines.contains("re-rank  image->text R@1/5/10 33.33 / 100.00 / 100.00"), "{lines}");
     assert!(lines.contains("report/report.md"), "{lines}");
-    assert_eq!(
-        run_stage(Stage::Report, &ctx, None).unwrap(),
-        Outcome::UpToDate
-    );
+    assert_eq!(run_stage(Stage::Report, &ctx, None).unwrap(), Outcome::UpToDate);
 }
 
 #[test]
@@ -453,15 +323,8 @@ fn report_without_rerank() {
     let pq = per_query(&dir.join("per_query.parquet"));
     assert_eq!(pq.column_by_name("rerank_rank").unwrap().null_count(), 9);
     let md = fs::read_to_string(dir.join("report.md")).unwrap();
-    assert!(
-        !md.contains("re-rank |") && !md.contains("published"),
-        "{md}"
-    );
-    assert!(
-        !fs::read_to_string(dir.join("recall_by_size.svg"))
-            .unwrap()
-            .contains("re-rank")
-    );
+    assert!(!md.contains("re-rank |") && !md.contains("published"), "{md}");
+    assert!(!fs::read_to_string(dir.join("recall_by_size.svg")).unwrap().contains("re-rank"));
 }
 
 #[test]
@@ -472,10 +335,7 @@ fn reruns_are_byte_identical() {
     let mut ctx = context(config, Arc::new(Mutex::new(Vec::new())));
     run_stage(Stage::Report, &ctx, None).unwrap();
     let dir = out.path().join("report");
-    let first: Vec<Vec<u8>> = report::FILES
-        .iter()
-        .map(|f| fs::read(dir.join(f)).unwrap())
-        .collect();
+    let first: Vec<Vec<u8>> = report::FILES.iter().map(|f| fs::read(dir.join(f)).unwrap()).collect();
     ctx.force = true;
     assert_eq!(run_stage(Stage::Report, &ctx, None).unwrap(), Outcome::Ran);
     for (name, bytes) in report::FILES.iter().zip(first) {
@@ -490,50 +350,27 @@ fn missing_or_inconsistent_inputs_are_artifact_errors() {
     write_index(&config);
     let ctx = context(config.clone(), Arc::new(Mutex::new(Vec::new())));
     let err = run_stage(Stage::Report, &ctx, None).unwrap_err();
-    assert!(
-        matches!(err, Error::Artifact { .. }) && err.to_string().contains("qpert stage sim"),
-        "{err}"
-    );
+    assert!(matches!(err, Error::Artifact { .. }) && err.to_string().contains("qpert stage sim"), "{err}");
 
     write_sim(&config, &[0, 3, 7]);
-    let err = run_stage(Stage::Report, &ctx, None)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("i2t_ranks.parquet") && err.contains("not below the gallery size 6"),
-        "{err}"
-    );
+    let err = run_stage(Stage::Report, &ctx, None).unwrap_err().to_string();
+    assert!(err.contains("i2t_ranks.parquet") && err.contains("not below the gallery size 6"), "{err}");
 
     write_sim(&config, &ITC_I2T);
-    let err = run_stage(Stage::Report, &ctx, None)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("rerank") && err.contains("incomplete"),
-        "{err}"
-    );
+    let err = run_stage(Stage::Report, &ctx, None).unwrap_err().to_string();
+    assert!(err.contains("rerank") && err.contains("incomplete"), "{err}");
 
     // One t2i-selected pair missing: the counts disagree with sim's top-k.
     write_rerank(&config, &PAIRS[..14]);
-    let err = run_stage(Stage::Report, &ctx, None)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("11 pairs have in_t2i, but sim/t2i_topk.parquet has 12 rows"),
-        "{err}"
-    );
+    let err = run_stage(Stage::Report, &ctx, None).unwrap_err().to_string();
+    assert!(err.contains("11 pairs have in_t2i, but sim/t2i_topk.parquet has 12 rows"), "{err}");
     assert!(!out.path().join("report/manifest.json").exists());
 
     // A changed k makes sim (and so the report's inputs) stale.
     let mut other = config.clone();
     other.rerank.k = 3;
-    let err = run_stage(
-        Stage::Report,
-        &context(other, Arc::new(Mutex::new(Vec::new()))),
-        None,
-    )
-    .unwrap_err()
-    .to_string();
+    let err =
+        run_stage(Stage::Report, &context(other, Arc::new(Mutex::new(Vec::new()))), None).unwrap_err().to_string();
     assert!(err.contains("stale"), "{err}");
 }
 
@@ -548,8 +385,5 @@ fn report_fingerprint_follows_its_inputs() {
     let mut renamed = on.clone();
     renamed.dataset.name = "other".into();
     assert_ne!(fp(&on).digest(), fp(&renamed).digest());
-    assert_eq!(
-        fp(&on).entries()["input.sim"],
-        sim::fingerprint(&on).unwrap().digest()
-    );
+    assert_eq!(fp(&on).entries()["input.sim"], sim::fingerprint(&on).unwrap().digest());
 }

@@ -70,8 +70,11 @@ pub fn text_features(c: &Blip2Config) -> f64 {
 /// One ITM pair (K/V excluded): the joint [queries; text] pass and the ITM head on the query rows.
 pub fn itm_pair(c: &Blip2Config) -> f64 {
     let q = &c.qformer_config;
-    let (rows, l, dq, i) = (c.num_query_tokens as f64, MAX_LEN as f64, q.hidden_size as f64, q.intermediate_size as f64);
-    q.num_hidden_layers as f64 * (self_attention(rows + l, dq) + 4.0 * l * dq * i) + query_rows(c, rows) + 2.0 * rows * dq * 2.0
+    let (rows, l, dq, i) =
+        (c.num_query_tokens as f64, MAX_LEN as f64, q.hidden_size as f64, q.intermediate_size as f64);
+    q.num_hidden_layers as f64 * (self_attention(rows + l, dq) + 4.0 * l * dq * i)
+        + query_rows(c, rows)
+        + 2.0 * rows * dq * 2.0
 }
 
 /// The ITC scores of `images` x `texts` pairs: every query row against every text.

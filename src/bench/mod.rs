@@ -6,8 +6,8 @@
 //! measured per-item rates. See README, "Benchmark".
 
 pub mod flops;
-pub mod z_cache;
 pub mod synthetic;
+pub mod z_cache;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,9 +20,9 @@ use serde::Serialize;
 use crate::config::{Config, DatasetConfig, ModelConfig, OutputConfig, Precision, QpertConfig, RerankConfig};
 use crate::error::{Error, Result};
 use crate::model::Blip2Config;
+use crate::qpert::perturbation::EIGEN_TIME;
 use crate::qpert::{AlphaWeight, Components, ProjectorKind};
 use crate::stages::{self, Context, DeviceChoice, Reporter, Stage, rerank, runtime, sim};
-use crate::qpert::perturbation::EIGEN_TIME;
 use synthetic::{SplitShape, SyntheticDataset};
 
 /// Which model configuration to benchmark.
@@ -56,7 +56,8 @@ impl ModelChoice {
             ModelChoice::Medium => medium_config(),
             ModelChoice::Coco => Blip2Config::itm_vit_g_coco(),
             ModelChoice::File(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| Error::weights(path, format!("cannot read: {e}")))?;
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| Error::weights(path, format!("cannot read: {e}")))?;
                 Blip2Config::from_json(&text, path)?
             }
         })
@@ -89,7 +90,8 @@ fn tiny_config() -> Blip2Config {
 fn medium_config() -> Blip2Config {
     let mut c = Blip2Config::itm_vit_g_coco();
     let v = &mut c.vision_config;
-    (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.image_size) = (384, 1536, 12, 6, 224);
+    (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.image_size) =
+        (384, 1536, 12, 6, 224);
     let q = &mut c.qformer_config;
     (q.hidden_size, q.intermediate_size, q.num_hidden_layers, q.num_attention_heads) = (256, 1024, 6, 4);
     q.encoder_hidden_size = 384;
@@ -415,14 +417,27 @@ fn project(stages: &[StageTiming], sizes: Sizes, target: &Target) -> Projection 
             let scaled = match t.stage.as_str() {
                 "index" | "extract" => t.compute_s / sizes.images * target.images,
                 "text" => t.compute_s / sizes.texts * target.texts,
-                "sim" => (t.compute_s - t.scaled_s).max(0.0) + t.scaled_s / t.items.max(1.0) * target.images * target.texts,
-                _ => (t.compute_s - t.scaled_s).max(0.0) / sizes.images * target.images + t.scaled_s / t.items.max(1.0) * pairs,
+                "sim" => {
+                    (t.compute_s - t.scaled_s).max(0.0) + t.scaled_s / t.items.max(1.0) * target.images * target.texts
+                }
+                _ => {
+                    (t.compute_s - t.scaled_s).max(0.0) / sizes.images * target.images
+                        + t.scaled_s / t.items.max(1.0) * pairs
+                }
             };
             (t.stage.clone(), t.load_s + scaled)
         })
         .collect();
     let total_s = stages_s.iter().map(|(_, s)| s).sum();
-    Projection { name: target.name.into(), images: target.images, texts: target.texts, k: target.k, pairs, stages_s, total_s }
+    Projection {
+        name: target.name.into(),
+        images: target.images,
+        texts: target.texts,
+        k: target.k,
+        pairs,
+        stages_s,
+        total_s,
+    }
 }
 
 /// Runs the benchmark on `device` and reports through `reporter` (stage messages, then the table
@@ -526,8 +541,19 @@ fn optional(value: Option<f64>, digits: usize) -> String {
 fn table(report: &BenchReport, on_gpu: bool, warmup: bool) -> Vec<String> {
     let mut lines = vec![format!(
         "{:<8} {:>9} {:<6} {:>9} {:>7} {:>11} {:>9} {:>8} {:>11} {:>8} {:>9} {:>9} {:>8}",
-        "stage", "items", "unit", "wall s", "load s", "items/s", "GFLOP", "TFLOP/s", "preproc s", "eigen s", "autotune s",
-        "host GiB", "GPU GiB"
+        "stage",
+        "items",
+        "unit",
+        "wall s",
+        "load s",
+        "items/s",
+        "GFLOP",
+        "TFLOP/s",
+        "preproc s",
+        "eigen s",
+        "autotune s",
+        "host GiB",
+        "GPU GiB"
     )];
     for t in &report.stages {
         let autotune = match (on_gpu, warmup, t.autotune_s) {
@@ -554,7 +580,11 @@ fn table(report: &BenchReport, on_gpu: bool, warmup: bool) -> Vec<String> {
     }
     let total: f64 = report.stages.iter().map(|t| t.wall_s).sum();
     let part = |name: &str| report.stages.iter().find(|t| t.stage == name).map_or(0.0, |t| t.scaled_s);
-    lines.push(format!("total wall {total:.3} s; of which ITC scoring in sim {:.3} s, ITM batches in rerank {:.3} s", part("sim"), part("rerank")));
+    lines.push(format!(
+        "total wall {total:.3} s; of which ITC scoring in sim {:.3} s, ITM batches in rerank {:.3} s",
+        part("sim"),
+        part("rerank")
+    ));
     for p in &report.projections {
         let parts: Vec<String> = p.stages_s.iter().map(|(s, v)| format!("{s} {v:.1}")).collect();
         lines.push(format!(

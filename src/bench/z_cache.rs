@@ -58,7 +58,8 @@ pub fn measure(model: &Blip2Model, images: usize, device: &Device, scratch: &std
     let mut read = Vec::with_capacity(bytes.len());
     for batch in reader {
         let batch = batch.map_err(|e| io(&e))?;
-        let column = batch.column(0).as_any().downcast_ref::<FixedSizeBinaryArray>().ok_or_else(|| io(&"not binary"))?;
+        let column =
+            batch.column(0).as_any().downcast_ref::<FixedSizeBinaryArray>().ok_or_else(|| io(&"not binary"))?;
         read.extend_from_slice(column.value_data());
     }
     let data = TensorData::from_bytes_vec(read, [b, t, dv], burn::tensor::DType::F16);

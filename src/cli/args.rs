@@ -12,10 +12,15 @@ use crate::stages::Stage;
 /// qpert: BLIP-2 image-text retrieval with Object-Aware Query Perturbation, as staged, resumable,
 /// shardable batch jobs writing Parquet artifacts.
 #[derive(Debug, Parser)]
-#[command(name = "qpert", version, about, after_help = "Examples:
+#[command(
+    name = "qpert",
+    version,
+    about,
+    after_help = "Examples:
   qpert stage index --config configs/flickr30k.toml
   qpert run --config configs/flickr30k.toml
-  qpert status --config configs/flickr30k.toml --set output.dir=cache/alpha4")]
+  qpert status --config configs/flickr30k.toml --set output.dir=cache/alpha4"
+)]
 pub struct Args {
     /// The verb.
     #[command(subcommand)]

@@ -48,7 +48,11 @@ impl fmt::Display for ShardArg {
 
 /// The shard a worker runs: `--shard I/N` as given, or `--shard auto` resolved with `lookup` (the
 /// process environment in the CLI). `--shards` only goes with `--shard auto`.
-pub fn resolve_shard(shard: Option<ShardArg>, shards: Option<u32>, lookup: impl Fn(&str) -> Option<String>) -> Result<Option<Shard>> {
+pub fn resolve_shard(
+    shard: Option<ShardArg>,
+    shards: Option<u32>,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Option<Shard>> {
     match (shard, shards) {
         (Some(ShardArg::Auto), _) => shard_from_env(shards, lookup).map(Some),
         (_, Some(n)) => Err(Error::Usage(format!("--shards {n} goes with --shard auto (or --finalize)"))),
@@ -61,7 +65,11 @@ pub fn resolve_shard(shard: Option<ShardArg>, shards: Option<u32>, lookup: impl 
 pub fn shard_from_env(shards: Option<u32>, lookup: impl Fn(&str) -> Option<String>) -> Result<Shard> {
     let var = |name: &str| -> Result<Option<u32>> {
         lookup(name)
-            .map(|v| v.trim().parse::<u32>().map_err(|_| Error::Usage(format!("--shard auto: {name}={v} is not a non-negative integer"))))
+            .map(|v| {
+                v.trim()
+                    .parse::<u32>()
+                    .map_err(|_| Error::Usage(format!("--shard auto: {name}={v} is not a non-negative integer")))
+            })
             .transpose()
     };
     let (slurm, k8s) = (var("SLURM_ARRAY_TASK_ID")?, var("JOB_COMPLETION_INDEX")?);
@@ -88,7 +96,8 @@ pub fn shard_from_env(shards: Option<u32>, lookup: impl Fn(&str) -> Option<Strin
             Shard::new(index + 1, n)
         }
         (None, None) => {
-            let slurm_job = lookup("SLURM_JOB_ID").map(|id| format!(" (Slurm job {id} is not an array job)")).unwrap_or_default();
+            let slurm_job =
+                lookup("SLURM_JOB_ID").map(|id| format!(" (Slurm job {id} is not an array job)")).unwrap_or_default();
             return Err(Error::Usage(format!(
                 "--shard auto: no array task in the environment{slurm_job}: expected SLURM_ARRAY_TASK_ID (sbatch \
                  --array=1-N) or JOB_COMPLETION_INDEX (a Kubernetes Indexed Job); elsewhere use --shard I/N"
@@ -192,7 +201,11 @@ mod tests {
         assert_eq!(run(&slurm(2, 1, 3), None).unwrap(), Shard::new(2, 3).unwrap());
         assert_eq!(run(&slurm(3, 1, 3), Some(3)).unwrap(), Shard::new(3, 3).unwrap());
         // Only MIN and MAX (older Slurm): still 1..=N.
-        assert_eq!(auto(&[("SLURM_ARRAY_TASK_ID", "1"), ("SLURM_ARRAY_TASK_MIN", "1"), ("SLURM_ARRAY_TASK_MAX", "4")], None).unwrap(), Shard::new(1, 4).unwrap());
+        assert_eq!(
+            auto(&[("SLURM_ARRAY_TASK_ID", "1"), ("SLURM_ARRAY_TASK_MIN", "1"), ("SLURM_ARRAY_TASK_MAX", "4")], None)
+                .unwrap(),
+            Shard::new(1, 4).unwrap()
+        );
         // A resubmitted index (--array=2) knows N only from --shards.
         assert_eq!(run(&slurm(2, 2, 2), Some(3)).unwrap(), Shard::new(2, 3).unwrap());
         let err = run(&slurm(2, 2, 2), None).unwrap_err().to_string();
@@ -228,7 +241,9 @@ mod tests {
         let err = auto(&[], None).unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("no array task in the environment: expected SLURM_ARRAY_TASK_ID"), "{err}");
-        assert!(auto(&[("SLURM_JOB_ID", "7")], None).unwrap_err().to_string().contains("Slurm job 7 is not an array job"));
+        assert!(
+            auto(&[("SLURM_JOB_ID", "7")], None).unwrap_err().to_string().contains("Slurm job 7 is not an array job")
+        );
         let both = auto(&[("SLURM_ARRAY_TASK_ID", "1"), ("JOB_COMPLETION_INDEX", "0")], Some(2)).unwrap_err();
         assert!(both.to_string().contains("both"), "{both}");
     }

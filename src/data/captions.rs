@@ -32,7 +32,10 @@ mod tests {
 
     #[test]
     fn lowercases_and_drops_final_period() {
-        assert_eq!(clean_caption("Two young guys with shaggy hair look at their hands."), "two young guys with shaggy hair look at their hands");
+        assert_eq!(
+            clean_caption("Two young guys with shaggy hair look at their hands."),
+            "two young guys with shaggy hair look at their hands"
+        );
     }
 
     #[test]

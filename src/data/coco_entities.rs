@@ -380,7 +380,10 @@ mod tests {
 
         let boxes = e.image_boxes(7, 200, 100, 0).unwrap();
         assert_eq!(boxes.dropped, 2);
-        assert_eq!(boxes.kept.iter().map(|k| k.coords).collect::<Vec<_>>(), [[0.0, 10.0, 50.0, 60.0], [60.0, 10.0, 90.0, 40.0]]);
+        assert_eq!(
+            boxes.kept.iter().map(|k| k.coords).collect::<Vec<_>>(),
+            [[0.0, 10.0, 50.0, 60.0], [60.0, 10.0, 90.0, 40.0]]
+        );
         assert_eq!(boxes.kept[0].area, 50.0 * 50.0 / 20000.0);
         assert_eq!(boxes.kept[0].chains, ["0"]);
         assert!(!boxes.kept[0].outside);
@@ -397,7 +400,8 @@ mod tests {
         assert!(msg.contains("e.json: line 1, column") && msg.contains("missing field `detections`"), "{msg}");
         let msg = load_str("{\"x7\": {}}", &[7]).unwrap_err().to_string();
         assert!(msg.contains("key `x7` is not a COCO image id"), "{msg}");
-        let msg = load_str("{\"7\": {\"c\": {\"detections\": {\"dog\": [[0, [1, 2, 3]]]}}}}", &[7]).unwrap_err().to_string();
+        let msg =
+            load_str("{\"7\": {\"c\": {\"detections\": {\"dog\": [[0, [1, 2, 3]]]}}}}", &[7]).unwrap_err().to_string();
         assert!(msg.contains("line 1, column"), "{msg}");
         assert!(load_str("[]", &[7]).is_err());
         assert!(load_str("{} x", &[7]).is_err(), "trailing characters");

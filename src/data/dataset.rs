@@ -33,7 +33,10 @@ pub fn load_split(path: &Path, split: &str) -> Result<(SplitFormat, Vec<SplitIma
         Some(SplitFormat::Lavis) => (SplitFormat::Lavis, lavis_json::parse(&text, path)?),
         Some(SplitFormat::Karpathy) => (SplitFormat::Karpathy, karpathy_json::parse(&text, path, split)?),
         None => {
-            return Err(Error::input(path, "neither LAVIS JSON (an array) nor Karpathy JSON (an object with `images`)"));
+            return Err(Error::input(
+                path,
+                "neither LAVIS JSON (an array) nor Karpathy JSON (an object with `images`)",
+            ));
         }
     };
     if images.1.is_empty() {

@@ -132,9 +132,9 @@ pub fn parse_annotation(xml: &str, path: &Path) -> Result<Annotation> {
     reader.config_mut().trim_text(true);
     loop {
         let at = |pos: u64| position(xml, pos as usize);
-        let event = reader.read_event().map_err(|e| {
-            Error::input(path, format!("malformed XML at {}: {e}", at(reader.error_position())))
-        })?;
+        let event = reader
+            .read_event()
+            .map_err(|e| Error::input(path, format!("malformed XML at {}: {e}", at(reader.error_position()))))?;
         let here = reader.buffer_position();
         let fail = |msg: String| Error::input(path, format!("{msg} (at {})", at(here)));
         match event {
@@ -186,7 +186,9 @@ impl PartialObject {
             ("object", "nobndbox") => self.nobndbox = parse_number::<i64>(element, text)? > 0,
             ("object", "scene") => self.scene = parse_number::<i64>(element, text)? > 0,
             ("bndbox", _) => {
-                if let (Some(slot), Some(bndbox)) = (COORDS.iter().position(|c| *c == element), self.bndboxes.last_mut()) {
+                if let (Some(slot), Some(bndbox)) =
+                    (COORDS.iter().position(|c| *c == element), self.bndboxes.last_mut())
+                {
                     bndbox[slot] = Some(parse_number(element, text)?);
                 }
             }
@@ -384,7 +386,14 @@ mod tests {
         let text = "[/EN#18/people A young man] in [/EN#19/clothing/other a white shirt] .\n\
                     [/EN#0/notvisual Someone] [looks] at [/EN#20/scene the sky]\n";
         let s = parse_sentences(text, Path::new("s.txt")).unwrap();
-        assert_eq!(s[0].phrases[1], Phrase { chain: "19".into(), types: vec!["clothing".into(), "other".into()], words: "a white shirt".into() });
+        assert_eq!(
+            s[0].phrases[1],
+            Phrase {
+                chain: "19".into(),
+                types: vec!["clothing".into(), "other".into()],
+                words: "a white shirt".into()
+            }
+        );
         assert_eq!(s[0].text, "A young man in a white shirt .");
         assert_eq!(s[1].phrases[0].chain, "0");
         assert_eq!(s[1].phrases[0].types, ["notvisual"]);

@@ -43,7 +43,8 @@ mod tests {
 
     #[test]
     fn reads_lists_and_single_captions() {
-        let text = r#"[{"image": "a/1.jpg", "caption": ["x", "y"], "image_id": 3}, {"image": "2.jpg", "caption": "z"}]"#;
+        let text =
+            r#"[{"image": "a/1.jpg", "caption": ["x", "y"], "image_id": 3}, {"image": "2.jpg", "caption": "z"}]"#;
         let split = parse(text, Path::new("s.json")).unwrap();
         assert_eq!(split[0], SplitImage { path: "a/1.jpg".into(), captions: vec!["x".into(), "y".into()] });
         assert_eq!(split[1].captions, ["z"]);

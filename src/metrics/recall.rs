@@ -12,11 +12,7 @@ pub fn best_rank(scores: &[f32], targets: &[usize]) -> usize {
         .iter()
         .map(|&target| {
             let s = scores[target];
-            scores
-                .iter()
-                .enumerate()
-                .filter(|&(j, &other)| other > s || (other == s && j < target))
-                .count()
+            scores.iter().enumerate().filter(|&(j, &other)| other > s || (other == s && j < target)).count()
         })
         .min()
         .expect("a query has at least one ground-truth item")
@@ -49,11 +45,8 @@ impl RankSummary {
         let mut sorted: Vec<usize> = ranks.to_vec();
         sorted.sort_unstable();
         let mid = sorted.len() / 2;
-        let median0 = if sorted.len() % 2 == 1 {
-            sorted[mid] as f64
-        } else {
-            (sorted[mid - 1] + sorted[mid]) as f64 / 2.0
-        };
+        let median0 =
+            if sorted.len() % 2 == 1 { sorted[mid] as f64 } else { (sorted[mid - 1] + sorted[mid]) as f64 / 2.0 };
         Some(RankSummary {
             n: ranks.len(),
             r1: recall(1),

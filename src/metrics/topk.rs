@@ -25,7 +25,9 @@ impl TopK {
 
     /// Offers an item. Items must be offered in increasing index order for ties to break by index.
     pub fn offer(&mut self, index: u32, score: f32) {
-        if self.best.len() == self.k && self.best.last().is_some_and(|worst| score.partial_cmp(&worst.score) != Some(Ordering::Greater)) {
+        if self.best.len() == self.k
+            && self.best.last().is_some_and(|worst| score.partial_cmp(&worst.score) != Some(Ordering::Greater))
+        {
             return;
         }
         // First position whose score is lower: equal scores keep their (earlier) place.

@@ -70,15 +70,10 @@ impl Blip2Config {
         let e = self.image_text_hidden_size;
         Blip2Model {
             vision_model: self.vision_config.init(device),
-            query_tokens: Initializer::Normal {
-                mean: 0.0,
-                std: 0.02,
-            }
-            .init([1, self.num_query_tokens, dq], device),
+            query_tokens: Initializer::Normal { mean: 0.0, std: 0.02 }.init([1, self.num_query_tokens, dq], device),
             embeddings: TextEmbeddings {
                 word_embeddings: EmbeddingConfig::new(q.vocab_size, dq).init(device),
-                position_embeddings: EmbeddingConfig::new(q.max_position_embeddings, dq)
-                    .init(device),
+                position_embeddings: EmbeddingConfig::new(q.max_position_embeddings, dq).init(device),
             },
             qformer: q.init(device),
             vision_projection: linear(dq, e, true, device),
@@ -115,9 +110,7 @@ fn f32s<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// Shapes: mask [b,n] Int -> [b,1,1,n].
 fn mask_bias(mask: Tensor<2, Int>, dtype: FloatDType) -> Tensor<4> {
     let [b, n] = mask.dims();
-    ((mask.float() - 1.0) * 10000.0)
-        .reshape([b, 1, 1, n])
-        .cast(dtype)
+    ((mask.float() - 1.0) * 10000.0).reshape([b, 1, 1, n]).cast(dtype)
 }
 
 /// A bad forward argument, named like a path (`pixel_values: expected ...`).
@@ -127,10 +120,7 @@ fn bad_input(argument: &str, msg: impl std::fmt::Display) -> Error {
 
 /// The values of an Int tensor, read back to the host.
 fn host_ints<const D: usize>(argument: &str, tensor: &Tensor<D, Int>) -> Result<Vec<i64>> {
-    tensor
-        .to_data()
-        .try_into_vec_as::<i64>()
-        .map_err(|e| bad_input(argument, format!("cannot read values: {e:?}")))
+    tensor.to_data().try_into_vec_as::<i64>().map_err(|e| bad_input(argument, format!("cannot read values: {e:?}")))
 }
 
 impl Blip2Model {
@@ -144,10 +134,7 @@ impl Blip2Model {
     /// the dtype the model computes in, LayerNorm and softmax excepted (they run in f32).
     pub fn load_with_dtype(model_dir: &Path, device: &Device, dtype: FloatDType) -> Result<Self> {
         if !matches!(dtype, FloatDType::F32 | FloatDType::BF16 | FloatDType::F16) {
-            return Err(Error::config(
-                model_dir,
-                format!("model precision {dtype:?} is not one of f32, bf16, f16"),
-            ));
+            return Err(Error::config(model_dir, format!("model precision {dtype:?} is not one of f32, bf16, f16")));
         }
         let config = Blip2Config::from_model_dir(model_dir)?;
         let checkpoint = Checkpoint::open(model_dir)?;
@@ -158,9 +145,7 @@ impl Blip2Model {
 
     /// A model with random weights for benchmarks: same shapes and code path as a loaded one.
     pub fn init_random(config: &Blip2Config, seed: u64, device: &Device) -> Result<Self> {
-        config
-            .validate()
-            .map_err(|msg| Error::weights("config.json", msg))?;
+        config.validate().map_err(|msg| Error::weights("config.json", msg))?;
         device.seed(seed);
         let model = config.init(device);
         model.visit(&mut Materialize);
@@ -194,12 +179,7 @@ impl Blip2Model {
         if (t, dv) != (v.num_tokens(), v.hidden_size) {
             return Err(bad_input(
                 "z",
-                format!(
-                    "expected [b, {}, {}], found {:?}",
-                    v.num_tokens(),
-                    v.hidden_size,
-                    z.dims()
-                ),
+                format!("expected [b, {}, {}], found {:?}", v.num_tokens(), v.hidden_size, z.dims()),
             ));
         }
         Ok(())
@@ -207,65 +187,35 @@ impl Blip2Model {
 
     fn check_perturbation(&self, perturbation: Option<&Tensor<5>>, b: usize) -> Result<()> {
         let q = &self.config.qformer_config;
-        let expected = [
-            b,
-            q.num_cross_layers(),
-            q.num_attention_heads,
-            q.head_dim(),
-            q.head_dim(),
-        ];
+        let expected = [b, q.num_cross_layers(), q.num_attention_heads, q.head_dim(), q.head_dim()];
         match perturbation {
-            Some(pi) if pi.dims() != expected => Err(bad_input(
-                "perturbation",
-                format!("expected {expected:?}, found {:?}", pi.dims()),
-            )),
+            Some(pi) if pi.dims() != expected => {
+                Err(bad_input("perturbation", format!("expected {expected:?}, found {:?}", pi.dims())))
+            }
             _ => Ok(()),
         }
     }
 
-    fn check_text(
-        &self,
-        input_ids: &Tensor<2, Int>,
-        attention_mask: &Tensor<2, Int>,
-    ) -> Result<()> {
+    fn check_text(&self, input_ids: &Tensor<2, Int>, attention_mask: &Tensor<2, Int>) -> Result<()> {
         let [n, l] = input_ids.dims();
         if attention_mask.dims() != [n, l] {
             return Err(bad_input(
                 "attention_mask",
-                format!(
-                    "expected the shape of input_ids {:?}, found {:?}",
-                    [n, l],
-                    attention_mask.dims()
-                ),
+                format!("expected the shape of input_ids {:?}, found {:?}", [n, l], attention_mask.dims()),
             ));
         }
         let max = self.config.qformer_config.max_position_embeddings;
         if l == 0 || l > max {
-            return Err(bad_input(
-                "input_ids",
-                format!("length {l} is not in 1..={max}"),
-            ));
+            return Err(bad_input("input_ids", format!("length {l} is not in 1..={max}")));
         }
         // Out-of-range ids would index past the embedding table; a mask value other than 0/1
         // would scale the attention bias. Both are small host reads.
         let vocab = self.config.qformer_config.vocab_size as i64;
-        if let Some(id) = host_ints("input_ids", input_ids)?
-            .into_iter()
-            .find(|&id| !(0..vocab).contains(&id))
-        {
-            return Err(bad_input(
-                "input_ids",
-                format!("token id {id} is outside 0..{vocab}"),
-            ));
+        if let Some(id) = host_ints("input_ids", input_ids)?.into_iter().find(|&id| !(0..vocab).contains(&id)) {
+            return Err(bad_input("input_ids", format!("token id {id} is outside 0..{vocab}")));
         }
-        if let Some(m) = host_ints("attention_mask", attention_mask)?
-            .into_iter()
-            .find(|&m| m != 0 && m != 1)
-        {
-            return Err(bad_input(
-                "attention_mask",
-                format!("value {m} is not 0 or 1"),
-            ));
+        if let Some(m) = host_ints("attention_mask", attention_mask)?.into_iter().find(|&m| m != 0 && m != 1) {
+            return Err(bad_input("attention_mask", format!("value {m} is not 0 or 1")));
         }
         Ok(())
     }
@@ -295,11 +245,7 @@ impl Blip2Model {
     pub fn cross_attention_keys(&self, z: Tensor<3>) -> Result<Vec<Tensor<4>>> {
         self.check_z(&z)?;
         let z = self.run(z);
-        Ok(self
-            .qformer
-            .cross_attention_blocks()
-            .map(|block| f32s(block.attention.key_heads(z.clone())))
-            .collect())
+        Ok(self.qformer.cross_attention_blocks().map(|block| f32s(block.attention.key_heads(z.clone()))).collect())
     }
 
     /// The Q-Former output of the queries alone against Z, before the ITC projection; with Pi
@@ -323,31 +269,19 @@ impl Blip2Model {
 
     /// ITC image features F_img, L2-normalised.
     /// Shapes: z [b,t,dv], perturbation [b,n_cross,h,d,d] -> [b,q,e].
-    pub fn image_features(
-        &self,
-        z: Tensor<3>,
-        perturbation: Option<Tensor<5>>,
-    ) -> Result<Tensor<3>> {
+    pub fn image_features(&self, z: Tensor<3>, perturbation: Option<Tensor<5>>) -> Result<Tensor<3>> {
         let out = self.query_output_run(z, perturbation)?;
         Ok(l2_normalize(self.vision_projection.forward(out)))
     }
 
     /// The Q-Former output at the CLS position of a text-only pass, before the ITC projection.
     /// Shapes: input_ids [n,l] Int, attention_mask [n,l] Int -> [n,dq].
-    pub fn text_cls(
-        &self,
-        input_ids: Tensor<2, Int>,
-        attention_mask: Tensor<2, Int>,
-    ) -> Result<Tensor<2>> {
+    pub fn text_cls(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2, Int>) -> Result<Tensor<2>> {
         Ok(f32s(self.text_cls_run(input_ids, attention_mask)?))
     }
 
     /// [`Blip2Model::text_cls`] in the run dtype.
-    fn text_cls_run(
-        &self,
-        input_ids: Tensor<2, Int>,
-        attention_mask: Tensor<2, Int>,
-    ) -> Result<Tensor<2>> {
+    fn text_cls_run(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2, Int>) -> Result<Tensor<2>> {
         self.check_text(&input_ids, &attention_mask)?;
         let [n, _] = input_ids.dims();
         let out = self.qformer.forward(
@@ -363,11 +297,7 @@ impl Blip2Model {
 
     /// ITC text features f_txt, L2-normalised.
     /// Shapes: input_ids [n,l] Int, attention_mask [n,l] Int -> [n,e].
-    pub fn text_features(
-        &self,
-        input_ids: Tensor<2, Int>,
-        attention_mask: Tensor<2, Int>,
-    ) -> Result<Tensor<2>> {
+    pub fn text_features(&self, input_ids: Tensor<2, Int>, attention_mask: Tensor<2, Int>) -> Result<Tensor<2>> {
         let cls = self.text_cls_run(input_ids, attention_mask)?;
         let [n, dq] = cls.dims();
         let features = l2_normalize(self.text_projection.forward(cls.reshape([n, 1, dq])));
@@ -395,41 +325,22 @@ impl Blip2Model {
         self.check_text(&input_ids, &attention_mask)?;
         let [p, _] = input_ids.dims();
         if pair_image.dims() != [p] {
-            return Err(bad_input(
-                "pair_image",
-                format!("expected [{p}], found {:?}", pair_image.dims()),
-            ));
+            return Err(bad_input("pair_image", format!("expected [{p}], found {:?}", pair_image.dims())));
         }
         let indices = host_ints("pair_image", &pair_image)?;
         if let Some(bad) = indices.iter().find(|&&i| i < 0 || i as usize >= b_img) {
-            return Err(bad_input(
-                "pair_image",
-                format!("index {bad} is outside 0..{b_img}"),
-            ));
+            return Err(bad_input("pair_image", format!("index {bad} is outside 0..{b_img}")));
         }
 
-        let cross: Vec<CrossKv> = self
-            .qformer
-            .cross_kv(self.run(z))
-            .iter()
-            .map(|kv| kv.select(pair_image.clone()))
-            .collect();
+        let cross: Vec<CrossKv> =
+            self.qformer.cross_kv(self.run(z)).iter().map(|kv| kv.select(pair_image.clone())).collect();
         let perturbation = perturbation.map(|pi| self.run(pi).select(0, pair_image));
         let [_, q, dq] = self.query_tokens.dims();
         let device = input_ids.device();
         let queries = self.query_tokens.val().expand([p, q, dq]);
         let embeddings = Tensor::cat(vec![queries, self.embeddings.forward(input_ids)], 1);
-        let mask = Tensor::cat(
-            vec![Tensor::<2, Int>::ones([p, q], &device), attention_mask],
-            1,
-        );
-        let out = self.qformer.forward(
-            embeddings,
-            Some(mask_bias(mask, self.dtype)),
-            q,
-            &cross,
-            perturbation,
-        );
+        let mask = Tensor::cat(vec![Tensor::<2, Int>::ones([p, q], &device), attention_mask], 1);
+        let out = self.qformer.forward(embeddings, Some(mask_bias(mask, self.dtype)), q, &cross, perturbation);
         let logits = f32s(self.itm_head.forward(out.narrow(1, 0, q))); // [p, q, 2]
         Ok(logits.narrow(2, 1, 1).mean_dim(1).reshape([p]))
     }

@@ -125,9 +125,7 @@ impl QFormerConfig {
 
     /// Number of cross-attention layers (6 for the real model).
     pub fn num_cross_layers(&self) -> usize {
-        (0..self.num_hidden_layers)
-            .filter(|&j| self.has_cross_attention(j))
-            .count()
+        (0..self.num_hidden_layers).filter(|&j| self.has_cross_attention(j)).count()
     }
 
     /// Width of one head, d = D_q / H_q.
@@ -183,8 +181,8 @@ impl Blip2Config {
     /// Parses a `config.json` text (lenient: HF defaults for absent fields, unknown keys ignored).
     /// `path` only names the file in errors. The result is validated.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let mut config: Self = serde_json::from_str(text)
-            .map_err(|e| Error::weights(path, format!("malformed config.json: {e}")))?;
+        let mut config: Self =
+            serde_json::from_str(text).map_err(|e| Error::weights(path, format!("malformed config.json: {e}")))?;
         // As in `Blip2Config.__init__`: the cross-attention always reads the vision width.
         config.qformer_config.encoder_hidden_size = config.vision_config.hidden_size;
         config.validate().map_err(|msg| Error::weights(path, msg))?;
@@ -210,11 +208,9 @@ impl Blip2Config {
         let v = &self.vision_config;
         let q = &self.qformer_config;
         if !q.use_qformer_text_input {
-            return Err(
-                "qformer_config.use_qformer_text_input is false: the Q-Former has no text \
+            return Err("qformer_config.use_qformer_text_input is false: the Q-Former has no text \
                         feed-forward block, so retrieval (ITC text features, ITM) cannot run"
-                    .into(),
-            );
+                .into());
         }
         let positive = [
             ("vision_config.hidden_size", v.hidden_size),
@@ -228,14 +224,8 @@ impl Blip2Config {
             ("qformer_config.num_hidden_layers", q.num_hidden_layers),
             ("qformer_config.num_attention_heads", q.num_attention_heads),
             ("qformer_config.intermediate_size", q.intermediate_size),
-            (
-                "qformer_config.max_position_embeddings",
-                q.max_position_embeddings,
-            ),
-            (
-                "qformer_config.cross_attention_frequency",
-                q.cross_attention_frequency,
-            ),
+            ("qformer_config.max_position_embeddings", q.max_position_embeddings),
+            ("qformer_config.cross_attention_frequency", q.cross_attention_frequency),
             ("num_query_tokens", self.num_query_tokens),
             ("image_text_hidden_size", self.image_text_hidden_size),
         ];
@@ -260,14 +250,9 @@ impl Blip2Config {
                 v.image_size, v.patch_size
             ));
         }
-        for (name, act) in [
-            ("vision_config", &v.hidden_act),
-            ("qformer_config", &q.hidden_act),
-        ] {
+        for (name, act) in [("vision_config", &v.hidden_act), ("qformer_config", &q.hidden_act)] {
             if act != "gelu" {
-                return Err(format!(
-                    "{name}.hidden_act {act:?} is not supported (only \"gelu\")"
-                ));
+                return Err(format!("{name}.hidden_act {act:?} is not supported (only \"gelu\")"));
             }
         }
         if q.position_embedding_type != "absolute" {
@@ -299,41 +284,18 @@ mod tests {
         let config = parse(r#"{"qformer_config": {"use_qformer_text_input": true}}"#).unwrap();
         let v = &config.vision_config;
         assert_eq!(
-            (
-                v.hidden_size,
-                v.intermediate_size,
-                v.num_hidden_layers,
-                v.num_attention_heads
-            ),
+            (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads),
             (1408, 6144, 39, 16)
         );
-        assert_eq!(
-            (v.patch_size, v.image_size, v.layer_norm_eps),
-            (14, 224, 1e-6)
-        );
+        assert_eq!((v.patch_size, v.image_size, v.layer_norm_eps), (14, 224, 1e-6));
         let q = &config.qformer_config;
         assert_eq!(
-            (
-                q.hidden_size,
-                q.num_hidden_layers,
-                q.num_attention_heads,
-                q.intermediate_size
-            ),
+            (q.hidden_size, q.num_hidden_layers, q.num_attention_heads, q.intermediate_size),
             (768, 12, 12, 3072)
         );
         assert_eq!((q.cross_attention_frequency, q.layer_norm_eps), (2, 1e-12));
-        assert_eq!(
-            (
-                q.max_position_embeddings,
-                q.encoder_hidden_size,
-                q.vocab_size
-            ),
-            (512, 1408, 30522)
-        );
-        assert_eq!(
-            (config.num_query_tokens, config.image_text_hidden_size),
-            (32, 256)
-        );
+        assert_eq!((q.max_position_embeddings, q.encoder_hidden_size, q.vocab_size), (512, 1408, 30522));
+        assert_eq!((config.num_query_tokens, config.image_text_hidden_size), (32, 256));
         assert_eq!(q.num_cross_layers(), 6);
         assert_eq!(q.head_dim(), 64);
     }
@@ -374,14 +336,8 @@ mod tests {
     fn unrunnable_configs_are_rejected() {
         for (text, needle) in [
             (r#"{}"#, "use_qformer_text_input"),
-            (
-                r#"{"qformer_config": {"use_qformer_text_input": false}}"#,
-                "use_qformer_text_input",
-            ),
-            (
-                r#"{"qformer_config": {"use_qformer_text_input": true, "num_attention_heads": 7}}"#,
-                "not divisible",
-            ),
+            (r#"{"qformer_config": {"use_qformer_text_input": false}}"#, "use_qformer_text_input"),
+            (r#"{"qformer_config": {"use_qformer_text_input": true, "num_attention_heads": 7}}"#, "not divisible"),
             (
                 r#"{"qformer_config": {"use_qformer_text_input": true}, "vision_config": {"hidden_act": "quick_gelu"}}"#,
                 "hidden_act",

@@ -33,10 +33,7 @@ use burn::tensor::{Device, FloatDType, Tensor};
 /// A Linear whose weight parameter has PyTorch's `[out, in]` shape (`LinearLayout::Col`), so HF
 /// weights load without a transposition step.
 fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
-    LinearConfig::new(d_in, d_out)
-        .with_bias(bias)
-        .with_layout(LinearLayout::Col)
-        .init(device)
+    LinearConfig::new(d_in, d_out).with_bias(bias).with_layout(LinearLayout::Col).init(device)
 }
 
 /// LayerNorm over the last axis (`Y = norm(X) * gamma + beta`), computed in f32 whatever the
@@ -55,11 +52,7 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// Ones and zeros, as `torch.nn.LayerNorm` and burn initialise them.
     fn new(d: usize, epsilon: f64, device: &Device) -> Self {
-        Self {
-            gamma: Initializer::Ones.init([d], device),
-            beta: Initializer::Zeros.init([d], device),
-            epsilon,
-        }
+        Self { gamma: Initializer::Ones.init([d], device), beta: Initializer::Zeros.init([d], device), epsilon }
     }
 
     /// Shapes: x [..., d] -> [..., d].

@@ -30,8 +30,7 @@ impl QFormerMultiHeadAttention {
     /// Shapes: x [b,n,dq] -> [b,h,n,d].
     fn split_heads(&self, x: Tensor<3>) -> Tensor<4> {
         let [b, n, width] = x.dims();
-        x.reshape([b, n, self.num_heads, width / self.num_heads])
-            .swap_dims(1, 2)
+        x.reshape([b, n, self.num_heads, width / self.num_heads]).swap_dims(1, 2)
     }
 
     /// The keys of a sequence split into heads.
@@ -70,10 +69,7 @@ impl QFormerMultiHeadAttention {
             Some(bias) => scores + bias,
             None => scores,
         };
-        softmax(scores, 3)
-            .matmul(values)
-            .swap_dims(1, 2)
-            .reshape([b, n, dq])
+        softmax(scores, 3).matmul(values).swap_dims(1, 2).reshape([b, n, dq])
     }
 }
 
@@ -129,10 +125,7 @@ impl CrossKv {
     /// The same keys and values gathered per pair (`indices` into the batch).
     /// Shapes: [b,h,t,d] -> [p,h,t,d].
     pub fn select(&self, indices: burn::tensor::Tensor<1, burn::tensor::Int>) -> Self {
-        Self {
-            keys: self.keys.clone().select(0, indices.clone()),
-            values: self.values.clone().select(0, indices),
-        }
+        Self { keys: self.keys.clone().select(0, indices.clone()), values: self.values.clone().select(0, indices) }
     }
 }
 
@@ -167,27 +160,18 @@ impl QFormerLayer {
         let this = &self.attention;
         let keys = this.attention.key_heads(hidden.clone());
         let values = this.attention.value_heads(hidden.clone());
-        let context = this
-            .attention
-            .forward(hidden.clone(), keys, values, mask_bias, None);
+        let context = this.attention.forward(hidden.clone(), keys, values, mask_bias, None);
         let attended = this.output.forward(context, hidden);
         if query_len == 0 {
             return self.text_ffn(attended);
         }
         let mut queries = attended.clone().narrow(1, 0, query_len);
         if let (Some(block), Some((kv, perturbation))) = (&self.crossattention, cross) {
-            let context = block.attention.forward(
-                queries.clone(),
-                kv.keys.clone(),
-                kv.values.clone(),
-                None,
-                perturbation,
-            );
+            let context =
+                block.attention.forward(queries.clone(), kv.keys.clone(), kv.values.clone(), None, perturbation);
             queries = block.output.forward(context, queries);
         }
-        let queries = self
-            .output_query
-            .forward(self.intermediate_query.forward(queries.clone()), queries);
+        let queries = self.output_query.forward(self.intermediate_query.forward(queries.clone()), queries);
         if n == query_len {
             return queries;
         }
@@ -220,10 +204,7 @@ pub struct QFormerModel {
 impl QFormerModel {
     /// The cross-attention blocks, in layer order.
     pub fn cross_attention_blocks(&self) -> impl Iterator<Item = &QFormerAttention> {
-        self.encoder
-            .layer
-            .iter()
-            .filter_map(|layer| layer.crossattention.as_ref())
+        self.encoder.layer.iter().filter_map(|layer| layer.crossattention.as_ref())
     }
 
     /// Keys and values of Z for every cross-attention layer.
@@ -274,10 +255,7 @@ impl QFormerConfig {
     pub fn init(&self, device: &Device) -> QFormerModel {
         let dq = self.hidden_size;
         let norm = || LayerNorm::new(dq, self.layer_norm_eps, device);
-        let output = |from: usize| QFormerOutput {
-            dense: linear(from, dq, true, device),
-            layer_norm: norm(),
-        };
+        let output = |from: usize| QFormerOutput { dense: linear(from, dq, true, device), layer_norm: norm() };
         let attention = |dk: usize| QFormerAttention {
             attention: QFormerMultiHeadAttention {
                 query: linear(dq, dq, true, device),
@@ -287,24 +265,17 @@ impl QFormerConfig {
             },
             output: output(dq),
         };
-        let intermediate = || QFormerIntermediate {
-            dense: linear(dq, self.intermediate_size, true, device),
-        };
+        let intermediate = || QFormerIntermediate { dense: linear(dq, self.intermediate_size, true, device) };
         let layer = (0..self.num_hidden_layers)
             .map(|j| QFormerLayer {
                 attention: attention(dq),
-                crossattention: self
-                    .has_cross_attention(j)
-                    .then(|| attention(self.encoder_hidden_size)),
+                crossattention: self.has_cross_attention(j).then(|| attention(self.encoder_hidden_size)),
                 intermediate: intermediate(),
                 output: output(self.intermediate_size),
                 intermediate_query: intermediate(),
                 output_query: output(self.intermediate_size),
             })
             .collect();
-        QFormerModel {
-            layernorm: norm(),
-            encoder: QFormerEncoder { layer },
-        }
+        QFormerModel { layernorm: norm(), encoder: QFormerEncoder { layer } }
     }
 }

@@ -52,17 +52,11 @@ impl VisionAttention {
         let [b, t, dv] = x.dims();
         let (h, d) = (self.num_heads, dv / self.num_heads);
         let qkv = self.qkv.forward(x);
-        let heads = |i: usize| {
-            qkv.clone()
-                .narrow(2, i * dv, dv)
-                .reshape([b, t, h, d])
-                .swap_dims(1, 2)
-        };
+        let heads = |i: usize| qkv.clone().narrow(2, i * dv, dv).reshape([b, t, h, d]).swap_dims(1, 2);
         let (q, k, v) = (heads(0), heads(1), heads(2));
         let scores = q.matmul(k.swap_dims(2, 3)) * (d as f64).powf(-0.5);
         let context = softmax(scores, 3).matmul(v); // [b, h, t, d]
-        self.projection
-            .forward(context.swap_dims(1, 2).reshape([b, t, dv]))
+        self.projection.forward(context.swap_dims(1, 2).reshape([b, t, dv]))
     }
 }
 
@@ -125,11 +119,7 @@ impl VisionModel {
     /// Shapes: pixel_values [b,3,s,s] -> z [b,t,dv]. The caller checks that s is the configured side.
     pub fn forward(&self, pixel_values: Tensor<4>) -> Tensor<3> {
         let x = self.embeddings.forward(pixel_values);
-        let x = self
-            .encoder
-            .layers
-            .iter()
-            .fold(x, |x, layer| layer.forward(x));
+        let x = self.encoder.layers.iter().fold(x, |x, layer| layer.forward(x));
         self.post_layernorm.forward(x)
     }
 }
@@ -138,16 +128,11 @@ impl VisionConfig {
     /// Builds the vision tower with lazily initialised (random) parameters.
     pub fn init(&self, device: &Device) -> VisionModel {
         let (dv, p) = (self.hidden_size, self.patch_size);
-        let normal = Initializer::Normal {
-            mean: 0.0,
-            std: 0.02,
-        };
+        let normal = Initializer::Normal { mean: 0.0, std: 0.02 };
         let norm = || LayerNorm::new(dv, self.layer_norm_eps, device);
         let embeddings = VisionEmbeddings {
             class_embedding: normal.init([1, 1, dv], device),
-            patch_embedding: Conv2dConfig::new([self.num_channels, dv], [p, p])
-                .with_stride([p, p])
-                .init(device),
+            patch_embedding: Conv2dConfig::new([self.num_channels, dv], [p, p]).with_stride([p, p]).init(device),
             position_embedding: normal.init([1, self.num_tokens(), dv], device),
         };
         let layers = (0..self.num_hidden_layers)
@@ -165,10 +150,6 @@ impl VisionConfig {
                 layer_norm2: norm(),
             })
             .collect();
-        VisionModel {
-            embeddings,
-            encoder: VisionEncoder { layers },
-            post_layernorm: norm(),
-        }
+        VisionModel { embeddings, encoder: VisionEncoder { layers }, post_layernorm: norm() }
     }
 }

@@ -60,18 +60,9 @@ pub fn fuse_qkv_bias(q_bias: &[f32], v_bias: &[f32]) -> Vec<f32> {
 /// Converts little-endian safetensors storage to f32; `None` for dtypes that are not floats.
 fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         Dtype::F64 => bytes
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
@@ -90,20 +81,13 @@ struct MappedFile {
 
 impl MappedFile {
     fn open(path: PathBuf) -> Result<Self> {
-        let file =
-            File::open(&path).map_err(|e| Error::weights(&path, format!("cannot open: {e}")))?;
+        let file = File::open(&path).map_err(|e| Error::weights(&path, format!("cannot open: {e}")))?;
         // SAFETY: the mapping is read-only and lives as long as `self`; like every safetensors
         // reader we assume the checkpoint is not modified while it is being loaded.
-        let mmap = unsafe { Mmap::map(&file) }
-            .map_err(|e| Error::weights(&path, format!("cannot map: {e}")))?;
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::weights(&path, format!("cannot map: {e}")))?;
         let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
             .map_err(|e| Error::weights(&path, format!("not a valid safetensors file: {e:?}")))?;
-        Ok(Self {
-            path,
-            mmap,
-            header_len,
-            metadata,
-        })
+        Ok(Self { path, mmap, header_len, metadata })
     }
 }
 
@@ -148,10 +132,7 @@ impl Checkpoint {
             for shard in shards {
                 let path = model_dir.join(shard);
                 if !path.is_file() {
-                    return Err(Error::weights(
-                        &path,
-                        format!("shard listed in {} is missing", index_path.display()),
-                    ));
+                    return Err(Error::weights(&path, format!("shard listed in {} is missing", index_path.display())));
                 }
                 paths.push(path);
             }
@@ -171,11 +152,7 @@ impl Checkpoint {
             }
             files.push(file);
         }
-        Ok(Self {
-            dir: model_dir.to_path_buf(),
-            files,
-            index,
-        })
+        Ok(Self { dir: model_dir.to_path_buf(), files, index })
     }
 
     /// The file holding `name`, or the default file name for errors about absent tensors.
@@ -194,33 +171,16 @@ impl Checkpoint {
         };
         let file = &self.files[i];
         let bad = |msg: String| Error::weights(&file.path, format!("tensor `{name}`: {msg}"));
-        let info = file
-            .metadata
-            .info(name)
-            .ok_or_else(|| bad("not in the header".into()))?;
+        let info = file.metadata.info(name).ok_or_else(|| bad("not in the header".into()))?;
         let start = 8 + file.header_len + info.data_offsets.0;
         let end = 8 + file.header_len + info.data_offsets.1;
-        let bytes = file
-            .mmap
-            .get(start..end)
-            .ok_or_else(|| bad("data lies outside the file".into()))?;
-        let values = to_f32(info.dtype, bytes).ok_or_else(|| {
-            bad(format!(
-                "dtype {:?} is not a float type (f32, f16, bf16, f64)",
-                info.dtype
-            ))
-        })?;
+        let bytes = file.mmap.get(start..end).ok_or_else(|| bad("data lies outside the file".into()))?;
+        let values = to_f32(info.dtype, bytes)
+            .ok_or_else(|| bad(format!("dtype {:?} is not a float type (f32, f16, bf16, f64)", info.dtype)))?;
         if values.len() != info.shape.iter().product::<usize>() {
-            return Err(bad(format!(
-                "{} values for shape {:?}",
-                values.len(),
-                info.shape
-            )));
+            return Err(bad(format!("{} values for shape {:?}", values.len(), info.shape)));
         }
-        Ok(Some(HostTensor {
-            shape: info.shape.clone(),
-            values,
-        }))
+        Ok(Some(HostTensor { shape: info.shape.clone(), values }))
     }
 
     /// Reads the tensor for HF name `name`, expected of shape `expected`; older-layout fallbacks
@@ -236,51 +196,32 @@ impl Checkpoint {
         if tensor.shape != expected {
             return Err(Error::weights(
                 self.file_of(name),
-                format!(
-                    "tensor `{name}`: expected shape {expected:?}, found {:?}",
-                    tensor.shape
-                ),
+                format!("tensor `{name}`: expected shape {expected:?}, found {:?}", tensor.shape),
             ));
         }
         Ok(tensor)
     }
 
     /// `<prefix>q_bias` + `<prefix>v_bias` fused into the qkv bias of shape `expected` ([3 Dv]).
-    fn read_split_qkv_bias(
-        &self,
-        prefix: &str,
-        name: &str,
-        expected: &[usize],
-    ) -> Result<HostTensor> {
+    fn read_split_qkv_bias(&self, prefix: &str, name: &str, expected: &[usize]) -> Result<HostTensor> {
         let width = expected.first().copied().unwrap_or(0) / 3;
         let mut parts = Vec::with_capacity(2);
         for part in ["q_bias", "v_bias"] {
             let part_name = format!("{prefix}{part}");
-            let tensor = self
-                .read(&part_name)?
-                .ok_or_else(|| self.missing(name, expected))?;
+            let tensor = self.read(&part_name)?.ok_or_else(|| self.missing(name, expected))?;
             if tensor.shape != [width] {
                 return Err(Error::weights(
                     self.file_of(&part_name),
-                    format!(
-                        "tensor `{part_name}`: expected shape [{width}], found {:?}",
-                        tensor.shape
-                    ),
+                    format!("tensor `{part_name}`: expected shape [{width}], found {:?}", tensor.shape),
                 ));
             }
             parts.push(tensor.values);
         }
-        Ok(HostTensor {
-            shape: expected.to_vec(),
-            values: fuse_qkv_bias(&parts[0], &parts[1]),
-        })
+        Ok(HostTensor { shape: expected.to_vec(), values: fuse_qkv_bias(&parts[0], &parts[1]) })
     }
 
     fn missing(&self, name: &str, expected: &[usize]) -> Error {
-        Error::weights(
-            self.file_of(name),
-            format!("missing tensor `{name}` (expected shape {expected:?})"),
-        )
+        Error::weights(self.file_of(name), format!("missing tensor `{name}` (expected shape {expected:?})"))
     }
 }
 
@@ -324,19 +265,9 @@ impl ModuleMapper for CheckpointMapper<'_> {
 /// Replaces every float parameter of `module` with the tensor of the same (HF) name in the
 /// checkpoint, converted on the host to `dtype` (whatever the stored dtype) before it goes to
 /// `device`. All problems are collected; the first is returned, its message counting the rest.
-pub fn load_module<M: Module>(
-    module: M,
-    checkpoint: &Checkpoint,
-    device: &Device,
-    dtype: FloatDType,
-) -> Result<M> {
-    let mut mapper = CheckpointMapper {
-        checkpoint,
-        device: device.clone(),
-        dtype,
-        path: Vec::new(),
-        errors: Vec::new(),
-    };
+pub fn load_module<M: Module>(module: M, checkpoint: &Checkpoint, device: &Device, dtype: FloatDType) -> Result<M> {
+    let mut mapper =
+        CheckpointMapper { checkpoint, device: device.clone(), dtype, path: Vec::new(), errors: Vec::new() };
     let module = module.map(&mut mapper);
     let mut errors = mapper.errors.into_iter();
     match errors.next() {
@@ -347,10 +278,9 @@ pub fn load_module<M: Module>(
                 return Err(first);
             }
             Err(match first {
-                Error::Weights { path, msg } => Error::Weights {
-                    path,
-                    msg: format!("{msg} (and {more} more weight errors)"),
-                },
+                Error::Weights { path, msg } => {
+                    Error::Weights { path, msg: format!("{msg} (and {more} more weight errors)") }
+                }
                 other => other,
             })
         }
@@ -420,23 +350,14 @@ mod tests {
 
     #[test]
     fn qkv_bias_is_q_zeros_v() {
-        assert_eq!(
-            fuse_qkv_bias(&[1.0, 2.0], &[3.0, 4.0]),
-            vec![1.0, 2.0, 0.0, 0.0, 3.0, 4.0]
-        );
+        assert_eq!(fuse_qkv_bias(&[1.0, 2.0], &[3.0, 4.0]), vec![1.0, 2.0, 0.0, 0.0, 3.0, 4.0]);
     }
 
     #[test]
     fn half_storage_converts_to_f32() {
         let values = [1.5f32, -2.25, 0.0];
-        let f16: Vec<u8> = values
-            .iter()
-            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-            .collect();
-        let bf16: Vec<u8> = values
-            .iter()
-            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-            .collect();
+        let f16: Vec<u8> = values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+        let bf16: Vec<u8> = values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
         let f32s: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(to_f32(Dtype::F16, &f16).unwrap(), values);
         assert_eq!(to_f32(Dtype::BF16, &bf16).unwrap(), values);

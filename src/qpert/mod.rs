@@ -29,7 +29,15 @@ pub struct BatchBoxes {
 impl BatchBoxes {
     /// Adds a box of the batch's image `image`, whose mask is built at `mask_width` x `mask_height`
     /// (the annotation's image size) and whose area ratio is `area`.
-    pub fn push(&mut self, image: usize, object: &ObjectBox, area: f32, mask_width: u32, mask_height: u32, grid: PatchGrid) {
+    pub fn push(
+        &mut self,
+        image: usize,
+        object: &ObjectBox,
+        area: f32,
+        mask_width: u32,
+        mask_height: u32,
+        grid: PatchGrid,
+    ) {
         self.weights.extend(patch_weights(object, mask_width, mask_height, grid));
         self.image.push(image);
         self.area.push(area);
@@ -50,11 +58,7 @@ impl BatchBoxes {
 /// Returns `None` when no image has a box (the model then runs unperturbed).
 ///
 /// Shapes: keys [b,h,t,d] per layer -> Pi [b, layers, h, d, d].
-pub fn query_perturbation(
-    keys: &[Tensor<4>],
-    boxes: &BatchBoxes,
-    settings: &QpertSettings,
-) -> Option<Tensor<5>> {
+pub fn query_perturbation(keys: &[Tensor<4>], boxes: &BatchBoxes, settings: &QpertSettings) -> Option<Tensor<5>> {
     if boxes.is_empty() {
         return None;
     }

@@ -103,9 +103,8 @@ pub fn image_perturbations(boxes: &BoxGrams<'_>, images: usize, settings: &Qpert
         let alpha = settings.weight.alpha_for(settings.alpha, boxes.box_area[o]);
         let scale = alpha / boxes_of_image[image] as f32;
         let target = &mut pi[image * per_image..(image + 1) * per_image];
-        for (lh, projector) in projectors[o * boxes.layers * boxes.heads..][..boxes.layers * boxes.heads]
-            .iter()
-            .enumerate()
+        for (lh, projector) in
+            projectors[o * boxes.layers * boxes.heads..][..boxes.layers * boxes.heads].iter().enumerate()
         {
             for (t, p) in target[lh * d2..(lh + 1) * d2].iter_mut().zip(projector) {
                 *t += scale * p;

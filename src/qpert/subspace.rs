@@ -195,9 +195,7 @@ mod tests {
     }
 
     fn matmul(a: &[f32], b: &[f32], d: usize) -> Vec<f32> {
-        (0..d * d)
-            .map(|ij| (0..d).map(|k| a[(ij / d) * d + k] * b[k * d + ij % d]).sum())
-            .collect()
+        (0..d * d).map(|ij| (0..d).map(|k| a[(ij / d) * d + k] * b[k * d + ij % d]).sum()).collect()
     }
 
     #[test]

@@ -65,7 +65,8 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
         let boxes = runtime::batch_boxes(&index, images, grid);
         let z = model.vision_tokens(pixel_values)?;
         let perturbation = runtime::perturbation(&model, &z, &boxes, &ctx.config)?;
-        let perturbed: Vec<bool> = (0..images.len()).map(|slot| perturbation.is_some() && boxes.image.contains(&slot)).collect();
+        let perturbed: Vec<bool> =
+            (0..images.len()).map(|slot| perturbation.is_some() && boxes.image.contains(&slot)).collect();
         features.push(images, &perturbed, runtime::host(model.image_features(z, perturbation)?));
         bar.inc(images.len() as u64);
         Ok(())
@@ -102,7 +103,8 @@ impl ImageFeatures {
     }
 
     fn into_batch(self, q: usize, e: usize) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
-        let metadata = HashMap::from([(QUERIES_KEY.to_string(), q.to_string()), (EMBED_DIM_KEY.to_string(), e.to_string())]);
+        let metadata =
+            HashMap::from([(QUERIES_KEY.to_string(), q.to_string()), (EMBED_DIM_KEY.to_string(), e.to_string())]);
         record_batch_with_metadata(
             vec![
                 ("image_idx", Arc::new(UInt32Array::from(self.image_idx))),

@@ -40,7 +40,9 @@ pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
         .with("dataset.split", &d.split)
         .with("dataset.images", d.images.display())
         .with("dataset.box_origin", d.box_origin);
-    if let Some(entities) = d.entities.as_ref().filter(|e| coco_entities::detect(e).ok() == Some(EntitiesKind::CocoJson)) {
+    if let Some(entities) =
+        d.entities.as_ref().filter(|e| coco_entities::detect(e).ok() == Some(EntitiesKind::CocoJson))
+    {
         fp = fp.with("dataset.entities", entities.display()).with_file_identity("dataset.entities.file", entities)?;
         if let Some(shapes) = &d.image_shapes {
             fp = fp.with_file_contents("dataset.image_shapes", shapes)?;
@@ -124,7 +126,10 @@ impl Source {
         let Some(entities) = &dataset.entities else { return Ok(Source::None) };
         let kind = coco_entities::detect(entities)?;
         if let (Some(shapes), EntitiesKind::FlickrFolder) = (&dataset.image_shapes, kind) {
-            return Err(Error::input(shapes, "dataset.image_shapes is for COCO Entities only (dataset.entities is a folder)"));
+            return Err(Error::input(
+                shapes,
+                "dataset.image_shapes is for COCO Entities only (dataset.entities is a folder)",
+            ));
         }
         match kind {
             EntitiesKind::FlickrFolder => {
@@ -259,7 +264,8 @@ fn read_images(ctx: &Context, split: &[SplitImage], source: &Source) -> Result<V
 
 fn read_image(ctx: &Context, image: &SplitImage, source: &Source) -> Result<ImageRecord> {
     let dataset = &ctx.config.dataset;
-    let path = resolve_image_path(&dataset.images, &image.path).ok_or_else(|| image_not_found(&dataset.images, &image.path))?;
+    let path = resolve_image_path(&dataset.images, &image.path)
+        .ok_or_else(|| image_not_found(&dataset.images, &image.path))?;
     let (width, height) = image_size(&path)?;
     let image_id = image_id(&path.to_string_lossy());
     let boxes = match source {
@@ -397,8 +403,8 @@ fn boxes_batch(records: &[ImageRecord]) -> ArrowResult<RecordBatch> {
     let coords = Float32Array::from_iter_values(kept.iter().flat_map(|(_, k, _)| k.coords.map(|c| c as f32)));
     let item = Arc::new(Field::new_list_field(DataType::Float32, false));
     let boxes = FixedSizeListArray::try_new(item, 4, Arc::new(coords), None)?;
-    let mut chains = ListBuilder::new(StringBuilder::new())
-        .with_field(Arc::new(Field::new_list_field(DataType::Utf8, false)));
+    let mut chains =
+        ListBuilder::new(StringBuilder::new()).with_field(Arc::new(Field::new_list_field(DataType::Utf8, false)));
     for (_, k, _) in &kept {
         k.chains.iter().for_each(|c| chains.values().append_value(c));
         chains.append(true);
@@ -425,8 +431,6 @@ fn texts_batch(split: &[SplitImage]) -> ArrowResult<RecordBatch> {
         ("caption_clean", Arc::new(StringArray::from_iter_values(texts.iter().map(|(_, c)| clean_caption(c))))),
     ])
 }
-
-
 
 /// The index tables, read back for the later stages.
 pub struct IndexTables {
@@ -464,7 +468,8 @@ impl IndexTables {
     /// Reads the complete, fresh index of `config` (an error names what to run otherwise).
     pub fn read(config: &Config) -> Result<IndexTables> {
         let stage = StageDir::open(&config.output.dir, Stage::Index.name(), fingerprint(config)?);
-        let (images, boxes, texts) = (stage.read_table("images")?, stage.read_table("boxes")?, stage.read_table("texts")?);
+        let (images, boxes, texts) =
+            (stage.read_table("images")?, stage.read_table("boxes")?, stage.read_table("texts")?);
         let path = |name: &str| stage.path().join(format!("{name}.parquet"));
         let (images_path, boxes_path, texts_path) = (path("images"), path("boxes"), path("texts"));
 
@@ -481,9 +486,9 @@ impl IndexTables {
         let mut per_image: Vec<Vec<IndexBox>> = (0..images.len()).map(|_| Vec::new()).collect();
         for (o, &image) in owner.iter().enumerate() {
             let c = &coords[o * 4..o * 4 + 4];
-            let slot = per_image
-                .get_mut(image as usize)
-                .ok_or_else(|| Error::artifact(&boxes_path, format!("box {o} names image {image}, not in the index")))?;
+            let slot = per_image.get_mut(image as usize).ok_or_else(|| {
+                Error::artifact(&boxes_path, format!("box {o} names image {image}, not in the index"))
+            })?;
             slot.push(IndexBox {
                 object: ObjectBox { xmin: c[0], ymin: c[1], xmax: c[2], ymax: c[3] },
                 area: area[o],

@@ -7,8 +7,8 @@
 pub mod cluster;
 pub mod extract;
 pub mod index;
-pub mod rerank;
 pub mod report;
+pub mod rerank;
 pub mod runtime;
 pub mod sim;
 pub mod text;
@@ -264,7 +264,9 @@ fn describe(stage: Stage, config: &Config) -> Result<String> {
     let digest = fingerprint.digest();
     let dir = stage.dir(config, fingerprint);
     Ok(match dir.state()? {
-        StageState::Done(m) => format!("done ({} files, {} shard(s), fingerprint {})", m.files.len(), m.shards, &digest[..12]),
+        StageState::Done(m) => {
+            format!("done ({} files, {} shard(s), fingerprint {})", m.files.len(), m.shards, &digest[..12])
+        }
         StageState::Stale(changes) => format!("stale ({})", changes.join("; ")),
         // Parts, or only locks of workers that have not written their part yet.
         StageState::Partial(_) | StageState::Missing => {

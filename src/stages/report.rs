@@ -25,21 +25,16 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::{NUM_BINS, RankSummary, best_rank, bin_bounds, bin_of};
 use crate::qpert::{AlphaWeight, Components, ProjectorKind};
-use crate::store::commit::write_bytes_atomically;
 use crate::store::columns::Table;
+use crate::store::commit::write_bytes_atomically;
 use crate::store::{FileEntry, Fingerprint, Manifest, Notes, StageDir, StageState};
 
 /// The score of a pair its direction's top-k did not select, as in the released evaluation.
 pub const UNSELECTED: f32 = -100.0;
 
 /// The report's files, in the order the manifest lists them.
-pub const FILES: [&str; 5] = [
-    "metrics.json",
-    "clip_benchmark.json",
-    "report.md",
-    "per_query.parquet",
-    "recall_by_size.svg",
-];
+pub const FILES: [&str; 5] =
+    ["metrics.json", "clip_benchmark.json", "report.md", "per_query.parquet", "recall_by_size.svg"];
 
 /// What the report depends on: `index` and `sim` (and `rerank` when enabled), plus the settings it
 /// prints (dataset name, model folder name, Q-Pert settings, k).
@@ -111,18 +106,11 @@ pub fn run(ctx: &Context) -> Result<Outcome> {
     let report = Report::new(config, &inputs);
     let plain = plain_report(config)?;
     let files = write_outputs(&stage, config, &inputs, &report, plain.as_ref().map(|p| &p.metrics))?;
-    stage.finish(
-        files,
-        serde_json::to_value(report.summary()).unwrap_or_default(),
-        Notes::default(),
-    )?;
+    stage.finish(files, serde_json::to_value(report.summary()).unwrap_or_default(), Notes::default())?;
     for line in report.lines() {
         ctx.reporter.info(&line);
     }
-    ctx.reporter.info(&format!(
-        "report: wrote {}",
-        stage.path().join("report.md").display()
-    ));
+    ctx.reporter.info(&format!("report: wrote {}", stage.path().join("report.md").display()));
     Ok(Outcome::Ran)
 }
 
@@ -167,15 +155,10 @@ impl GroundTruth {
         for (t, &i) in text_image.iter().enumerate() {
             image_texts
                 .get_mut(i as usize)
-                .ok_or_else(|| {
-                    format!("text {t} belongs to image {i}, but there are {num_images} images")
-                })?
+                .ok_or_else(|| format!("text {t} belongs to image {i}, but there are {num_images} images"))?
                 .push(t);
         }
-        Ok(GroundTruth {
-            text_image,
-            image_texts,
-        })
+        Ok(GroundTruth { text_image, image_texts })
     }
 
     fn num_images(&self) -> usize {
@@ -191,43 +174,26 @@ impl GroundTruth {
 /// image's top-k selected it (`in_i2t`), else [`UNSELECTED`]; for text t, image i scores the pair's
 /// score if the text's top-k selected it (`in_t2i`), else [`UNSELECTED`]. Ranks against the full
 /// gallery, ties by index. Fails on a pair out of range or a pair listed twice.
-pub fn rerank_ranks(
-    pairs: &[ScoredPair],
-    truth: &GroundTruth,
-) -> std::result::Result<Ranks, String> {
+pub fn rerank_ranks(pairs: &[ScoredPair], truth: &GroundTruth) -> std::result::Result<Ranks, String> {
     let (n_images, n_texts) = (truth.num_images(), truth.num_texts());
-    if let Some(p) = pairs
-        .iter()
-        .find(|p| p.image as usize >= n_images || p.text as usize >= n_texts)
-    {
+    if let Some(p) = pairs.iter().find(|p| p.image as usize >= n_images || p.text as usize >= n_texts) {
         return Err(format!(
             "pair (image {}, text {}) is out of range ({n_images} images, {n_texts} texts)",
             p.image, p.text
         ));
     }
     if let Some(p) = pairs.iter().find(|p| !p.score.is_finite()) {
-        return Err(format!(
-            "pair (image {}, text {}) has score {}",
-            p.image, p.text, p.score
-        ));
+        return Err(format!("pair (image {}, text {}) has score {}", p.image, p.text, p.score));
     }
     // Each direction's selected pairs, grouped by query: (query, candidate, score), sorted.
     let group = |direction: &str,
                  select: fn(&ScoredPair) -> Option<(u32, u32)>|
      -> std::result::Result<Vec<(u32, u32, f32)>, String> {
-        let mut rows: Vec<(u32, u32, f32)> = pairs
-            .iter()
-            .filter_map(|p| select(p).map(|(q, c)| (q, c, p.score)))
-            .collect();
+        let mut rows: Vec<(u32, u32, f32)> =
+            pairs.iter().filter_map(|p| select(p).map(|(q, c)| (q, c, p.score))).collect();
         rows.sort_unstable_by_key(|&(q, c, _)| (q, c));
-        match rows
-            .windows(2)
-            .find(|w| (w[0].0, w[0].1) == (w[1].0, w[1].1))
-        {
-            Some(w) => Err(format!(
-                "{direction} pair (query {}, candidate {}) is listed twice",
-                w[0].0, w[0].1
-            )),
+        match rows.windows(2).find(|w| (w[0].0, w[0].1) == (w[1].0, w[1].1)) {
+            Some(w) => Err(format!("{direction} pair (query {}, candidate {}) is listed twice", w[0].0, w[0].1)),
             None => Ok(rows),
         }
     };
@@ -235,13 +201,8 @@ pub fn rerank_ranks(
     let t2i = group("text-to-image", |p| p.in_t2i.then_some((p.text, p.image)))?;
     let i2t_ranks = query_ranks(&i2t, n_images, n_texts, |i| truth.image_texts[i].clone());
     // Every text has exactly one target (its image), so every text-to-image rank exists.
-    let t2i_ranks = query_ranks(&t2i, n_texts, n_images, |t| {
-        vec![truth.text_image[t] as usize]
-    });
-    Ok(Ranks {
-        i2t: i2t_ranks,
-        t2i: t2i_ranks.into_iter().flatten().collect(),
-    })
+    let t2i_ranks = query_ranks(&t2i, n_texts, n_images, |t| vec![truth.text_image[t] as usize]);
+    Ok(Ranks { i2t: i2t_ranks, t2i: t2i_ranks.into_iter().flatten().collect() })
 }
 
 /// For each of `n_queries` queries, builds its row of `gallery` scores from its selected
@@ -312,19 +273,13 @@ impl Inputs {
         let texts_path = index_dir.path().join("texts.parquet");
         let image_idx = Table::new(&images, &images_path).u32s("image_idx")?.to_vec();
         if image_idx.iter().enumerate().any(|(i, &v)| v as usize != i) {
-            return Err(Error::artifact(
-                &images_path,
-                "image_idx is not 0, 1, 2, ... in row order",
-            ));
+            return Err(Error::artifact(&images_path, "image_idx is not 0, 1, 2, ... in row order"));
         }
         let object_size = Table::new(&images, &images_path).f32s("object_size")?.to_vec();
         let texts = index_dir.read_table("texts")?;
         let text_idx = Table::new(&texts, &texts_path).u32s("text_idx")?.to_vec();
         if text_idx.iter().enumerate().any(|(t, &v)| v as usize != t) {
-            return Err(Error::artifact(
-                &texts_path,
-                "text_idx is not 0, 1, 2, ... in row order",
-            ));
+            return Err(Error::artifact(&texts_path, "text_idx is not 0, 1, 2, ... in row order"));
         }
         let truth = GroundTruth::new(object_size.len(), Table::new(&texts, &texts_path).u32s("image_idx")?.to_vec())
             .map_err(|e| Error::artifact(&texts_path, e))?;
@@ -342,11 +297,7 @@ impl Inputs {
         };
         let small: Vec<bool> = object_size.iter().map(|&s| bin_of(s) == Some(0)).collect();
         counts.small_images = small.iter().filter(|&&s| s).count();
-        counts.small_texts = truth
-            .text_image
-            .iter()
-            .filter(|&&i| small[i as usize])
-            .count();
+        counts.small_texts = truth.text_image.iter().filter(|&&i| small[i as usize]).count();
         let rerank = if config.rerank.enabled {
             let dir = ctx.stage_dir(Stage::Rerank, rerank::fingerprint(config)?);
             let pairs = read_pairs(&dir)?;
@@ -358,58 +309,40 @@ impl Inputs {
         } else {
             None
         };
-        Ok(Inputs {
-            object_size,
-            truth,
-            itc,
-            rerank,
-            counts,
-        })
+        Ok(Inputs { object_size, truth, itc, rerank, counts })
     }
 }
 
 /// The ITC ranks from `sim/i2t_ranks.parquet` and `sim/t2i_ranks.parquet`: one row per query, each
 /// rank within the gallery. Rows for images without captions are ignored.
 fn itc_ranks(sim_dir: &StageDir, truth: &GroundTruth) -> Result<Ranks> {
-    let read =
-        |name: &str, key: &str, n_queries: usize, gallery: usize| -> Result<Vec<Option<usize>>> {
-            let path = sim_dir.path().join(format!("{name}.parquet"));
-            let table = sim_dir.read_table(name)?;
-            let t = Table::new(&table, &path);
-            let (queries, ranks) = (t.u32s(key)?, t.u32s("itc_rank")?);
-            let mut out = vec![None; n_queries];
-            for (&q, &r) in queries.iter().zip(ranks) {
-                let slot = out.get_mut(q as usize).ok_or_else(|| {
-                    Error::artifact(
-                        &path,
-                        format!("{key} {q} is out of range ({n_queries} queries)"),
-                    )
-                })?;
-                if slot.is_some() {
-                    return Err(Error::artifact(&path, format!("{key} {q} has two rows")));
-                }
-                if r as usize >= gallery {
-                    return Err(Error::artifact(
-                        &path,
-                        format!("{key} {q}: itc_rank {r} is not below the gallery size {gallery}"),
-                    ));
-                }
-                *slot = Some(r as usize);
+    let read = |name: &str, key: &str, n_queries: usize, gallery: usize| -> Result<Vec<Option<usize>>> {
+        let path = sim_dir.path().join(format!("{name}.parquet"));
+        let table = sim_dir.read_table(name)?;
+        let t = Table::new(&table, &path);
+        let (queries, ranks) = (t.u32s(key)?, t.u32s("itc_rank")?);
+        let mut out = vec![None; n_queries];
+        for (&q, &r) in queries.iter().zip(ranks) {
+            let slot = out
+                .get_mut(q as usize)
+                .ok_or_else(|| Error::artifact(&path, format!("{key} {q} is out of range ({n_queries} queries)")))?;
+            if slot.is_some() {
+                return Err(Error::artifact(&path, format!("{key} {q} has two rows")));
             }
-            Ok(out)
-        };
-    let missing = |name: &str, q: usize| {
-        Error::artifact(
-            sim_dir.path().join(format!("{name}.parquet")),
-            format!("no row for query {q}"),
-        )
+            if r as usize >= gallery {
+                return Err(Error::artifact(
+                    &path,
+                    format!("{key} {q}: itc_rank {r} is not below the gallery size {gallery}"),
+                ));
+            }
+            *slot = Some(r as usize);
+        }
+        Ok(out)
     };
-    let i2t_all = read(
-        "i2t_ranks",
-        "image_idx",
-        truth.num_images(),
-        truth.num_texts(),
-    )?;
+    let missing = |name: &str, q: usize| {
+        Error::artifact(sim_dir.path().join(format!("{name}.parquet")), format!("no row for query {q}"))
+    };
+    let i2t_all = read("i2t_ranks", "image_idx", truth.num_images(), truth.num_texts())?;
     let mut i2t = Vec::with_capacity(i2t_all.len());
     for (i, rank) in i2t_all.into_iter().enumerate() {
         match (truth.image_texts[i].is_empty(), rank) {
@@ -418,16 +351,11 @@ fn itc_ranks(sim_dir: &StageDir, truth: &GroundTruth) -> Result<Ranks> {
             (false, None) => return Err(missing("i2t_ranks", i)),
         }
     }
-    let t2i = read(
-        "t2i_ranks",
-        "text_idx",
-        truth.num_texts(),
-        truth.num_images(),
-    )?
-    .into_iter()
-    .enumerate()
-    .map(|(t, r)| r.ok_or_else(|| missing("t2i_ranks", t)))
-    .collect::<Result<Vec<usize>>>()?;
+    let t2i = read("t2i_ranks", "text_idx", truth.num_texts(), truth.num_images())?
+        .into_iter()
+        .enumerate()
+        .map(|(t, r)| r.ok_or_else(|| missing("t2i_ranks", t)))
+        .collect::<Result<Vec<usize>>>()?;
     Ok(Ranks { i2t, t2i })
 }
 
@@ -446,16 +374,8 @@ fn read_pairs(dir: &StageDir) -> Result<Vec<ScoredPair>> {
 /// Each direction's selected pairs must be exactly as many as `sim`'s top-k rows of that direction.
 fn check_pair_counts(dir: &StageDir, sim: &Manifest, pairs: &[ScoredPair]) -> Result<()> {
     for (file, selected, flag) in [
-        (
-            "i2t_topk.parquet",
-            pairs.iter().filter(|p| p.in_i2t).count(),
-            "in_i2t",
-        ),
-        (
-            "t2i_topk.parquet",
-            pairs.iter().filter(|p| p.in_t2i).count(),
-            "in_t2i",
-        ),
+        ("i2t_topk.parquet", pairs.iter().filter(|p| p.in_i2t).count(), "in_i2t"),
+        ("t2i_topk.parquet", pairs.iter().filter(|p| p.in_t2i).count(), "in_t2i"),
     ] {
         if let Some(entry) = sim.files.iter().find(|f| f.name == file)
             && entry.rows != selected as u64
@@ -568,20 +488,9 @@ impl Block {
         let image_bin: Vec<Option<usize>> = object_size.iter().map(|&s| bin_of(s)).collect();
         let select = |bin: Option<usize>| -> (Vec<usize>, Vec<usize>) {
             let keep = |i: usize| bin.is_none() || image_bin[i] == bin;
-            let i2t = ranks
-                .i2t
-                .iter()
-                .enumerate()
-                .filter(|&(i, _)| keep(i))
-                .filter_map(|(_, r)| *r)
-                .collect();
-            let t2i = ranks
-                .t2i
-                .iter()
-                .zip(&truth.text_image)
-                .filter(|&(_, &i)| keep(i as usize))
-                .map(|(r, _)| *r)
-                .collect();
+            let i2t = ranks.i2t.iter().enumerate().filter(|&(i, _)| keep(i)).filter_map(|(_, r)| *r).collect();
+            let t2i =
+                ranks.t2i.iter().zip(&truth.text_image).filter(|&(_, &i)| keep(i as usize)).map(|(r, _)| *r).collect();
             (i2t, t2i)
         };
         let summary = |bin: Option<usize>| {
@@ -607,15 +516,7 @@ impl Block {
             })
             .collect();
         let (lo, hi) = display_bounds(0);
-        Block {
-            overall: summary(None),
-            small: SmallBin {
-                lo,
-                hi,
-                summary: summary(Some(0)),
-            },
-            bins,
-        }
+        Block { overall: summary(None), small: SmallBin { lo, hi, summary: summary(Some(0)) }, bins }
     }
 }
 
@@ -769,12 +670,7 @@ fn clip_benchmark(config: &Config, report: &Report) -> ClipBenchmark {
     let s = &block.overall;
     // Percent to fraction, rounded to 10 decimals so 90.04 reads 0.9004, not 0.9004000000000001.
     let frac = |v: Option<f64>| v.map(|v| (v * 1e8).round() / 1e10);
-    let model = config
-        .model
-        .dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let model = config.model.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     ClipBenchmark {
         dataset: config.dataset.name.clone(),
         model,
@@ -805,13 +701,7 @@ fn per_query_batch(inputs: &Inputs) -> std::result::Result<RecordBatch, arrow::e
         query.push(i as u32);
         size.push(inputs.object_size[i]);
         itc.push(*rank as u32);
-        rerank.push(
-            inputs
-                .rerank
-                .as_ref()
-                .and_then(|r| r.i2t[i])
-                .map(|r| r as u32),
-        );
+        rerank.push(inputs.rerank.as_ref().and_then(|r| r.i2t[i]).map(|r| r as u32));
     }
     for (t, rank) in inputs.itc.t2i.iter().enumerate() {
         direction.push("t2i");
@@ -846,25 +736,12 @@ fn write_outputs(
     plain: Option<&serde_json::Value>,
 ) -> Result<Vec<FileEntry>> {
     let per_query = per_query_batch(inputs).map_err(|e| Error::artifact(stage.path(), e))?;
-    let per_query_entry = stage.write_table(
-        "per_query",
-        &per_query.schema(),
-        std::slice::from_ref(&per_query),
-    )?;
+    let per_query_entry = stage.write_table("per_query", &per_query.schema(), std::slice::from_ref(&per_query))?;
     let texts: [(&str, Vec<u8>); 4] = [
         ("metrics.json", pretty_json(stage, &report.metrics)?),
-        (
-            "clip_benchmark.json",
-            pretty_json(stage, &clip_benchmark(config, report))?,
-        ),
-        (
-            "report.md",
-            markdown::render(config, &report.metrics, plain, "recall_by_size.svg").into_bytes(),
-        ),
-        (
-            "recall_by_size.svg",
-            svg::render(&report.metrics).into_bytes(),
-        ),
+        ("clip_benchmark.json", pretty_json(stage, &clip_benchmark(config, report))?),
+        ("report.md", markdown::render(config, &report.metrics, plain, "recall_by_size.svg").into_bytes()),
+        ("recall_by_size.svg", svg::render(&report.metrics).into_bytes()),
     ];
     for (name, bytes) in &texts {
         write_bytes_atomically(&stage.path().join(name), bytes)?;
@@ -876,10 +753,7 @@ fn write_outputs(
             if name == per_query_entry.name {
                 per_query_entry.clone()
             } else {
-                FileEntry {
-                    name: name.to_string(),
-                    rows: 0,
-                }
+                FileEntry { name: name.to_string(), rows: 0 }
             }
         })
         .collect())
@@ -887,8 +761,7 @@ fn write_outputs(
 
 /// Pretty JSON with a trailing newline.
 fn pretty_json(stage: &StageDir, value: &impl Serialize) -> Result<Vec<u8>> {
-    let mut text =
-        serde_json::to_string_pretty(value).map_err(|e| Error::artifact(stage.path(), e))?;
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| Error::artifact(stage.path(), e))?;
     text.push('\n');
     Ok(text.into_bytes())
 }
@@ -903,13 +776,7 @@ mod tests {
     }
 
     fn pair(image: u32, text: u32, score: f32, in_i2t: bool, in_t2i: bool) -> ScoredPair {
-        ScoredPair {
-            image,
-            text,
-            score,
-            in_i2t,
-            in_t2i,
-        }
+        ScoredPair { image, text, score, in_i2t, in_t2i }
     }
 
     /// k = 2 per query in each direction (see `tests/report.rs` for the same case end to end).
@@ -949,14 +816,8 @@ mod tests {
     #[test]
     fn direction_flags_matter() {
         // The same pairs all flagged for both directions give different ranks: text 5 finds image 2 first.
-        let both: Vec<ScoredPair> = pairs()
-            .into_iter()
-            .map(|p| ScoredPair {
-                in_i2t: true,
-                in_t2i: true,
-                ..p
-            })
-            .collect();
+        let both: Vec<ScoredPair> =
+            pairs().into_iter().map(|p| ScoredPair { in_i2t: true, in_t2i: true, ..p }).collect();
         let ranks = rerank_ranks(&both, &truth()).unwrap();
         assert_eq!(ranks.t2i[5], 0);
         assert_ne!(ranks, rerank_ranks(&pairs(), &truth()).unwrap());
@@ -976,17 +837,9 @@ mod tests {
 
     #[test]
     fn bad_pairs_are_refused() {
-        assert!(
-            rerank_ranks(&[pair(3, 0, 1.0, true, true)], &truth())
-                .unwrap_err()
-                .contains("out of range")
-        );
+        assert!(rerank_ranks(&[pair(3, 0, 1.0, true, true)], &truth()).unwrap_err().contains("out of range"));
         let twice = [pair(0, 1, 1.0, true, false), pair(0, 1, 2.0, true, true)];
-        assert!(
-            rerank_ranks(&twice, &truth())
-                .unwrap_err()
-                .contains("twice")
-        );
+        assert!(rerank_ranks(&twice, &truth()).unwrap_err().contains("twice"));
         assert!(GroundTruth::new(1, vec![0, 1]).is_err());
     }
 
@@ -1000,50 +853,26 @@ mod tests {
 
     #[test]
     fn block_bins_images_and_their_captions() {
-        let ranks = Ranks {
-            i2t: vec![Some(1), Some(0), Some(1)],
-            t2i: vec![1, 1, 1, 0, 1, 2],
-        };
+        let ranks = Ranks { i2t: vec![Some(1), Some(0), Some(1)], t2i: vec![1, 1, 1, 0, 1, 2] };
         let block = Block::of(&ranks, &truth(), &[0.05, 0.35, -1.0]);
         let o = &block.overall;
         assert_eq!((o.n_images, o.n_texts), (3, 6));
         assert!((o.txt_r1.unwrap() - 100.0 / 3.0).abs() < 1e-9);
         assert!((o.img_r1.unwrap() - 100.0 / 6.0).abs() < 1e-9);
-        assert_eq!(
-            (o.txt_r5, o.img_r5, o.txt_r10),
-            (Some(100.0), Some(100.0), Some(100.0))
-        );
-        assert!(
-            (o.r_mean.unwrap() - (o.txt_r_mean.unwrap() + o.img_r_mean.unwrap()) / 2.0).abs()
-                < 1e-12
-        );
-        assert_eq!(
-            (o.txt_mdr, o.img_mdr, o.img_mer),
-            (Some(2.0), Some(2.0), Some(2.0))
-        );
+        assert_eq!((o.txt_r5, o.img_r5, o.txt_r10), (Some(100.0), Some(100.0), Some(100.0)));
+        assert!((o.r_mean.unwrap() - (o.txt_r_mean.unwrap() + o.img_r_mean.unwrap()) / 2.0).abs() < 1e-12);
+        assert_eq!((o.txt_mdr, o.img_mdr, o.img_mer), (Some(2.0), Some(2.0), Some(2.0)));
         let small = &block.small.summary;
         assert_eq!(
-            (
-                small.n_images,
-                small.n_texts,
-                small.txt_r1,
-                small.img_r1,
-                small.img_r5
-            ),
+            (small.n_images, small.n_texts, small.txt_r1, small.img_r1, small.img_r5),
             (1, 2, Some(0.0), Some(0.0), Some(100.0))
         );
         assert_eq!(block.bins.len(), NUM_BINS);
         let third = &block.bins[3];
-        assert_eq!(
-            (third.lo, third.hi, third.n_images, third.n_texts),
-            (0.3, 0.4, 1, 2)
-        );
+        assert_eq!((third.lo, third.hi, third.n_images, third.n_texts), (0.3, 0.4, 1, 2));
         assert_eq!((third.txt_r1, third.img_r1), (Some(100.0), Some(50.0)));
         let empty = &block.bins[5];
-        assert_eq!(
-            (empty.n_images, empty.txt_r1, empty.img_r10),
-            (0, None, None)
-        );
+        assert_eq!((empty.n_images, empty.txt_r1, empty.img_r10), (0, None, None));
         // Image 2 (size -1) is in no bin.
         assert_eq!(block.bins.iter().map(|b| b.n_images).sum::<usize>(), 2);
     }

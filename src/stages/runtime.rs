@@ -10,11 +10,11 @@ use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 
 use super::Context;
 use super::index::IndexTables;
-use crate::data::image::preprocess_batch;
-use crate::qpert::{BatchBoxes, PatchGrid, query_perturbation};
 use crate::config::{Config, Precision};
+use crate::data::image::preprocess_batch;
 use crate::error::{Error, Result};
 use crate::model::Blip2Model;
+use crate::qpert::{BatchBoxes, PatchGrid, query_perturbation};
 use crate::store::Fingerprint;
 use crate::timing::TimeCounter;
 
@@ -46,7 +46,8 @@ pub fn with_model(fp: Fingerprint, config: &Config) -> Result<Fingerprint> {
 }
 
 fn safetensors_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
-    let entries = std::fs::read_dir(dir).map_err(|e| Error::weights(dir, format!("cannot read the model folder: {e}")))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| Error::weights(dir, format!("cannot read the model folder: {e}")))?;
     let mut files: Vec<_> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
@@ -129,7 +130,12 @@ pub fn batch_boxes(index: &IndexTables, images: &[usize], grid: PatchGrid) -> Ba
 
 /// Pi for a batch's Z when Q-Pert is enabled and some image has a box; `None` leaves the batch
 /// unperturbed. Shapes: z [b,t,dv] -> Pi [b, layers, h, d, d].
-pub fn perturbation(model: &Blip2Model, z: &Tensor<3>, boxes: &BatchBoxes, config: &Config) -> Result<Option<Tensor<5>>> {
+pub fn perturbation(
+    model: &Blip2Model,
+    z: &Tensor<3>,
+    boxes: &BatchBoxes,
+    config: &Config,
+) -> Result<Option<Tensor<5>>> {
     if !config.qpert.enabled || boxes.is_empty() {
         return Ok(None);
     }

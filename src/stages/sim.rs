@@ -128,7 +128,8 @@ pub fn run(ctx: &Context) -> Result<Outcome> {
         .iter()
         .map(|(name, batch)| stage.write_table(name, &batch.schema(), std::slice::from_ref(batch)))
         .collect::<Result<_>>()?;
-    let summary = serde_json::json!({ "images": features.n_images, "texts": features.n_texts, "k": k, "blocks": blocks });
+    let summary =
+        serde_json::json!({ "images": features.n_images, "texts": features.n_texts, "k": k, "blocks": blocks });
     stage.finish(files, summary, Notes::default())?;
     ctx.reporter.info(&format!(
         "sim: {} x {} ITC scores in {blocks} blocks, top-{k} both ways -> {}",

@@ -29,17 +29,14 @@ impl<'a> Table<'a> {
     }
 
     fn column<T: Array + 'static>(&self, name: &str, kind: &str) -> Result<&'a T> {
-        let column = self
-            .batch
-            .column_by_name(name)
-            .ok_or_else(|| Error::artifact(self.path, format!("no column `{name}`")))?;
+        let column =
+            self.batch.column_by_name(name).ok_or_else(|| Error::artifact(self.path, format!("no column `{name}`")))?;
         if column.null_count() > 0 && kind != "nullable" {
             return Err(Error::artifact(self.path, format!("column `{name}` has nulls")));
         }
-        column
-            .as_any()
-            .downcast_ref::<T>()
-            .ok_or_else(|| Error::artifact(self.path, format!("column `{name}` is {}, expected {kind}", column.data_type())))
+        column.as_any().downcast_ref::<T>().ok_or_else(|| {
+            Error::artifact(self.path, format!("column `{name}` is {}, expected {kind}", column.data_type()))
+        })
     }
 
     /// A non-null uint32 column.
@@ -80,7 +77,10 @@ impl<'a> Table<'a> {
     fn list_rows<T: ArrowPrimitiveType>(&self, name: &str, width: usize) -> Result<&'a [T::Native]> {
         let list = self.fixed_list(name, width)?;
         let values = list.values().as_any().downcast_ref::<PrimitiveArray<T>>().ok_or_else(|| {
-            Error::artifact(self.path, format!("column `{name}` holds {}, expected {}", list.value_type(), T::DATA_TYPE))
+            Error::artifact(
+                self.path,
+                format!("column `{name}` holds {}, expected {}", list.value_type(), T::DATA_TYPE),
+            )
         })?;
         Ok(&values.values()[list.offset() * width..(list.offset() + list.len()) * width])
     }
@@ -118,7 +118,10 @@ pub fn record_batch_with_metadata(
     metadata: HashMap<String, String>,
 ) -> std::result::Result<RecordBatch, ArrowError> {
     let fields: Vec<Field> = columns.iter().map(|(n, c)| Field::new(*n, c.data_type().clone(), false)).collect();
-    RecordBatch::try_new(Arc::new(Schema::new_with_metadata(fields, metadata)), columns.into_iter().map(|(_, c)| c).collect())
+    RecordBatch::try_new(
+        Arc::new(Schema::new_with_metadata(fields, metadata)),
+        columns.into_iter().map(|(_, c)| c).collect(),
+    )
 }
 
 /// A FixedSizeList<item, width> column over row-major `values`.

@@ -120,7 +120,8 @@ fn staleness(owner: Option<&LockOwner>, age: Duration, me: &LockOwner) -> Option
             Some(_) => None,
         };
     }
-    (age > limit).then(|| format!("no heartbeat for {}s (limit {}s, {STALE_AFTER_VAR})", age.as_secs(), limit.as_secs()))
+    (age > limit)
+        .then(|| format!("no heartbeat for {}s (limit {}s, {STALE_AFTER_VAR})", age.as_secs(), limit.as_secs()))
 }
 
 /// How long a heartbeat may be silent before a lock from another machine is stale: `QPERT_LOCK_STALE_SECS`

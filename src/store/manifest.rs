@@ -237,10 +237,7 @@ mod tests {
     fn changes_are_listed_by_key() {
         let old = Fingerprint::new("index").with("dataset.box_origin", 1).with("gone", "x");
         let new = Fingerprint::new("index").with("dataset.box_origin", 0).with("fresh", "y");
-        assert_eq!(
-            new.changes_since(&old),
-            vec!["dataset.box_origin: 1 -> 0", "fresh: added", "gone: removed"]
-        );
+        assert_eq!(new.changes_since(&old), vec!["dataset.box_origin: 1 -> 0", "fresh: added", "gone: removed"]);
     }
 
     #[test]

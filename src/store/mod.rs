@@ -178,7 +178,9 @@ impl StageDir {
         if let StageState::Stale(_) = self.state()? {
             // Several workers starting at once may race here: the file being gone already is fine.
             match fs::remove_file(self.manifest_path()) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::artifact(self.manifest_path(), e)),
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::artifact(self.manifest_path(), e));
+                }
                 _ => {}
             }
         }
@@ -263,14 +265,16 @@ impl StageDir {
         let count = match count {
             Some(count) => count,
             None => {
-                let complete = |n: u32| (1..=n).all(|i| parts.iter().any(|p| p.fresh && (p.shard.index(), p.shard.count()) == (i, n)));
+                let complete = |n: u32| {
+                    (1..=n).all(|i| parts.iter().any(|p| p.fresh && (p.shard.index(), p.shard.count()) == (i, n)))
+                };
                 let mut counts: Vec<u32> = parts.iter().map(|p| p.shard.count()).collect();
                 counts.sort_unstable();
                 counts.dedup();
                 let complete_count = counts.iter().rev().copied().find(|&n| complete(n));
-                complete_count.or(counts.last().copied()).ok_or_else(|| {
-                    Error::artifact(&self.dir, "no parts to finalize; run the stage's shards first")
-                })?
+                complete_count
+                    .or(counts.last().copied())
+                    .ok_or_else(|| Error::artifact(&self.dir, "no parts to finalize; run the stage's shards first"))?
             }
         };
         let missing: Vec<String> = Shard::all_of(count)?
@@ -330,7 +334,9 @@ impl StageDir {
         let mut locks = Vec::new();
         for entry in entries.filter_map(|e| e.ok()) {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(shard) = name.strip_suffix(".lock").and_then(|n| Shard::from_part_file_name(&format!("{n}.parquet"))) else {
+            let Some(shard) =
+                name.strip_suffix(".lock").and_then(|n| Shard::from_part_file_name(&format!("{n}.parquet")))
+            else {
                 continue;
             };
             if let Some(state) = LockState::read(&entry.path())? {
@@ -368,10 +374,9 @@ impl StageDir {
         let stage = &self.stage;
         match self.state()? {
             StageState::Done(manifest) => Ok(manifest),
-            StageState::Stale(changes) => Err(Error::artifact(
-                &self.dir,
-                format!("stale ({}); rerun `qpert stage {stage}`", changes.join("; ")),
-            )),
+            StageState::Stale(changes) => {
+                Err(Error::artifact(&self.dir, format!("stale ({}); rerun `qpert stage {stage}`", changes.join("; "))))
+            }
             StageState::Partial(_) | StageState::Missing => {
                 Err(Error::artifact(&self.dir, format!("incomplete; run `qpert stage {stage}`")))
             }

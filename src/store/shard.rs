@@ -108,7 +108,8 @@ mod tests {
     #[test]
     fn batch_ranges_cover_everything_in_whole_batches() {
         for count in 1..6 {
-            let ranges: Vec<Range<usize>> = (1..=count).map(|i| Shard::new(i, count).unwrap().batch_range(23, 4)).collect();
+            let ranges: Vec<Range<usize>> =
+                (1..=count).map(|i| Shard::new(i, count).unwrap().batch_range(23, 4)).collect();
             assert_eq!(ranges.first().unwrap().start, 0);
             assert_eq!(ranges.last().unwrap().end, 23);
             for w in ranges.windows(2) {

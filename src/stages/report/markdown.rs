@@ -60,12 +60,7 @@ fn published(dataset: &str) -> Vec<&'static Published> {
 pub fn render(config: &Config, m: &MetricsFile, plain: Option<&serde_json::Value>, plot_file: &str) -> String {
     let mut out = String::new();
     let c = &m.counts;
-    let model = config
-        .model
-        .dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let model = config.model.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let qpert = match &m.qpert.settings {
         Some(q) => format!(
             "on: alpha {}, npc {}, weight {}, projector {}",
@@ -173,22 +168,15 @@ fn direction_table(out: &mut String, title: &str, m: &MetricsFile, pubs: &[&Publ
             }
             for p in pubs {
                 let (all, small_pub) = dir.published(p);
-                let v = if small {
-                    small_pub.map_or("-", |v| v[k])
-                } else {
-                    all[k]
-                };
+                let v = if small { small_pub.map_or("-", |v| v[k]) } else { all[k] };
                 let _ = write!(row, " {v} |");
             }
             let _ = writeln!(out, "{row}");
         }
     }
     let (_, head) = blocks[blocks.len() - 1];
-    let _ = writeln!(
-        out,
-        "\nsmall: {} images, {} captions.\n",
-        head.small.summary.n_images, head.small.summary.n_texts
-    );
+    let _ =
+        writeln!(out, "\nsmall: {} images, {} captions.\n", head.small.summary.n_images, head.small.summary.n_texts);
 }
 
 /// Reads one statistic of a summary.
@@ -231,10 +219,8 @@ fn rank_table(out: &mut String, m: &MetricsFile) {
 /// The ten bins of one scoring: counts and R@1/5/10 in both directions.
 fn bin_table(out: &mut String, label: &str, block: &Block) {
     let _ = writeln!(out, "### {label}, by object size\n");
-    let _ = writeln!(
-        out,
-        "| object size | images | captions | image to text R@1 / 5 / 10 | text to image R@1 / 5 / 10 |"
-    );
+    let _ =
+        writeln!(out, "| object size | images | captions | image to text R@1 / 5 / 10 | text to image R@1 / 5 / 10 |");
     let _ = writeln!(out, "|---|---:|---:|---:|---:|");
     for b in &block.bins {
         let triple = |v: [Option<f64>; 3]| match v {
@@ -255,8 +241,6 @@ fn bin_table(out: &mut String, label: &str, block: &Block) {
     out.push('\n');
 }
 
-
-
 /// Q-Pert against the plain BLIP-2 run of the same cache (`<stage>-plain/`): R@1/5/10 overall and
 /// small, both directions, per scoring, with the difference in points.
 fn comparison_table(out: &mut String, m: &MetricsFile, plain: &serde_json::Value) {
@@ -270,7 +254,10 @@ fn comparison_table(out: &mut String, m: &MetricsFile, plain: &serde_json::Value
         for (small, prefix) in [(false, ""), (true, "small ")] {
             let ours = if small { &block.small.summary } else { &block.overall };
             let theirs = if small { &plain[key]["small"] } else { &plain[key] };
-            for (dir, name, recalls) in [(Dir::T2i, "text to image", ["img_r1", "img_r5", "img_r10"]), (Dir::I2t, "image to text", ["txt_r1", "txt_r5", "txt_r10"])] {
+            for (dir, name, recalls) in [
+                (Dir::T2i, "text to image", ["img_r1", "img_r5", "img_r10"]),
+                (Dir::I2t, "image to text", ["txt_r1", "txt_r5", "txt_r10"]),
+            ] {
                 for (k, field) in recalls.iter().enumerate() {
                     let q = dir.recalls(ours)[k];
                     let p = theirs[field].as_f64();
@@ -294,10 +281,7 @@ mod tests {
     #[test]
     fn published_numbers_by_dataset_name() {
         let labels = |name: &str| published(name).iter().map(|p| p.note).collect::<Vec<_>>();
-        assert_eq!(
-            labels("Flickr30K-test"),
-            [QPERT_FLICKR.note, BLIP2_FLICKR.note]
-        );
+        assert_eq!(labels("Flickr30K-test"), [QPERT_FLICKR.note, BLIP2_FLICKR.note]);
         assert_eq!(labels("coco-karpathy-5k"), [BLIP2_COCO.note]);
         assert!(labels("flickr-mini").is_empty());
         assert!(labels("my-coco").is_empty());

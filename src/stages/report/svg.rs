@@ -31,17 +31,9 @@ impl Series<'_> {
     /// The series' marker centred at (x, y), with a hover title.
     fn marker(&self, x: f64, y: f64, title: &str) -> String {
         let shape = if self.square {
-            format!(
-                r#"<rect x="{:.1}" y="{:.1}" width="9" height="9" fill="{}""#,
-                x - 4.5,
-                y - 4.5,
-                self.colour
-            )
+            format!(r#"<rect x="{:.1}" y="{:.1}" width="9" height="9" fill="{}""#, x - 4.5, y - 4.5, self.colour)
         } else {
-            format!(
-                r#"<circle cx="{x:.1}" cy="{y:.1}" r="5" fill="{}""#,
-                self.colour
-            )
+            format!(r#"<circle cx="{x:.1}" cy="{y:.1}" r="5" fill="{}""#, self.colour)
         };
         format!(
             "{shape} stroke=\"white\" stroke-width=\"1\"><title>{}</title></{}>",
@@ -65,19 +57,9 @@ fn y_floor(series: &[Series]) -> f64 {
 
 /// The plot, as a standalone SVG document.
 pub fn render(m: &MetricsFile) -> String {
-    let mut series = vec![Series {
-        label: "ITC",
-        colour: COLOURS[0],
-        square: false,
-        block: &m.itc,
-    }];
+    let mut series = vec![Series { label: "ITC", colour: COLOURS[0], square: false, block: &m.itc }];
     if let Some(b) = &m.rerank {
-        series.push(Series {
-            label: "ITC + ITM re-rank",
-            colour: COLOURS[1],
-            square: true,
-            block: b,
-        });
+        series.push(Series { label: "ITC + ITM re-rank", colour: COLOURS[1], square: true, block: b });
     }
     let floor = y_floor(&series);
     let mut s = String::new();
@@ -102,34 +84,12 @@ pub fn render(m: &MetricsFile) -> String {
         WIDTH / 2.0
     );
     legend(&mut s, &series);
-    panel(
-        &mut s,
-        PANEL_LEFT[0],
-        floor,
-        "Image to text (image queries)",
-        "images",
-        &series,
-        |b| {
-            (
-                b.bins.iter().map(|x| (x.txt_r1, x.n_images)).collect(),
-                b.overall.txt_r1,
-            )
-        },
-    );
-    panel(
-        &mut s,
-        PANEL_LEFT[1],
-        floor,
-        "Text to image (caption queries)",
-        "captions",
-        &series,
-        |b| {
-            (
-                b.bins.iter().map(|x| (x.img_r1, x.n_texts)).collect(),
-                b.overall.img_r1,
-            )
-        },
-    );
+    panel(&mut s, PANEL_LEFT[0], floor, "Image to text (image queries)", "images", &series, |b| {
+        (b.bins.iter().map(|x| (x.txt_r1, x.n_images)).collect(), b.overall.txt_r1)
+    });
+    panel(&mut s, PANEL_LEFT[1], floor, "Text to image (caption queries)", "captions", &series, |b| {
+        (b.bins.iter().map(|x| (x.img_r1, x.n_texts)).collect(), b.overall.img_r1)
+    });
     s.push_str("</svg>\n");
     s
 }
@@ -148,12 +108,7 @@ fn legend(s: &mut String, series: &[Series]) {
         );
         s.push_str(&item.marker(x + 14.0, y - 4.0, item.label));
         s.push('\n');
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{y}" font-size="13">{}</text>"#,
-            x + 34.0,
-            escape(item.label)
-        );
+        let _ = writeln!(s, r#"<text x="{}" y="{y}" font-size="13">{}</text>"#, x + 34.0, escape(item.label));
         x += 34.0 + 7.5 * item.label.len() as f64 + 24.0;
     }
     let _ = writeln!(
@@ -163,11 +118,7 @@ fn legend(s: &mut String, series: &[Series]) {
         x + 28.0,
         y - 4.0
     );
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="{y}" font-size="13">overall R@1 (all queries)</text>"#,
-        x + 34.0
-    );
+    let _ = writeln!(s, r#"<text x="{}" y="{y}" font-size="13">overall R@1 (all queries)</text>"#, x + 34.0);
 }
 
 /// One direction's panel at `left`: axes, grid, a line with markers per series (broken at empty
@@ -197,16 +148,9 @@ fn panel(
     let step = if 100.0 - floor > 50.0 { 20 } else { 10 };
     for tick in (floor as i32..=100).step_by(step) {
         let y = y_of(tick as f64);
-        let colour = if tick as f64 == floor {
-            "#333"
-        } else {
-            "#e3e3e3"
-        };
-        let _ = writeln!(
-            s,
-            r#"<line x1="{left}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="{colour}"/>"#,
-            left + PANEL_WIDTH
-        );
+        let colour = if tick as f64 == floor { "#333" } else { "#e3e3e3" };
+        let _ =
+            writeln!(s, r#"<line x1="{left}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="{colour}"/>"#, left + PANEL_WIDTH);
         let _ = writeln!(
             s,
             r#"<text x="{}" y="{:.1}" font-size="11" text-anchor="end">{tick}</text>"#,
@@ -214,11 +158,7 @@ fn panel(
             y + 4.0
         );
     }
-    let axis = if floor > 0.0 {
-        format!("R@1 (%), axis from {floor}")
-    } else {
-        "R@1 (%)".to_string()
-    };
+    let axis = if floor > 0.0 { format!("R@1 (%), axis from {floor}") } else { "R@1 (%)".to_string() };
     let mid = PANEL_TOP + PANEL_HEIGHT / 2.0;
     let _ = writeln!(
         s,
@@ -242,19 +182,12 @@ fn panel(
     for item in series {
         let values = bins(item.block);
         // Polylines over runs of non-empty bins.
-        for run in values
-            .iter()
-            .enumerate()
-            .collect::<Vec<_>>()
-            .split(|(_, (v, _))| v.is_none())
-        {
+        for run in values.iter().enumerate().collect::<Vec<_>>().split(|(_, (v, _))| v.is_none()) {
             if run.len() < 2 {
                 continue;
             }
-            let points: Vec<String> = run
-                .iter()
-                .map(|(k, (v, _))| format!("{:.1},{:.1}", centre(*k), y_of(v.unwrap_or(floor))))
-                .collect();
+            let points: Vec<String> =
+                run.iter().map(|(k, (v, _))| format!("{:.1},{:.1}", centre(*k), y_of(v.unwrap_or(floor)))).collect();
             let _ = writeln!(
                 s,
                 r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2.5" stroke-linejoin="round"/>"#,
@@ -288,21 +221,14 @@ fn panel(
     }
     for k in 0..=NUM_BINS {
         let x = left + k as f64 * group;
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x:.1}" y1="{bottom}" x2="{x:.1}" y2="{}" stroke="#333"/>"##,
-            bottom + 4.0
-        );
+        let _ = writeln!(s, r##"<line x1="{x:.1}" y1="{bottom}" x2="{x:.1}" y2="{}" stroke="#333"/>"##, bottom + 4.0);
         let label = match k {
             0 => "0".to_string(),
             NUM_BINS => "1".to_string(),
             _ => format!(".{k}"),
         };
-        let _ = writeln!(
-            s,
-            r#"<text x="{x:.1}" y="{}" font-size="11" text-anchor="middle">{label}</text>"#,
-            bottom + 17.0
-        );
+        let _ =
+            writeln!(s, r#"<text x="{x:.1}" y="{}" font-size="11" text-anchor="middle">{label}</text>"#, bottom + 17.0);
     }
     let _ = writeln!(
         s,
@@ -320,10 +246,7 @@ fn panel(
 
 /// Escapes text for SVG.
 fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 #[cfg(test)]
@@ -339,12 +262,7 @@ mod tests {
     #[test]
     fn the_y_floor_is_a_multiple_of_ten_below_every_value() {
         let high = block(vec![Some(0); 3], vec![0; 6]);
-        let s = |b| Series {
-            label: "x",
-            colour: "red",
-            square: false,
-            block: b,
-        };
+        let s = |b| Series { label: "x", colour: "red", square: false, block: b };
         assert_eq!(y_floor(&[s(&high)]), 90.0);
         let low = block(vec![Some(0); 3], vec![0, 9, 0, 0, 0, 0]);
         // Bin 0's caption R@1 is 50: the floor is 40, shared by both series.
