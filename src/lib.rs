@@ -15,12 +15,12 @@
 //! report   ranks, R@K, size bins -> metrics.json, report.md                        (metrics)
 //! ```
 //!
-//! Module map: [`cli`] parses and resolves the command line; [`stages`] runs one stage;
-//! [`model`] is BLIP-2 in burn (one code path for CPU and CUDA); [`qpert`] builds the box weights,
-//! key subspaces and query perturbation; [`config`] is the strict TOML config; [`data`] reads datasets, images and captions; [`store`]
-//! writes and validates artifacts; [`metrics`] computes ranks and recalls; [`error`] is the one
-//! error type; [`bench`] times the real stages on synthetic data (`qpert bench`), reading the
-//! [`timing`] counters.
+//! Module map: [`cli`] parses and resolves the command line; [`config`] is the strict TOML config;
+//! [`stages`] runs one stage; [`model`] is BLIP-2 in burn (one code path for CPU and CUDA);
+//! [`qpert`] builds the box weights, key subspaces and query perturbation; [`data`] reads datasets,
+//! images and captions; [`store`] writes and validates artifacts; [`metrics`] computes ranks and
+//! recalls; [`error`] is the one error type; [`bench`] times the real stages on synthetic data
+//! (`qpert bench`), reading the [`timing`] counters.
 
 pub mod bench;
 pub mod cli;
