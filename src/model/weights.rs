@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use memmap2::Mmap;
+#[cfg(unix)]
+use memmap2::UncheckedAdvice;
 use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, Metadata, TensorView};
 
@@ -177,6 +179,11 @@ impl Checkpoint {
         let bytes = file.mmap.get(start..end).ok_or_else(|| bad("data lies outside the file".into()))?;
         let values = to_f32(info.dtype, bytes)
             .ok_or_else(|| bad(format!("dtype {:?} is not a float type (f32, f16, bf16, f64)", info.dtype)))?;
+        // The converted copy is all we keep: let the kernel drop the mapped pages now, so that peak
+        // memory while loading stays near one copy of the weights instead of two.
+        // SAFETY: the map is read-only and shared; dropped pages are re-read from the file if touched.
+        #[cfg(unix)]
+        let _ = unsafe { file.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
         if values.len() != info.shape.iter().product::<usize>() {
             return Err(bad(format!("{} values for shape {:?}", values.len(), info.shape)));
         }
