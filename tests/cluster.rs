@@ -169,7 +169,7 @@ fn two_processes_racing_for_one_shard_never_both_compute_it() {
         for out in &outs {
             match out.status.code() {
                 Some(0) => {}
-                Some(1) => assert!(stderr(out).contains("is being computed by host"), "{}", stderr(out)),
+                Some(1) => assert!(stderr(out).contains("is being computed by"), "{}", stderr(out)), // by host ..., or by an owner still writing its lock
                 code => panic!("exit {code:?}: {}", stderr(out)),
             }
         }
