@@ -105,12 +105,12 @@ pub fn shard_from_env(shards: Option<u32>, lookup: impl Fn(&str) -> Option<Strin
         }
     };
     let shard = shard.map_err(|e| Error::Usage(format!("--shard auto: {e} (from {})", describe_env(&lookup))))?;
-    if let (Some(n), Some(max)) = (shards, var("SLURM_ARRAY_TASK_MAX")?) {
-        if max > n {
-            return Err(Error::Usage(format!(
-                "--shard auto: the array runs up to SLURM_ARRAY_TASK_MAX={max}, more than --shards {n}"
-            )));
-        }
+    if let (Some(n), Some(max)) = (shards, var("SLURM_ARRAY_TASK_MAX")?)
+        && max > n
+    {
+        return Err(Error::Usage(format!(
+            "--shard auto: the array runs up to SLURM_ARRAY_TASK_MAX={max}, more than --shards {n}"
+        )));
     }
     Ok(shard)
 }

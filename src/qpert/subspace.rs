@@ -147,19 +147,21 @@ impl KeySubspace {
         }
     }
 
-    /// The d x d projector (row-major, f32) onto the first `m` components, in the given variant.
+    /// The d x d projector (row-major, f32) onto the first `m` components, in the given variant:
+    /// one small matrix product (`principal` V_m V_m^T of V's first m columns, `official` A^T A of
+    /// its first m rows), mirrored from the upper triangle so that it is exactly symmetric.
     pub fn projector(&self, kind: ProjectorKind, m: usize) -> Vec<f32> {
         let d = self.dim;
-        let v = |i: usize, j: usize| self.eigenvectors[j * d + i];
+        let v = faer::MatRef::from_column_major_slice(&self.eigenvectors, d, d);
+        let product = match kind {
+            ProjectorKind::Principal => v.get(.., ..m) * v.get(.., ..m).transpose(),
+            ProjectorKind::Official => v.get(..m, ..).transpose() * v.get(..m, ..),
+        };
         let mut p = vec![0f32; d * d];
         for a in 0..d {
             for b in a..d {
-                let value: f64 = match kind {
-                    ProjectorKind::Principal => (0..m).map(|j| v(a, j) * v(b, j)).sum(),
-                    ProjectorKind::Official => (0..m).map(|i| v(i, a) * v(i, b)).sum(),
-                };
-                p[a * d + b] = value as f32;
-                p[b * d + a] = value as f32;
+                p[a * d + b] = product[(a, b)] as f32;
+                p[b * d + a] = product[(a, b)] as f32;
             }
         }
         p

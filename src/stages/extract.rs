@@ -56,19 +56,13 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
     };
     let index = IndexTables::read(&ctx.config)?;
     let (model, device) = runtime::load_model(ctx)?;
-    let grid = runtime::patch_grid(&model);
     let range = shard.batch_range(index.images.len(), ctx.config.model.image_batch);
     let bar = ctx.reporter.bar(range.len() as u64, &format!("extract {shard}"));
     let mut features = ImageFeatures::default();
-    let batch_size = ctx.config.model.image_batch;
-    runtime::for_each_image_batch(&index, range, batch_size, grid.image_size, &device, |images, pixel_values| {
-        let boxes = runtime::batch_boxes(&index, images, grid);
-        let z = model.vision_tokens(pixel_values)?;
-        let perturbation = runtime::perturbation(&model, &z, &boxes, &ctx.config)?;
-        let perturbed: Vec<bool> =
-            (0..images.len()).map(|slot| perturbation.is_some() && boxes.image.contains(&slot)).collect();
-        features.push(images, &perturbed, runtime::host(model.image_features(z, perturbation)?));
-        bar.inc(images.len() as u64);
+    runtime::for_each_vision_batch(&index, range, &model, &ctx.config, &device, |batch| {
+        let embeds = runtime::host(model.image_features(batch.z, batch.perturbation)?);
+        features.push(&batch.images, &batch.perturbed, embeds);
+        bar.inc(batch.images.len() as u64);
         Ok(())
     })?;
     bar.finish_and_clear();

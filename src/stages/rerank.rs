@@ -65,55 +65,45 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
     let candidates = read_candidates(ctx, index.images.len())?;
     let (ids, mask) = read_tokens(ctx, index.texts.len())?;
     let (model, device) = runtime::load_model(ctx)?;
-    let grid = runtime::patch_grid(&model);
     let range = shard.batch_range(index.images.len(), ctx.config.model.image_batch);
     let pairs_in_shard: usize = candidates[range.clone()].iter().map(BTreeMap::len).sum();
     let bar = ctx.reporter.bar(pairs_in_shard as u64, &format!("rerank {shard}"));
     let pair_batch = ctx.config.model.pair_batch;
     let mut out = ScoredPairs::default();
-    runtime::for_each_image_batch(
-        &index,
-        range,
-        ctx.config.model.image_batch,
-        grid.image_size,
-        &device,
-        |images, pixel_values| {
-            let boxes = runtime::batch_boxes(&index, images, grid);
-            let z = model.vision_tokens(pixel_values)?;
-            let perturbation = runtime::perturbation(&model, &z, &boxes, &ctx.config)?;
-            // (slot in the batch, image, text, candidate) in image then text order.
-            let pairs: Vec<(usize, usize, u32, Candidate)> = images
-                .iter()
-                .enumerate()
-                .flat_map(|(slot, &image)| candidates[image].iter().map(move |(&text, &c)| (slot, image, text, c)))
-                .collect();
-            for chunk in pairs.chunks(pair_batch) {
-                let p = chunk.len();
-                let token_rows = |all: &[i32]| -> Vec<i64> {
-                    chunk
-                        .iter()
-                        .flat_map(|&(_, _, t, _)| all[t as usize * MAX_LEN..][..MAX_LEN].iter().map(|&v| v as i64))
-                        .collect()
-                };
-                let pair_image = ints(chunk.iter().map(|&(slot, ..)| slot as i64).collect(), [p], &device);
-                let logits = ITM_TIME.time(|| -> Result<Vec<f32>> {
-                    let logits = model.itm_logits(
-                        z.clone(),
-                        pair_image,
-                        ints(token_rows(&ids), [p, MAX_LEN], &device),
-                        ints(token_rows(&mask), [p, MAX_LEN], &device),
-                        perturbation.clone(),
-                    )?;
-                    Ok(runtime::host(logits))
-                })?;
-                for (&(_, image, text, c), itm) in chunk.iter().zip(logits) {
-                    out.push(image as u32, text, c, itm);
-                }
-                bar.inc(p as u64);
+    runtime::for_each_vision_batch(&index, range, &model, &ctx.config, &device, |batch| {
+        // (slot in the batch, image, text, candidate) in image then text order.
+        let pairs: Vec<(usize, usize, u32, Candidate)> = batch
+            .images
+            .iter()
+            .enumerate()
+            .flat_map(|(slot, &image)| candidates[image].iter().map(move |(&text, &c)| (slot, image, text, c)))
+            .collect();
+        for chunk in pairs.chunks(pair_batch) {
+            let p = chunk.len();
+            let token_rows = |all: &[i32]| -> Vec<i64> {
+                chunk
+                    .iter()
+                    .flat_map(|&(_, _, t, _)| all[t as usize * MAX_LEN..][..MAX_LEN].iter().map(|&v| v as i64))
+                    .collect()
+            };
+            let pair_image = ints(chunk.iter().map(|&(slot, ..)| slot as i64).collect(), [p], &device);
+            let logits = ITM_TIME.time(|| -> Result<Vec<f32>> {
+                let logits = model.itm_logits(
+                    batch.z.clone(),
+                    pair_image,
+                    ints(token_rows(&ids), [p, MAX_LEN], &device),
+                    ints(token_rows(&mask), [p, MAX_LEN], &device),
+                    batch.perturbation.clone(),
+                )?;
+                Ok(runtime::host(logits))
+            })?;
+            for (&(_, image, text, c), itm) in chunk.iter().zip(logits) {
+                out.push(image as u32, text, c, itm);
             }
-            Ok(())
-        },
-    )?;
+            bar.inc(p as u64);
+        }
+        Ok(())
+    })?;
     bar.finish_and_clear();
 
     let rows = out.image_idx.len();

@@ -14,7 +14,7 @@ use crate::config::{Config, Precision};
 use crate::data::image::preprocess_batch;
 use crate::error::{Error, Result};
 use crate::model::Blip2Model;
-use crate::qpert::{BatchBoxes, PatchGrid, query_perturbation};
+use crate::qpert::{BatchBoxes, PatchGrid, PendingPerturbation, start_query_perturbation};
 use crate::store::Fingerprint;
 use crate::timing::TimeCounter;
 
@@ -128,19 +128,53 @@ pub fn batch_boxes(index: &IndexTables, images: &[usize], grid: PatchGrid) -> Ba
     boxes
 }
 
-/// Pi for a batch's Z when Q-Pert is enabled and some image has a box; `None` leaves the batch
-/// unperturbed. Shapes: z [b,t,dv] -> Pi [b, layers, h, d, d].
-pub fn perturbation(
+/// A batch of images through the vision tower, with its Q-Pert perturbation.
+pub struct VisionBatch {
+    /// Split positions of the batch's images.
+    pub images: Vec<usize>,
+    /// Vision tokens [b,t,dv].
+    pub z: Tensor<3>,
+    /// Pi [b, layers, h, d, d]; `None` when Q-Pert is off or no image of the batch has a box.
+    pub perturbation: Option<Tensor<5>>,
+    /// Per image: whether Pi perturbs it (Q-Pert on and the image has a kept box).
+    pub perturbed: Vec<bool>,
+}
+
+/// Runs the vision tower and Q-Pert over the images `range` in batches of `model.image_batch` and
+/// calls `work` for each batch in order. Software-pipelined so that neither side waits: while
+/// batch i's eigendecompositions run on CPU threads, the device computes batch i+1's vision tokens
+/// and then `work` on batch i-1 (whose Pi is ready by then). Images are decoded ahead on other
+/// threads ([`for_each_image_batch`]).
+pub fn for_each_vision_batch(
+    index: &IndexTables,
+    range: Range<usize>,
     model: &Blip2Model,
-    z: &Tensor<3>,
-    boxes: &BatchBoxes,
     config: &Config,
-) -> Result<Option<Tensor<5>>> {
-    if !config.qpert.enabled || boxes.is_empty() {
-        return Ok(None);
-    }
-    let keys = model.cross_attention_keys(z.clone())?;
-    Ok(query_perturbation(&keys, boxes, &config.qpert.settings()))
+    device: &Device,
+    mut work: impl FnMut(VisionBatch) -> Result<()>,
+) -> Result<()> {
+    let grid = patch_grid(model);
+    let settings = config.qpert.settings();
+    let mut in_flight: Option<(VisionBatch, Option<PendingPerturbation>)> = None;
+    let finish = |(mut batch, pending): (VisionBatch, Option<PendingPerturbation>)| {
+        batch.perturbation = pending.map(PendingPerturbation::finish);
+        batch
+    };
+    for_each_image_batch(index, range, config.model.image_batch, grid.image_size, device, |images, pixel_values| {
+        let boxes = batch_boxes(index, images, grid);
+        let z = model.vision_tokens(pixel_values)?;
+        let pending = match config.qpert.enabled && !boxes.is_empty() {
+            true => start_query_perturbation(&model.cross_attention_keys(z.clone())?, &boxes, &settings),
+            false => None,
+        };
+        let perturbed = (0..images.len()).map(|slot| pending.is_some() && boxes.image.contains(&slot)).collect();
+        let batch = VisionBatch { images: images.to_vec(), z, perturbation: None, perturbed };
+        if let Some(previous) = in_flight.replace((batch, pending)) {
+            work(finish(previous))?;
+        }
+        Ok(())
+    })?;
+    in_flight.map_or(Ok(()), |last| work(finish(last)))
 }
 
 /// The vision tower's patch grid.
