@@ -58,4 +58,36 @@ impl Error {
     pub fn artifact(path: impl AsRef<Path>, msg: impl std::fmt::Display) -> Self {
         Error::Artifact { path: path.as_ref().to_path_buf(), msg: msg.to_string() }
     }
+
+    /// Device work that failed, most often because the GPU ran out of memory (the backend reports
+    /// it when the result is read back). Names the config setting `knob` that sizes the work and
+    /// its current value, so the message says which knob to turn.
+    pub fn device_failed(work: &str, reason: impl std::fmt::Display, knob: Option<(&str, usize)>) -> Self {
+        let reason = reason.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        let hint = match knob {
+            Some((name, value)) => {
+                format!("lower {name} (now {value}), e.g. --set {name}={}", (value / 2).max(1))
+            }
+            None => "lower the batch sizes of [model]".to_string(),
+        };
+        Error::Device(format!("{work} failed on the device ({reason}); if it ran out of memory, {hint}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_failure_is_one_line_naming_the_knob() {
+        let reason = "An error happened during execution\nCaused by:\n  failed to reserve 1024 bytes";
+        let e = Error::device_failed("the ITM batch", reason, Some(("model.pair_batch", 256)));
+        assert_eq!(
+            e.to_string(),
+            "device: the ITM batch failed on the device (An error happened during execution Caused by: failed to \
+             reserve 1024 bytes); if it ran out of memory, lower model.pair_batch (now 256), e.g. --set \
+             model.pair_batch=128"
+        );
+        assert_eq!(e.exit_code(), 1);
+    }
 }

@@ -234,7 +234,7 @@ mod with_the_model {
             let [b, q, e] = r.fx.qpert_shape::<3>("image_embeds_principal");
             for (projector, label) in [(ProjectorKind::Principal, "principal"), (ProjectorKind::Official, "official")] {
                 let settings = QpertSettings { projector, ..QpertSettings::published() };
-                let pi = query_perturbation(&r.keys, &r.boxes, &settings).unwrap();
+                let pi = query_perturbation(&r.keys, &r.boxes, &settings).unwrap().expect("a perturbation");
                 let features = host(r.model.image_features(r.z.clone(), Some(pi.clone())).unwrap());
                 let want = r.fx.qpert(&format!("image_embeds_{label}"));
                 let mut compared = 0;
@@ -275,11 +275,12 @@ mod with_the_model {
             let r = run(name);
             let plain = host(r.model.image_features(r.z.clone(), None).unwrap());
             let zero = QpertSettings { alpha: 0.0, ..QpertSettings::published() };
-            let pi = query_perturbation(&r.keys, &r.boxes, &zero).unwrap();
+            let pi = query_perturbation(&r.keys, &r.boxes, &zero).unwrap().expect("a perturbation");
             assert_eq!(host(r.model.image_features(r.z.clone(), Some(pi.clone())).unwrap()), plain, "{name} ITC");
             assert_eq!(r.itm(Some(pi)), r.itm(None), "{name} ITM");
 
-            let pi = query_perturbation(&r.keys, &r.boxes, &QpertSettings::published()).unwrap();
+            let pi =
+                query_perturbation(&r.keys, &r.boxes, &QpertSettings::published()).unwrap().expect("a perturbation");
             let perturbed = host(r.model.image_features(r.z.clone(), Some(pi)).unwrap());
             let [_, q, e] = r.fx.qpert_shape::<3>("image_embeds_principal");
             let without_boxes: Vec<usize> = (0..r.fx.qpert_json["images"].as_array().unwrap().len())
@@ -297,6 +298,6 @@ mod with_the_model {
     #[test]
     fn no_boxes_at_all_means_no_perturbation() {
         let r = run(MODELS[0]);
-        assert!(query_perturbation(&r.keys, &BatchBoxes::default(), &QpertSettings::published()).is_none());
+        assert!(query_perturbation(&r.keys, &BatchBoxes::default(), &QpertSettings::published()).unwrap().is_none());
     }
 }

@@ -33,18 +33,19 @@ pub struct ZCacheTiming {
 pub fn measure(model: &Blip2Model, images: usize, device: &Device, scratch: &std::path::Path) -> Result<ZCacheTiming> {
     let s = model.config().vision_config.image_size;
     let pixels = || Tensor::<4>::zeros([images, 3, s, s], device);
+    let sync = |z: Tensor<3>| z.try_into_data().map_err(|e| Error::device_failed("the Z-cache measurement", e, None));
     // Warm-up (kernel compilation on the GPU), then the measured pass.
-    let _ = model.vision_tokens(pixels())?.into_data();
+    sync(model.vision_tokens(pixels())?)?;
     let start = Instant::now();
     let z = model.vision_tokens(pixels())?;
     let [b, t, dv] = z.dims();
-    let _ = z.clone().into_data();
+    sync(z.clone())?;
     let recompute = start.elapsed().as_secs_f64();
 
     let path = scratch.join("z-cache.arrow");
     let io = |e: &dyn std::fmt::Display| Error::artifact(&path, e.to_string());
     let start = Instant::now();
-    let bytes = z.cast(FloatDType::F16).into_data().bytes.to_vec();
+    let bytes = sync(z.cast(FloatDType::F16))?.bytes.to_vec();
     let row = t * dv * 2;
     let field = Field::new("z", DataType::FixedSizeBinary(row as i32), false);
     let schema = Arc::new(Schema::new(vec![field]));
@@ -63,7 +64,7 @@ pub fn measure(model: &Blip2Model, images: usize, device: &Device, scratch: &std
         read.extend_from_slice(column.value_data());
     }
     let data = TensorData::from_bytes_vec(read, [b, t, dv], burn::tensor::DType::F16);
-    let _ = Tensor::<3>::from_data(data, device).cast(FloatDType::F32).into_data();
+    sync(Tensor::<3>::from_data(data, device).cast(FloatDType::F32))?;
     let store_and_load = start.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&path);
     Ok(ZCacheTiming {

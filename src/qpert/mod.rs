@@ -11,6 +11,7 @@ pub mod subspace;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use crate::error::{Error, Result};
 use crate::timing::TimeCounter;
 
 pub use boxes::{ObjectBox, PatchGrid, patch_weights};
@@ -60,8 +61,12 @@ impl BatchBoxes {
 /// Returns `None` when no image has a box (the model then runs unperturbed).
 ///
 /// Shapes: keys [b,h,t,d] per layer -> Pi [b, layers, h, d, d].
-pub fn query_perturbation(keys: &[Tensor<4>], boxes: &BatchBoxes, settings: &QpertSettings) -> Option<Tensor<5>> {
-    start_query_perturbation(keys, boxes, settings).map(PendingPerturbation::finish)
+pub fn query_perturbation(
+    keys: &[Tensor<4>],
+    boxes: &BatchBoxes,
+    settings: &QpertSettings,
+) -> Result<Option<Tensor<5>>> {
+    Ok(start_query_perturbation(keys, boxes, settings)?.map(PendingPerturbation::finish))
 }
 
 /// [`query_perturbation`] in two halves, so that the caller keeps the device busy while the CPU
@@ -71,9 +76,9 @@ pub fn start_query_perturbation(
     keys: &[Tensor<4>],
     boxes: &BatchBoxes,
     settings: &QpertSettings,
-) -> Option<PendingPerturbation> {
+) -> Result<Option<PendingPerturbation>> {
     if boxes.is_empty() {
-        return None;
+        return Ok(None);
     }
     let [images, heads, tokens, dim] = keys[0].dims();
     let device: Device = keys[0].device();
@@ -82,7 +87,8 @@ pub fn start_query_perturbation(
     let image_index: Vec<i64> = boxes.image.iter().map(|&i| i as i64).collect();
     let image_index = Tensor::<1, Int>::from_data(TensorData::new(image_index, [n]), &device);
     let grams = gram::gram_matrices(keys, weights, image_index);
-    let grams: Vec<f64> = grams.into_data().try_into_vec_as::<f64>().expect("f64 gram matrices");
+    let grams = grams.try_into_data().map_err(|e| Error::device_failed("the Q-Pert Gram matrices", e, None))?;
+    let grams: Vec<f64> = grams.try_into_vec_as::<f64>().expect("f64 gram matrices");
     let layers = keys.len();
     let (box_image, box_area, settings) = (boxes.image.clone(), boxes.area.clone(), *settings);
     let worker = std::thread::spawn(move || {
@@ -90,7 +96,7 @@ pub fn start_query_perturbation(
             perturbation::BoxGrams { grams: &grams, box_image: &box_image, box_area: &box_area, layers, heads, dim };
         perturbation::image_perturbations(&grams, images, &settings)
     });
-    Some(PendingPerturbation { worker, shape: [images, layers, heads, dim, dim], device })
+    Ok(Some(PendingPerturbation { worker, shape: [images, layers, heads, dim, dim], device }))
 }
 
 /// Wall time the caller spent waiting in [`PendingPerturbation::finish`] for eigendecompositions

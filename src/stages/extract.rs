@@ -60,7 +60,8 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
     let bar = ctx.reporter.bar(range.len() as u64, &format!("extract {shard}"));
     let mut features = ImageFeatures::default();
     runtime::for_each_vision_batch(&index, range, &model, &ctx.config, &device, |batch| {
-        let embeds = runtime::host(model.image_features(batch.z, batch.perturbation)?);
+        let knob = Some(("model.image_batch", ctx.config.model.image_batch));
+        let embeds = runtime::host(model.image_features(batch.z, batch.perturbation)?, "an image batch", knob)?;
         features.push(&batch.images, &batch.perturbed, embeds);
         bar.inc(batch.images.len() as u64);
         Ok(())

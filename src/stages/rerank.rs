@@ -95,7 +95,7 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
                     ints(token_rows(&mask), [p, MAX_LEN], &device),
                     batch.perturbation.clone(),
                 )?;
-                Ok(runtime::host(logits))
+                runtime::host(logits, "an ITM batch", Some(("model.pair_batch", pair_batch)))
             })?;
             for (&(_, image, text, c), itm) in chunk.iter().zip(logits) {
                 out.push(image as u32, text, c, itm);

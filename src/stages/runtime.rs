@@ -78,9 +78,11 @@ pub fn ints<const D: usize>(values: Vec<i64>, shape: [usize; D], device: &Device
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
-/// A float tensor's values on the host, row-major.
-pub fn host<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
-    tensor.into_data().try_into_vec_as::<f32>().expect("model outputs are float tensors")
+/// A float tensor's values on the host, row-major. This is where device failures surface: one
+/// becomes an error saying what `work` failed and which config `knob` (name, value) sizes it.
+pub fn host<const D: usize>(tensor: Tensor<D>, work: &str, knob: Option<(&str, usize)>) -> Result<Vec<f32>> {
+    let data = tensor.try_into_data().map_err(|e| Error::device_failed(work, e, knob))?;
+    Ok(data.try_into_vec_as::<f32>().expect("model outputs are float tensors"))
 }
 
 /// Decodes and resizes the images `range` of the split in batches of `batch_size` on the rayon
@@ -164,7 +166,7 @@ pub fn for_each_vision_batch(
         let boxes = batch_boxes(index, images, grid);
         let z = model.vision_tokens(pixel_values)?;
         let pending = match config.qpert.enabled && !boxes.is_empty() {
-            true => start_query_perturbation(&model.cross_attention_keys(z.clone())?, &boxes, &settings),
+            true => start_query_perturbation(&model.cross_attention_keys(z.clone())?, &boxes, &settings)?,
             false => None,
         };
         let perturbed = (0..images.len()).map(|slot| pending.is_some() && boxes.image.contains(&slot)).collect();

@@ -87,7 +87,7 @@ pub fn run(ctx: &Context) -> Result<Outcome> {
             }
         }
         bar.inc(1);
-    });
+    })?;
 
     // Pass 2: for every ground-truth pair, count what outranks it in its row and its column.
     let mut in_row = vec![RankCounter::default(); features.n_texts];
@@ -107,7 +107,7 @@ pub fn run(ctx: &Context) -> Result<Outcome> {
             }
         }
         bar.inc(1);
-    });
+    })?;
     bar.finish_and_clear();
     SCORE_TIME.add(scoring.elapsed());
 
@@ -175,7 +175,7 @@ fn block_count(f: &Features) -> usize {
 
 /// Calls `visit(first_image, first_text, texts_in_block, scores)` for each block in a fixed order
 /// (image blocks outer, text blocks inner); `scores` is row-major [images_in_block, texts_in_block].
-fn for_each_block(f: &Features, mut visit: impl FnMut(usize, usize, usize, &[f32])) {
+fn for_each_block(f: &Features, mut visit: impl FnMut(usize, usize, usize, &[f32])) -> Result<()> {
     let e = f.texts.dims()[1];
     for image0 in (0..f.n_images).step_by(IMAGE_BLOCK) {
         let bi = IMAGE_BLOCK.min(f.n_images - image0);
@@ -184,9 +184,10 @@ fn for_each_block(f: &Features, mut visit: impl FnMut(usize, usize, usize, &[f32
             let bt = TEXT_BLOCK.min(f.n_texts - text0);
             let texts = f.texts.clone().narrow(0, text0, bt).reshape([bt, e]);
             let scores = queries.clone().matmul(texts.transpose()).reshape([bi, f.q, bt]).max_dim(1);
-            visit(image0, text0, bt, &runtime::host(scores));
+            visit(image0, text0, bt, &runtime::host(scores, "an ITC score block", None)?);
         }
     }
+    Ok(())
 }
 
 fn texts_by_image(gt_image: &[usize], n_images: usize) -> Vec<Vec<usize>> {

@@ -48,7 +48,8 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
         let rows = start * MAX_LEN..(start + n) * MAX_LEN;
         let ids = ints(tokens.input_ids[rows.clone()].iter().map(|&v| v as i64).collect(), [n, MAX_LEN], &device);
         let mask = ints(tokens.attention_mask[rows].iter().map(|&v| v as i64).collect(), [n, MAX_LEN], &device);
-        embeddings.extend(runtime::host(model.text_features(ids, mask)?));
+        let knob = Some(("model.text_batch", ctx.config.model.text_batch));
+        embeddings.extend(runtime::host(model.text_features(ids, mask)?, "a text batch", knob)?);
         bar.inc(n as u64);
     }
     bar.finish_and_clear();
