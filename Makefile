@@ -21,12 +21,17 @@ build:
 # (the device run's carry limit is 64 MiB). Then carry target/gpu-bench and run the script there.
 GPU_BENCH_BIN = $(or $(CARGO_TARGET_DIR),target)/release/qpert
 
+# The CUDA parity test binary (tests/parity.rs, run with --ignored) travels the same way.
 gpu-bench:
 	$(CARGO) build --release --features cuda
 	mkdir -p target/gpu-bench
 	strip -o target/gpu-bench/qpert $(GPU_BENCH_BIN)
 	xz -6 -f target/gpu-bench/qpert
-	@ls -l target/gpu-bench/qpert.xz
+	$(CARGO) test --release --features cuda --test parity --no-run 2> target/gpu-bench/parity-build.log
+	strip -o target/gpu-bench/parity "$$(sed -n 's/.*Executable tests\/parity.rs (\(.*\))/\1/p' target/gpu-bench/parity-build.log)"
+	xz -6 -f target/gpu-bench/parity
+	echo "$(CURDIR)" > target/gpu-bench/manifest-dir
+	@ls -l target/gpu-bench/
 	@echo "gpu-bench: carry target/gpu-bench and run: bash scripts/gpu-bench.sh"
 
 # The whole pipeline on the committed mini dataset with a tiny random BLIP-2, on CPU (seconds).

@@ -7,15 +7,20 @@
 #   bash scripts/gpu-bench.sh            (run tool: carry ["target/gpu-bench"], timeout_s 540)
 #
 # It runs, in this order, each under its own time limit so one overrun cannot eat the others:
+#   0. the CUDA parity tests (target/gpu-bench/parity.xz, tests/parity.rs -- --ignored): f32 against
+#      the fixtures at 1e-5, bf16/f16 within their bounds; max errors in parity.txt;
 #   1. the PyTorch reference (scripts/torch_baseline.py, blip2-itm-vit-g-coco with random weights):
 #      the released loop's per-image unit and a batched pipeline, f32 and bf16;
 #   2. `qpert bench` on the same config in $PRECISION (default bf16, the issue's target setting), 64
 #      synthetic images, k = 16, with a warm-up run so JIT compilation + autotuning is measured;
 #   3. the ratio table (qpert against the reference, same GPU, same run).
-# Everything lands in $OUT (default /tmp/gpu-bench): *.txt logs, *.json reports, gpu.txt.
+# Everything lands in $OUT (default /tmp/gpu-bench): *.txt logs, *.json reports, gpu.txt, and
+# cubecl/<gpu>.db: CubeCL's autotune results and compiled kernels for this GPU model. Commit that
+# file to cache/cubecl/ so that the next device run starts warm (tracked files travel with the
+# working tree); the script points CubeCL at cache/cubecl through a cubecl.toml in its run folder.
 # Knobs (environment): IMAGES (64), K (16), PRECISION (bf16 | f16 | f32), CUBECL_AUTOTUNE_LEVEL (minimal: bounds the autotuning
-# time; set balanced for the default search), TORCH_TIMEOUT (150 s), QPERT_TIMEOUT (300 s),
-# PYTHON (python3: the one with PyTorch + transformers).
+# time; set balanced for the default search), PARITY_TIMEOUT (120 s), TORCH_TIMEOUT (150 s),
+# QPERT_TIMEOUT (300 s), PYTHON (python3: the one with PyTorch + transformers).
 # A CPU dry run of the script's logic (any qpert binary in target/gpu-bench/qpert.xz):
 #   DEVICE=cpu MODEL_CONFIG=tiny IMAGES=4 TORCH_ARGS="--tiny --device cpu" bash scripts/gpu-bench.sh
 set -uo pipefail
@@ -27,6 +32,7 @@ PRECISION="${PRECISION:-bf16}"
 DEVICE="${DEVICE:-cuda}"
 MODEL_CONFIG="${MODEL_CONFIG:-coco}"
 TORCH_ARGS="${TORCH_ARGS:-}"
+PARITY_TIMEOUT="${PARITY_TIMEOUT:-120}"
 TORCH_TIMEOUT="${TORCH_TIMEOUT:-150}"
 QPERT_TIMEOUT="${QPERT_TIMEOUT:-300}"
 export CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}"
@@ -67,9 +73,41 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
     || echo "no nvidia-smi" > "$OUT/gpu.txt"
 say "GPU: $(cat "$OUT/gpu.txt")"
 
+# CubeCL reads cubecl.toml from the working directory up: run the binaries from a folder whose
+# cubecl.toml keeps autotune results and compiled kernels in cache/cubecl/<gpu model>.db.
+REPO="$PWD"
+GPU_MODEL="$(head -1 "$OUT/gpu.txt" | cut -d, -f1 | tr 'A-Z' 'a-z' | tr -c 'a-z0-9.\n' '-')"
+RUN_DIR="$(mktemp -d)"
+mkdir -p "$REPO/cache/cubecl"
+cat > "$RUN_DIR/cubecl.toml" <<TOML
+[environment]
+name = "${GPU_MODEL:-gpu}"
+path = { directory = "$REPO/cache/cubecl" }
+
+[compilation]
+cache = true
+TOML
+say "CubeCL environment: $REPO/cache/cubecl/${GPU_MODEL:-gpu}.db ($( [ -f "$REPO/cache/cubecl/${GPU_MODEL:-gpu}.db" ] && echo "carried in, warm" || echo "new, cold" ))"
+cd "$RUN_DIR" || exit 1
+
+say "0 CUDA parity (tests/parity.rs --ignored)"
+if [ -f "$REPO/target/gpu-bench/parity.xz" ]; then
+    xz -dc "$REPO/target/gpu-bench/parity.xz" > "$RUN_DIR/parity" && chmod +x "$RUN_DIR/parity"
+    # The test binary finds tests/fixtures under the repository path it was built in (recorded by
+    # make gpu-bench): link that path to this copy of the repository.
+    built_in="$(cat "$REPO/target/gpu-bench/manifest-dir" 2>/dev/null || true)"
+    if [ -n "$built_in" ] && [ ! -d "$built_in/tests/fixtures" ]; then
+        mkdir -p "$(dirname "$built_in")" && ln -sfn "$REPO" "$built_in"
+    fi
+    timeout "$PARITY_TIMEOUT" "$RUN_DIR/parity" --ignored --nocapture --test-threads 1 2>&1 | tee "$OUT/parity.txt"
+    say "parity exit ${PIPESTATUS[0]}"
+else
+    say "no target/gpu-bench/parity.xz: parity skipped (make gpu-bench builds it)"
+fi
+
 say "1/3 PyTorch reference"
 # shellcheck disable=SC2086 # TORCH_ARGS is a list of options
-timeout "$TORCH_TIMEOUT" "$PY" scripts/torch_baseline.py $TORCH_ARGS --json "$OUT/torch.json" 2>&1 | tee "$OUT/torch.txt"
+timeout "$TORCH_TIMEOUT" "$PY" "$REPO/scripts/torch_baseline.py" $TORCH_ARGS --json "$OUT/torch.json" 2>&1 | tee "$OUT/torch.txt"
 say "torch exit ${PIPESTATUS[0]}"
 
 say "2/3 qpert bench ($MODEL_CONFIG config, $PRECISION, $IMAGES images, k = $K, $DEVICE, warm-up run first)"
@@ -79,9 +117,11 @@ say "qpert exit ${PIPESTATUS[0]}"
 
 say "3/3 ratios"
 if [ -f "$OUT/torch.json" ] && [ -f "$OUT/qpert-bench.json" ]; then
-    "$PY" scripts/torch_baseline.py --ratios-only "$OUT/torch.json" --qpert-json "$OUT/qpert-bench.json" \
+    "$PY" "$REPO/scripts/torch_baseline.py" --ratios-only "$OUT/torch.json" --qpert-json "$OUT/qpert-bench.json" \
         2>&1 | tee "$OUT/ratios.txt"
 else
     say "no ratio table: a report is missing (see torch.txt / qpert-bench.txt)"
 fi
+mkdir -p "$OUT/cubecl" && cp "$REPO"/cache/cubecl/*.db "$OUT/cubecl/" 2>/dev/null \
+    && say "CubeCL cache for the next run: $OUT/cubecl/ ($(du -sh "$OUT/cubecl" | cut -f1)); commit it to cache/cubecl/"
 say "done"

@@ -176,7 +176,7 @@ def ratio_table(torch_report, qpert, out=sys.stdout):
     gpu = f"{max(peaks):.1f} GiB" if peaks else "n/a"
     print(f"targets (bf16, issue 6): Flickr30K <= 60 s, COCO <= 300 s, ViT >= 150 images/s, "
           f"ITM >= 15000 pairs/s, GPU memory <= 40 GB; qpert peak GPU memory {gpu} "
-          f"(qpert ran f32: bf16 is not implemented yet)", file=out)
+          f"(qpert ran {qpert.get('precision', 'f32')})", file=out)
 
 
 def main():

@@ -20,9 +20,8 @@ use serde::Serialize;
 use crate::config::{Config, DatasetConfig, ModelConfig, OutputConfig, Precision, QpertConfig, RerankConfig};
 use crate::error::{Error, Result};
 use crate::model::Blip2Config;
-use crate::qpert::EIGEN_WAIT_TIME;
 use crate::qpert::perturbation::EIGEN_TIME;
-use crate::qpert::{AlphaWeight, Components, ProjectorKind};
+use crate::qpert::{AlphaWeight, Components, EIGEN_WAIT_TIME, ProjectorKind};
 use crate::stages::{self, Context, DeviceChoice, Reporter, Stage, rerank, runtime, sim};
 use synthetic::{SplitShape, SyntheticDataset};
 
@@ -205,6 +204,8 @@ pub struct BenchReport {
     pub model: String,
     /// `cpu` or `cuda`.
     pub device: String,
+    /// The run precision (`model.precision`).
+    pub precision: Precision,
     /// Synthetic images.
     pub images: usize,
     /// Synthetic captions.
@@ -470,8 +471,9 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
     synthetic::write_model(&model_dir, &model, options.seed, &burn_device)?;
     let setup_s = setup.elapsed().as_secs_f64();
     reporter.info(&format!(
-        "bench: model {}, {} images x {} captions, {} boxes per image, k = {}, on {} (setup {setup_s:.1} s)",
+        "bench: model {} in {}, {} images x {} captions, {} boxes per image, k = {}, on {} (setup {setup_s:.1} s)",
         options.model.label(),
+        format!("{:?}", options.precision).to_lowercase(),
         options.images,
         options.captions_per_image,
         options.boxes_per_image,
@@ -511,6 +513,7 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
     let report = BenchReport {
         model: options.model.label(),
         device: ctx.device.name.clone(),
+        precision: options.precision,
         images: options.images,
         texts: sizes.texts as usize,
         boxes_per_image: options.boxes_per_image,
