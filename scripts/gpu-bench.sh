@@ -4,7 +4,7 @@
 # build, stripped, xz-compressed to target/gpu-bench/qpert.xz), then on the device machine, from the
 # repository root:
 #
-#   bash scripts/gpu-bench.sh            (run tool: carry ["target/gpu-bench"], timeout_s 540)
+#   bash scripts/gpu-bench.sh    (run tool: carry ["target/gpu-bench", "cache/cubecl"], timeout_s 540)
 #
 # It runs, in this order, each under its own time limit so one overrun cannot eat the others:
 #   0. the CUDA parity tests (target/gpu-bench/parity.xz, tests/parity.rs -- --ignored): f32 against
@@ -15,10 +15,12 @@
 #      synthetic images, k = 16, with a warm-up run so JIT compilation + autotuning is measured;
 #   3. the ratio table (qpert against the reference, same GPU, same run).
 # Everything lands in $OUT (default /tmp/gpu-bench): *.txt logs, *.json reports, gpu.txt, and
-# cubecl/<gpu>.db: CubeCL's autotune results and compiled kernels for this GPU model. Commit that
-# file to cache/cubecl/ so that the next device run starts warm (tracked files travel with the
-# working tree); the script points CubeCL at cache/cubecl through a cubecl.toml in its run folder.
-# Knobs (environment): IMAGES (64), K (16), PRECISION (bf16 | f16 | f32), CUBECL_AUTOTUNE_LEVEL (minimal: bounds the autotuning
+# cubecl/<gpu>.db: CubeCL's autotune results and compiled kernels for this GPU model. Copy it to
+# cache/cubecl/ here and carry that folder too (run tool: carry ["target/gpu-bench", "cache/cubecl"])
+# so that the next device run starts warm; the script points CubeCL at cache/cubecl through a
+# cubecl.toml in its run folder.
+# Knobs (environment): IMAGES (64), K (16), PRECISION (bf16 | f16 | f32), ATTENTION (fused | explicit:
+# the vision tower's self-attention; a failed fused run is retried explicit), CUBECL_AUTOTUNE_LEVEL (minimal: bounds the autotuning
 # time; set balanced for the default search), PARITY_TIMEOUT (120 s), TORCH_TIMEOUT (150 s),
 # QPERT_TIMEOUT (300 s), PYTHON (python3: the one with PyTorch + transformers).
 # A CPU dry run of the script's logic (any qpert binary in target/gpu-bench/qpert.xz):
@@ -29,6 +31,7 @@ OUT="${OUT:-/tmp/gpu-bench}"
 IMAGES="${IMAGES:-64}"
 K="${K:-16}"
 PRECISION="${PRECISION:-bf16}"
+ATTENTION="${ATTENTION:-fused}"
 DEVICE="${DEVICE:-cuda}"
 MODEL_CONFIG="${MODEL_CONFIG:-coco}"
 TORCH_ARGS="${TORCH_ARGS:-}"
@@ -110,18 +113,24 @@ say "1/3 PyTorch reference"
 timeout "$TORCH_TIMEOUT" "$PY" "$REPO/scripts/torch_baseline.py" $TORCH_ARGS --json "$OUT/torch.json" 2>&1 | tee "$OUT/torch.txt"
 say "torch exit ${PIPESTATUS[0]}"
 
-say "2/3 qpert bench ($MODEL_CONFIG config, $PRECISION, $IMAGES images, k = $K, $DEVICE, warm-up run first)"
-timeout "$QPERT_TIMEOUT" "$BIN" bench --model-config "$MODEL_CONFIG" --device "$DEVICE" --precision "$PRECISION" --images "$IMAGES" --k "$K" \
-    --warmup --json "$OUT/qpert-bench.json" 2>&1 | tee "$OUT/qpert-bench.txt"
-say "qpert exit ${PIPESTATUS[0]}"
+bench() {
+    say "2/3 qpert bench ($MODEL_CONFIG config, $PRECISION, $1 attention, $IMAGES images, k = $K, $DEVICE, warm-up run first)"
+    timeout "$QPERT_TIMEOUT" "$BIN" bench --model-config "$MODEL_CONFIG" --device "$DEVICE" --precision "$PRECISION" \
+        --attention "$1" --images "$IMAGES" --k "$K" --warmup --json "$OUT/qpert-bench.json" 2>&1 | tee "$OUT/qpert-bench-$1.txt"
+    local status=${PIPESTATUS[0]}
+    say "qpert exit $status"
+    return "$status"
+}
+# A fused run that fails fast (not a timeout) is retried with the explicit attention.
+bench "$ATTENTION" || { status=$?; [ "$ATTENTION" = fused ] && [ "$status" -ne 124 ] && bench explicit; }
 
 say "3/3 ratios"
 if [ -f "$OUT/torch.json" ] && [ -f "$OUT/qpert-bench.json" ]; then
     "$PY" "$REPO/scripts/torch_baseline.py" --ratios-only "$OUT/torch.json" --qpert-json "$OUT/qpert-bench.json" \
         2>&1 | tee "$OUT/ratios.txt"
 else
-    say "no ratio table: a report is missing (see torch.txt / qpert-bench.txt)"
+    say "no ratio table: a report is missing (see torch.txt / qpert-bench-*.txt)"
 fi
 mkdir -p "$OUT/cubecl" && cp "$REPO"/cache/cubecl/*.db "$OUT/cubecl/" 2>/dev/null \
-    && say "CubeCL cache for the next run: $OUT/cubecl/ ($(du -sh "$OUT/cubecl" | cut -f1)); commit it to cache/cubecl/"
+    && say "CubeCL cache for the next run: $OUT/cubecl/ ($(du -sh "$OUT/cubecl" | cut -f1)); copy it to cache/cubecl/ and carry it next time"
 say "done"

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::AttentionKernel;
+
 use crate::error::{Error, Result};
 use crate::qpert::{AlphaWeight, Components, ProjectorKind, QpertSettings};
 
@@ -76,6 +78,9 @@ pub struct ModelConfig {
     /// (image, text) pairs per ITM batch in `rerank`.
     #[serde(default = "default_pair_batch")]
     pub pair_batch: usize,
+    /// The vision tower's self-attention: `explicit` (default) or `fused` (README, "GPU speed").
+    #[serde(default)]
+    pub attention: AttentionKernel,
 }
 
 fn default_image_batch() -> usize {

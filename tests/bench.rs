@@ -26,7 +26,12 @@ fn bench_tiny_reports_every_stage_and_projections() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("model tiny in f32, 4 images x 5 captions, 4 boxes per image, k = 3, on cpu"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "model tiny in f32 (explicit attention), 4 images x 5 captions, 4 boxes per image, k = 3, on cpu"
+        ),
+        "{stdout}"
+    );
 
     // Columns: stage items unit wall load items/s GFLOP TFLOP/s preproc eigen waited autotune(2 words) host GPU.
     for (stage, items, unit) in

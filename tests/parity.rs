@@ -9,7 +9,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use qpert::Error;
 use qpert::model::weights::hf_name;
-use qpert::model::{Blip2Config, Blip2Model};
+use qpert::model::{AttentionKernel, Blip2Config, Blip2Model};
 use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, TensorView};
 
@@ -93,8 +93,8 @@ fn max_abs_diff(name: &str, (shape, actual): (Vec<usize>, Vec<f32>), expected: &
 
 /// Runs every head of the model in `dir` on `device` in `dtype` and returns the max abs error per
 /// output against the f32 reference.
-fn parity_errors(dir: &Path, device: &Device, dtype: FloatDType) -> Vec<(String, f32)> {
-    let model = Blip2Model::load_with_dtype(dir, device, dtype).unwrap();
+fn parity_errors(dir: &Path, device: &Device, dtype: FloatDType, attention: AttentionKernel) -> Vec<(String, f32)> {
+    let model = Blip2Model::load_with_dtype(dir, device, dtype).unwrap().with_attention(attention);
     assert_eq!(model.dtype(), dtype);
     let reference = Fixture { tensors: read_safetensors(&dir.join("reference.safetensors")), device: device.clone() };
     let mut errors = Vec::new();
@@ -106,7 +106,7 @@ fn parity_errors(dir: &Path, device: &Device, dtype: FloatDType) -> Vec<(String,
     // The submodules compute in the run dtype: their input is cast, their output read as f32.
     let embeddings = model.vision_model.embeddings.forward(pixels.clone().cast(dtype));
     check("vision_embeddings", host(embeddings.clone()), reference.get("vision_embeddings"));
-    let layer0 = model.vision_model.encoder.layers[0].forward(embeddings);
+    let layer0 = model.vision_model.encoder.layers[0].forward(embeddings, attention);
     check("vision_layer0", host(layer0), reference.get("vision_layer0"));
     let z = model.vision_tokens(pixels).unwrap();
     check("vision_tokens", host(z.clone()), reference.get("vision_tokens"));
@@ -163,8 +163,8 @@ fn itc(image: Tensor<3>, text: Tensor<2>) -> Tensor<2> {
     image.reshape([b * q, e]).matmul(text.transpose()).reshape([b, q, n]).max_dim(1).reshape([b, n])
 }
 
-fn assert_parity(dir: &Path, device: &Device, tolerance: f32) {
-    let errors = parity_errors(dir, device, FloatDType::F32);
+fn assert_parity(dir: &Path, device: &Device, tolerance: f32, attention: AttentionKernel) {
+    let errors = parity_errors(dir, device, FloatDType::F32, attention);
     for (name, error) in &errors {
         eprintln!("{}: {name:<24} max abs error {error:.2e}", dir.file_name().unwrap().to_string_lossy());
     }
@@ -175,12 +175,20 @@ fn assert_parity(dir: &Path, device: &Device, tolerance: f32) {
 
 #[test]
 fn parity_tiny_a_f32_fused_qkv_bias() {
-    assert_parity(&fixture("tiny_blip2_a"), &Device::default(), TOLERANCE);
+    assert_parity(&fixture("tiny_blip2_a"), &Device::default(), TOLERANCE, AttentionKernel::Explicit);
 }
 
 #[test]
 fn parity_tiny_b_f16_split_qkv_bias() {
-    assert_parity(&fixture("tiny_blip2_b"), &Device::default(), TOLERANCE);
+    assert_parity(&fixture("tiny_blip2_b"), &Device::default(), TOLERANCE, AttentionKernel::Explicit);
+}
+
+/// The fused vision attention pads the tiny model's head dim 12 -> 16 and its 17 tokens -> 128
+/// (spare column included) and must still give the reference's numbers.
+#[test]
+fn parity_fused_attention_on_padded_shapes() {
+    assert_parity(&fixture("tiny_blip2_a"), &Device::default(), TOLERANCE, AttentionKernel::Fused);
+    assert_parity(&fixture("tiny_blip2_b"), &Device::default(), TOLERANCE, AttentionKernel::Fused);
 }
 
 /// The same parity on CUDA: `cargo test --features cuda --test parity -- --ignored`.
@@ -189,8 +197,8 @@ fn parity_tiny_b_f16_split_qkv_bias() {
 #[ignore = "needs a CUDA GPU"]
 fn parity_cuda() {
     let device = Device::cuda(0);
-    assert_parity(&fixture("tiny_blip2_a"), &device, TOLERANCE);
-    assert_parity(&fixture("tiny_blip2_b"), &device, TOLERANCE);
+    assert_parity(&fixture("tiny_blip2_a"), &device, TOLERANCE, AttentionKernel::Explicit);
+    assert_parity(&fixture("tiny_blip2_b"), &device, TOLERANCE, AttentionKernel::Explicit);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -230,9 +238,9 @@ fn precision_bound(dtype: FloatDType, output: &str) -> f32 {
 /// Runs every head in `dtype` on both fixtures (the Q-Pert heads with the fixtures' Pi included),
 /// prints the deviations from the f32 reference and asserts each is within [`precision_bound`]
 /// but not zero (the run really was in reduced precision).
-fn assert_precision(device: &Device, dtype: FloatDType) {
+fn assert_precision(device: &Device, dtype: FloatDType, attention: AttentionKernel) {
     for name in ["tiny_blip2_a", "tiny_blip2_b"] {
-        let errors = parity_errors(&fixture(name), device, dtype);
+        let errors = parity_errors(&fixture(name), device, dtype, attention);
         for (output, error) in &errors {
             eprintln!("{name} {dtype:?}: {output:<24} max abs error {error:.2e}");
         }
@@ -245,12 +253,13 @@ fn assert_precision(device: &Device, dtype: FloatDType) {
 
 #[test]
 fn bf16_stays_near_the_f32_reference() {
-    assert_precision(&Device::default(), FloatDType::BF16);
+    assert_precision(&Device::default(), FloatDType::BF16, AttentionKernel::Explicit);
+    assert_precision(&Device::default(), FloatDType::BF16, AttentionKernel::Fused);
 }
 
 #[test]
 fn f16_stays_near_the_f32_reference() {
-    assert_precision(&Device::default(), FloatDType::F16);
+    assert_precision(&Device::default(), FloatDType::F16, AttentionKernel::Explicit);
 }
 
 /// The same bounds on CUDA: `cargo test --features cuda --test parity -- --ignored`.
@@ -259,8 +268,10 @@ fn f16_stays_near_the_f32_reference() {
 #[ignore = "needs a CUDA GPU"]
 fn reduced_precision_cuda() {
     let device = Device::cuda(0);
-    assert_precision(&device, FloatDType::BF16);
-    assert_precision(&device, FloatDType::F16);
+    for attention in [AttentionKernel::Explicit, AttentionKernel::Fused] {
+        assert_precision(&device, FloatDType::BF16, attention);
+        assert_precision(&device, FloatDType::F16, attention);
+    }
 }
 
 #[test]

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::config::{Config, DatasetConfig, ModelConfig, OutputConfig, Precision, QpertConfig, RerankConfig};
 use crate::error::{Error, Result};
-use crate::model::Blip2Config;
+use crate::model::{AttentionKernel, Blip2Config};
 use crate::qpert::perturbation::EIGEN_TIME;
 use crate::qpert::{AlphaWeight, Components, EIGEN_WAIT_TIME, ProjectorKind};
 use crate::stages::{self, Context, DeviceChoice, Reporter, Stage, rerank, runtime, sim};
@@ -113,6 +113,8 @@ pub struct BenchOptions {
     pub k: u32,
     /// Model precision.
     pub precision: Precision,
+    /// The vision tower's self-attention.
+    pub attention: AttentionKernel,
     /// Images per model batch (extract, rerank).
     pub image_batch: usize,
     /// Captions per batch (text).
@@ -206,6 +208,8 @@ pub struct BenchReport {
     pub device: String,
     /// The run precision (`model.precision`).
     pub precision: Precision,
+    /// The vision tower's self-attention (`model.attention`).
+    pub attention: AttentionKernel,
     /// Synthetic images.
     pub images: usize,
     /// Synthetic captions.
@@ -313,6 +317,7 @@ fn stage_config(options: &BenchOptions, data: &SyntheticDataset, model_dir: &Pat
             image_batch: options.image_batch,
             text_batch: options.text_batch,
             pair_batch: options.pair_batch,
+            attention: options.attention,
         },
         qpert: QpertConfig {
             enabled: true,
@@ -471,9 +476,10 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
     synthetic::write_model(&model_dir, &model, options.seed, &burn_device)?;
     let setup_s = setup.elapsed().as_secs_f64();
     reporter.info(&format!(
-        "bench: model {} in {}, {} images x {} captions, {} boxes per image, k = {}, on {} (setup {setup_s:.1} s)",
+        "bench: model {} in {} ({} attention), {} images x {} captions, {} boxes per image, k = {}, on {} (setup {setup_s:.1} s)",
         options.model.label(),
         format!("{:?}", options.precision).to_lowercase(),
+        format!("{:?}", options.attention).to_lowercase(),
         options.images,
         options.captions_per_image,
         options.boxes_per_image,
@@ -514,6 +520,7 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
         model: options.model.label(),
         device: ctx.device.name.clone(),
         precision: options.precision,
+        attention: options.attention,
         images: options.images,
         texts: sizes.texts as usize,
         boxes_per_image: options.boxes_per_image,

@@ -11,6 +11,7 @@ pub use args::{Args, Command};
 
 use crate::config::{DeviceKind, Precision};
 use crate::error::{Error, Result};
+use crate::model::AttentionKernel;
 use crate::stages;
 
 /// What parsing the command line gave: arguments to run, or help/version text to print.
@@ -73,6 +74,10 @@ pub fn run(args: Args) -> Result<()> {
                     "bf16" => Precision::Bf16,
                     "f16" => Precision::F16,
                     _ => Precision::F32,
+                },
+                attention: match bench.attention.as_str() {
+                    "fused" => AttentionKernel::Fused,
+                    _ => AttentionKernel::Explicit,
                 },
                 image_batch: bench.image_batch,
                 text_batch: bench.text_batch,

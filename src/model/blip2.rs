@@ -12,6 +12,7 @@ use burn::module::{Initializer, Module, ModuleVisitor, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear};
 use burn::tensor::{Device, FloatDType, Int, Tensor};
 
+use super::AttentionKernel;
 use super::config::Blip2Config;
 use super::linear;
 use super::qformer::{CrossKv, QFormerModel};
@@ -60,6 +61,9 @@ pub struct Blip2Model {
     /// The dtype of the weights and activations.
     #[module(skip)]
     dtype: FloatDType,
+    /// How the vision tower's self-attention is computed.
+    #[module(skip)]
+    attention: AttentionKernel,
 }
 
 impl Blip2Config {
@@ -81,6 +85,7 @@ impl Blip2Config {
             itm_head: linear(dq, 2, true, device),
             config: self.clone(),
             dtype: FloatDType::F32,
+            attention: AttentionKernel::Explicit,
         }
     }
 }
@@ -168,6 +173,11 @@ impl Blip2Model {
         self.dtype
     }
 
+    /// The model with its vision tower's self-attention computed by `kernel` (default: explicit).
+    pub fn with_attention(self, kernel: AttentionKernel) -> Self {
+        Self { attention: kernel, ..self }
+    }
+
     /// A float input in the run dtype (a no-op when it is already).
     fn run<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         x.cast(self.dtype)
@@ -236,7 +246,7 @@ impl Blip2Model {
                 ),
             ));
         }
-        Ok(f32s(self.vision_model.forward(self.run(pixel_values))))
+        Ok(f32s(self.vision_model.forward(self.run(pixel_values), self.attention)))
     }
 
     /// The key projection of Z in every cross-attention layer, split into heads: what Q-Pert builds

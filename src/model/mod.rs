@@ -68,6 +68,80 @@ impl LayerNorm {
     }
 }
 
+/// How the vision tower computes softmax(q k^T / sqrt(d)) v (`model.attention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionKernel {
+    /// Two matmuls and a softmax in f32: the reference computation, exact on every backend.
+    #[default]
+    Explicit,
+    /// burn's fused attention (CubeCL's flash-attention kernels on CUDA: f16 tiles, f32
+    /// accumulation), on shapes padded so that its tensor-core kernel applies ([`fused_attention`]).
+    Fused,
+}
+
+/// softmax(q k^T / sqrt(d)) v, with the softmax in f32 for [`AttentionKernel::Explicit`].
+/// Shapes: q, k, v [b,h,t,d] -> [b,h,t,d].
+fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, kernel: AttentionKernel) -> Tensor<4> {
+    match kernel {
+        AttentionKernel::Explicit => {
+            let d = q.dims()[3];
+            softmax(q.matmul(k.swap_dims(2, 3)) * (d as f64).powf(-0.5), 3).matmul(v)
+        }
+        AttentionKernel::Fused => fused_attention(q, k, v),
+    }
+}
+
+/// The fused kernel's tensor-core path needs the head dim to be a multiple of 16 and the sequence
+/// a multiple of its query stage (up to 8 planes x 16 rows); ViT-g has d = 88 and t = 677.
+const HEAD_DIM_TILE: usize = 16;
+const SEQUENCE_TILE: usize = 128;
+/// The score that padded keys get (before the softmax): exp(-1000) is 0 in f32.
+const PADDED_KEY_SCORE: f64 = -1000.0;
+
+/// burn's `module::attention` on padded shapes, equal to the unpadded attention:
+/// - the head dim grows with zero columns, which leave q k^T unchanged; q is scaled by
+///   sqrt(d_pad / d) because the kernel divides by sqrt(d_pad) (a custom scale would send burn to
+///   its unfused fallback);
+/// - the sequence grows with padded tokens; a spare head column, 1 in every query and
+///   PADDED_KEY_SCORE * sqrt(d_pad) in padded keys only, gives those keys a score of -1000, so
+///   they get no weight (no mask needed); padded query rows are computed and dropped.
+fn fused_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let [b, h, t, d] = q.dims();
+    let t_pad = t.next_multiple_of(SEQUENCE_TILE);
+    let spare = usize::from(t_pad > t);
+    let d_pad = (d + spare).next_multiple_of(HEAD_DIM_TILE);
+    let device = q.device();
+    let dtype = FloatDType::from(q.dtype());
+    let full = |dims: [usize; 4], value: f64| Tensor::<4>::full(dims, value, &device).cast(dtype);
+    // [x | spare column | zeros] along the head dim, then `pad_row` repeated below.
+    let pad = |x: Tensor<4>, spare_value: f64, pad_row_spare: f64| {
+        let mut columns = vec![x];
+        if spare == 1 {
+            columns.push(full([b, h, t, 1], spare_value));
+        }
+        if d_pad > d + spare {
+            columns.push(full([b, h, t, d_pad - d - spare], 0.0));
+        }
+        let x = Tensor::cat(columns, 3);
+        match t_pad > t {
+            true => {
+                let mut rows = vec![full([b, h, t_pad - t, d], 0.0), full([b, h, t_pad - t, 1], pad_row_spare)];
+                if d_pad > d + 1 {
+                    rows.push(full([b, h, t_pad - t, d_pad - d - 1], 0.0));
+                }
+                Tensor::cat(vec![x, Tensor::cat(rows, 3)], 2)
+            }
+            false => x,
+        }
+    };
+    let q = pad(q * (d_pad as f64 / d as f64).sqrt(), 1.0, 1.0);
+    let k = pad(k, 0.0, PADDED_KEY_SCORE * (d_pad as f64).sqrt());
+    let v = pad(v, 0.0, 0.0);
+    let options = burn::tensor::ops::AttentionModuleOptions::default();
+    burn::tensor::module::attention(q, k, v, None, None, options).slice([0..b, 0..h, 0..t, 0..d])
+}
+
 /// Softmax along `dim` computed in f32, returned in the dtype of `x`.
 fn softmax<const D: usize>(x: Tensor<D>, dim: usize) -> Tensor<D> {
     let dtype = FloatDType::from(x.dtype());

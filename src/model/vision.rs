@@ -11,7 +11,7 @@ use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 
 use super::config::VisionConfig;
-use super::{LayerNorm, linear, softmax};
+use super::{AttentionKernel, LayerNorm, attention, linear};
 
 /// Patch, class and position embeddings (`vision_model.embeddings`).
 #[derive(Module, Debug)]
@@ -48,14 +48,13 @@ pub struct VisionAttention {
 
 impl VisionAttention {
     /// Shapes: x [b,t,dv] -> [b,t,dv]. No mask; scale d^-0.5 applied to the scores.
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, kernel: AttentionKernel) -> Tensor<3> {
         let [b, t, dv] = x.dims();
         let (h, d) = (self.num_heads, dv / self.num_heads);
         let qkv = self.qkv.forward(x);
         let heads = |i: usize| qkv.clone().narrow(2, i * dv, dv).reshape([b, t, h, d]).swap_dims(1, 2);
         let (q, k, v) = (heads(0), heads(1), heads(2));
-        let scores = q.matmul(k.swap_dims(2, 3)) * (d as f64).powf(-0.5);
-        let context = softmax(scores, 3).matmul(v); // [b, h, t, d]
+        let context = attention(q, k, v, kernel); // [b, h, t, d]
         self.projection.forward(context.swap_dims(1, 2).reshape([b, t, dv]))
     }
 }
@@ -91,8 +90,8 @@ pub struct VisionLayer {
 
 impl VisionLayer {
     /// Shapes: x [b,t,dv] -> [b,t,dv]: `x += attn(LN1(x)); x += mlp(LN2(x))`.
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
+    pub fn forward(&self, x: Tensor<3>, kernel: AttentionKernel) -> Tensor<3> {
+        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x), kernel);
         x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
     }
 }
@@ -117,9 +116,9 @@ pub struct VisionModel {
 
 impl VisionModel {
     /// Shapes: pixel_values [b,3,s,s] -> z [b,t,dv]. The caller checks that s is the configured side.
-    pub fn forward(&self, pixel_values: Tensor<4>) -> Tensor<3> {
+    pub fn forward(&self, pixel_values: Tensor<4>, kernel: AttentionKernel) -> Tensor<3> {
         let x = self.embeddings.forward(pixel_values);
-        let x = self.encoder.layers.iter().fold(x, |x, layer| layer.forward(x));
+        let x = self.encoder.layers.iter().fold(x, |x, layer| layer.forward(x, kernel));
         self.post_layernorm.forward(x)
     }
 }

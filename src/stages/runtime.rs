@@ -31,7 +31,8 @@ pub fn with_model(fp: Fingerprint, config: &Config) -> Result<Fingerprint> {
     let dir = &config.model.dir;
     let mut fp = fp
         .with_file_contents("model.config", &dir.join("config.json"))?
-        .with("model.precision", format!("{:?}", config.model.precision).to_lowercase());
+        .with("model.precision", format!("{:?}", config.model.precision).to_lowercase())
+        .with("model.attention", format!("{:?}", config.model.attention).to_lowercase());
     for name in ["vocab.txt", "tokenizer.json"] {
         let path = dir.join(name);
         if path.exists() {
@@ -64,7 +65,9 @@ pub fn load_model(ctx: &Context) -> Result<(Blip2Model, Device)> {
         Precision::Bf16 => FloatDType::BF16,
         Precision::F16 => FloatDType::F16,
     };
-    let model = LOAD_TIME.time(|| Blip2Model::load_with_dtype(&ctx.config.model.dir, &device, dtype))?;
+    let model = LOAD_TIME
+        .time(|| Blip2Model::load_with_dtype(&ctx.config.model.dir, &device, dtype))?
+        .with_attention(ctx.config.model.attention);
     Ok((model, device))
 }
 
