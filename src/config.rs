@@ -117,6 +117,17 @@ pub enum Precision {
     F16,
 }
 
+impl Precision {
+    /// The burn dtype the model computes in.
+    pub fn dtype(self) -> burn::tensor::FloatDType {
+        match self {
+            Precision::F32 => burn::tensor::FloatDType::F32,
+            Precision::Bf16 => burn::tensor::FloatDType::BF16,
+            Precision::F16 => burn::tensor::FloatDType::F16,
+        }
+    }
+}
+
 /// `[qpert]`: Object-Aware Query Perturbation (method.md sections 4-5).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -222,6 +222,8 @@ pub struct BenchReport {
     pub setup_s: f64,
     /// Per stage.
     pub stages: Vec<StageTiming>,
+    /// The vision tower alone, milliseconds per image, with each attention kernel (run precision).
+    pub vision_ms_per_image: Vec<(AttentionKernel, f64)>,
     /// Caching the vision tokens Z between `extract` and `rerank` against recomputing them.
     pub z_cache: z_cache::ZCacheTiming,
     /// Projections.
@@ -514,8 +516,15 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
         }
     }
     let projections = TARGETS.iter().map(|target| project(&stages, sizes, target)).collect();
-    let vision = crate::model::Blip2Model::load(&model_dir, &burn_device)?;
-    let z_cache = z_cache::measure(&vision, options.image_batch.min(options.images), &burn_device, &scratch.0)?;
+    // The vision tower alone with each attention kernel, then the Z-cache question with the run's.
+    let batch = options.image_batch.min(options.images);
+    let mut model = crate::model::Blip2Model::load_with_dtype(&model_dir, &burn_device, options.precision.dtype())?;
+    let mut vision_ms_per_image = Vec::new();
+    for kernel in [AttentionKernel::Explicit, AttentionKernel::Fused] {
+        model = model.with_attention(kernel);
+        vision_ms_per_image.push((kernel, z_cache::vision_ms_per_image(&model, batch, &burn_device)?));
+    }
+    let z_cache = z_cache::measure(&model.with_attention(options.attention), batch, &burn_device, &scratch.0)?;
     let report = BenchReport {
         model: options.model.label(),
         device: ctx.device.name.clone(),
@@ -527,12 +536,21 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
         k: options.k,
         setup_s,
         stages,
+        vision_ms_per_image,
         z_cache,
         projections,
     };
     for line in table(&report, on_gpu, options.warmup) {
         ctx.reporter.info(&line);
     }
+    let kernels: Vec<String> =
+        report.vision_ms_per_image.iter().map(|(k, ms)| format!("{k:?} {ms:.2} ms/image").to_lowercase()).collect();
+    ctx.reporter.info(&format!(
+        "vision tower alone ({}, batch of {}): {}",
+        format!("{:?}", options.precision).to_lowercase(),
+        report.z_cache.images,
+        kernels.join(", ")
+    ));
     let z = &report.z_cache;
     ctx.reporter.info(&format!(
         "Z cache ({} images, {:.2} MiB per image in f16): recompute {:.2} ms/image, store + load {:.2} ms/image ({})",

@@ -29,18 +29,30 @@ pub struct ZCacheTiming {
     pub store_and_load_ms: f64,
 }
 
-/// Times both options on `images` blank images (the ViT's cost does not depend on the pixels).
-pub fn measure(model: &Blip2Model, images: usize, device: &Device, scratch: &std::path::Path) -> Result<ZCacheTiming> {
+fn sync(z: Tensor<3>) -> Result<TensorData> {
+    z.try_into_data().map_err(|e| Error::device_failed("the vision-tower measurement", e, None))
+}
+
+fn blank_images(model: &Blip2Model, images: usize, device: &Device) -> Tensor<4> {
     let s = model.config().vision_config.image_size;
-    let pixels = || Tensor::<4>::zeros([images, 3, s, s], device);
-    let sync = |z: Tensor<3>| z.try_into_data().map_err(|e| Error::device_failed("the Z-cache measurement", e, None));
-    // Warm-up (kernel compilation on the GPU), then the measured pass.
-    sync(model.vision_tokens(pixels())?)?;
+    Tensor::<4>::zeros([images, 3, s, s], device)
+}
+
+/// Milliseconds per image of the vision tower alone on a batch of `images` blank images (the ViT's
+/// cost does not depend on the pixels), after a warm-up pass that pays kernel compilation and
+/// autotuning on the GPU.
+pub fn vision_ms_per_image(model: &Blip2Model, images: usize, device: &Device) -> Result<f64> {
+    sync(model.vision_tokens(blank_images(model, images, device))?)?;
     let start = Instant::now();
-    let z = model.vision_tokens(pixels())?;
+    sync(model.vision_tokens(blank_images(model, images, device))?)?;
+    Ok(start.elapsed().as_secs_f64() * 1e3 / images as f64)
+}
+
+/// Times both options on `images` blank images.
+pub fn measure(model: &Blip2Model, images: usize, device: &Device, scratch: &std::path::Path) -> Result<ZCacheTiming> {
+    let recompute_ms = vision_ms_per_image(model, images, device)?;
+    let z = model.vision_tokens(blank_images(model, images, device))?;
     let [b, t, dv] = z.dims();
-    sync(z.clone())?;
-    let recompute = start.elapsed().as_secs_f64();
 
     let path = scratch.join("z-cache.arrow");
     let io = |e: &dyn std::fmt::Display| Error::artifact(&path, e.to_string());
@@ -70,7 +82,7 @@ pub fn measure(model: &Blip2Model, images: usize, device: &Device, scratch: &std
     Ok(ZCacheTiming {
         images,
         mib_per_image: row as f64 / (1024.0 * 1024.0),
-        recompute_ms: recompute * 1e3 / images as f64,
+        recompute_ms,
         store_and_load_ms: store_and_load * 1e3 / images as f64,
     })
 }

@@ -6,11 +6,11 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::mpsc::sync_channel;
 
-use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::Context;
 use super::index::IndexTables;
-use crate::config::{Config, Precision};
+use crate::config::Config;
 use crate::data::image::preprocess_batch;
 use crate::error::{Error, Result};
 use crate::model::Blip2Model;
@@ -60,11 +60,7 @@ fn safetensors_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
 /// Loads the model of `ctx`'s config on its device, in `model.precision` (README, "Precision").
 pub fn load_model(ctx: &Context) -> Result<(Blip2Model, Device)> {
     let device = ctx.device.require()?.clone();
-    let dtype = match ctx.config.model.precision {
-        Precision::F32 => FloatDType::F32,
-        Precision::Bf16 => FloatDType::BF16,
-        Precision::F16 => FloatDType::F16,
-    };
+    let dtype = ctx.config.model.precision.dtype();
     let model = LOAD_TIME
         .time(|| Blip2Model::load_with_dtype(&ctx.config.model.dir, &device, dtype))?
         .with_attention(ctx.config.model.attention);
