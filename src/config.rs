@@ -156,6 +156,14 @@ pub struct RerankConfig {
     pub enabled: bool,
     /// Candidates per query re-ranked by ITM, at least 1.
     pub k: u32,
+    /// `extract` keeps the vision tokens and Pi of every image so that `rerank` does not recompute
+    /// them (default true; see README, "Artifacts"). Results are identical either way.
+    #[serde(default = "default_vision_cache")]
+    pub vision_cache: bool,
+}
+
+fn default_vision_cache() -> bool {
+    true
 }
 
 /// `[output]`: where artifacts go.

@@ -284,8 +284,9 @@ fn a_killed_run_resumes_to_identical_artifacts() {
         std::fs::remove_file(&image).unwrap();
         assert!(std::process::Command::new("mkfifo").arg(&image).status().unwrap().success());
 
+        // rerank reads images only when it recomputes the vision tokens instead of using the cache.
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qpert"))
-            .args(["run", "--config", &ws.config().display().to_string()])
+            .args(["run", "--config", &ws.config().display().to_string(), "--set", "rerank.vision_cache=false"])
             .current_dir(ws.path())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -307,4 +308,46 @@ fn a_killed_run_resumes_to_identical_artifacts() {
         }
         assert_same_artifacts(&uninterrupted, &ws);
     }
+}
+
+/// `extract` keeps each batch's Z and Pi (`out/extract/vision/`); `rerank` reading them gives the
+/// same bits as recomputing them, and a cache file it cannot use (corrupt, or from another
+/// configuration) makes it say so and recompute, with the same result.
+#[test]
+fn the_vision_cache_gives_the_same_rerank_as_recomputing() {
+    let ws = Workspace::new("flickr30k_test.json");
+    let out = run_all(&ws);
+    assert!(!out.contains("recomputing"), "the cache was used: {out}");
+    let vision = ws.path().join("out/extract/vision");
+    let files: Vec<_> = std::fs::read_dir(&vision).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(!files.is_empty() && files.iter().all(|f| f.to_string_lossy().ends_with(".arrow")), "{files:?}");
+    let cached = parts(&ws, "rerank");
+
+    let rerank = |extra: &[&str]| {
+        let mut args = vec!["stage", "rerank", "--config", "{config}", "--force"];
+        args.extend_from_slice(extra);
+        let out = ws.qpert(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_eq!(parts(&ws, "rerank").columns(), cached.columns(), "rerank with {extra:?}");
+        common::stdout(&out) + &stderr(&out)
+    };
+    let out = rerank(&["--set", "rerank.vision_cache=false"]);
+    assert!(!out.contains("recomputing"), "{out}");
+
+    // A corrupt cache file: named, then recomputed.
+    let first = vision.join("batch-000000.arrow");
+    let bytes = std::fs::read(&first).unwrap();
+    std::fs::write(&first, &bytes[..bytes.len() / 2]).unwrap();
+    let out = rerank(&[]);
+    assert!(
+        out.contains("rerank 1/1: recomputing vision tokens and Q-Pert") && out.contains("batch-000000.arrow"),
+        "{out}"
+    );
+
+    // A cache written with another batch size does not match the batches of this one.
+    std::fs::write(&first, &bytes).unwrap();
+    let out = ws.qpert(&["stage", "rerank", "--config", "{config}", "--force", "--set", "model.image_batch=1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let said = common::stdout(&out) + &stderr(&out);
+    assert!(said.contains("recomputing vision tokens and Q-Pert") && said.contains("another configuration"), "{said}");
 }

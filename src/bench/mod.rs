@@ -328,7 +328,7 @@ fn stage_config(options: &BenchOptions, data: &SyntheticDataset, model_dir: &Pat
             weight: AlphaWeight::Constant,
             projector: ProjectorKind::Official,
         },
-        rerank: RerankConfig { enabled: true, k: options.k },
+        rerank: RerankConfig { enabled: true, k: options.k, vision_cache: true },
         output: OutputConfig { dir: out.to_path_buf() },
     }
 }
@@ -392,7 +392,8 @@ fn run_stages(ctx: &Context, model: &Blip2Config, sizes: Sizes, gpu: &GpuMemory)
             Stage::Sim => ("pairs", images * texts, flops::itc_scores(model, images, texts)),
             _ => {
                 let pairs = rerank_pairs(ctx)?;
-                ("pairs", pairs, images * per_image_qpert + pairs * flops::itm_pair(model))
+                // The vision cache spares rerank the ViT and Q-Pert: per image only the cross-attention K/V.
+                ("pairs", pairs, images * flops::cross_kv(model) + pairs * flops::itm_pair(model))
             }
         };
         let load_s = after.load - before.load;

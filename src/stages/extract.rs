@@ -6,8 +6,8 @@
 //! FixedSizeList<float32, Q*E> (row-major Q x E, rows L2-normalised), `perturbed` bool; Q and E in
 //! the schema metadata (`qpert.queries`, `qpert.embed_dim`).
 //!
-//! Z is not cached: `rerank` recomputes it once per image, so each image's ViT runs at most twice
-//! in an evaluation and changing alpha never needs stored vision tokens (see README, "Design").
+//! With `rerank.vision_cache` on, each batch's Z and Pi also go to the vision cache
+//! (`extract/vision/`, see [`super::vision_cache`]), so that `rerank` need not recompute them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use arrow::record_batch::RecordBatch;
 
 use super::index::{self, IndexTables};
 use super::runtime;
+use super::vision_cache::VisionCache;
 use super::{Context, Outcome, Stage};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -59,7 +60,12 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
     let range = shard.batch_range(index.images.len(), ctx.config.model.image_batch);
     let bar = ctx.reporter.bar(range.len() as u64, &format!("extract {shard}"));
     let mut features = ImageFeatures::default();
+    let cache = (ctx.config.rerank.enabled && ctx.config.rerank.vision_cache)
+        .then(|| VisionCache::new(stage.path(), stage.fingerprint().digest(), ctx.config.model.image_batch));
     runtime::for_each_vision_batch(&index, range, &model, &ctx.config, &device, |batch| {
+        if let Some(cache) = &cache {
+            cache.write(&batch, model.dtype())?;
+        }
         let knob = Some(("model.image_batch", ctx.config.model.image_batch));
         let embeds = runtime::host(model.image_features(batch.z, batch.perturbation)?, "an image batch", knob)?;
         features.push(&batch.images, &batch.perturbed, embeds);

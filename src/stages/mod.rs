@@ -12,6 +12,7 @@ pub mod rerank;
 pub mod runtime;
 pub mod sim;
 pub mod text;
+pub mod vision_cache;
 
 use std::fmt;
 use std::path::Path;

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use arrow::array::{BooleanArray, Float32Array, UInt32Array};
 
 use super::index::IndexTables;
-use super::runtime::{self, ints};
+use super::runtime::{self, VisionBatch, ints};
+use super::vision_cache::VisionCache;
 use super::{Context, Outcome, Stage};
 use crate::config::Config;
 use crate::data::tokenizer::MAX_LEN;
@@ -70,7 +71,7 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
     let bar = ctx.reporter.bar(pairs_in_shard as u64, &format!("rerank {shard}"));
     let pair_batch = ctx.config.model.pair_batch;
     let mut out = ScoredPairs::default();
-    runtime::for_each_vision_batch(&index, range, &model, &ctx.config, &device, |batch| {
+    let mut score_batch = |batch: VisionBatch| -> Result<()> {
         // (slot in the batch, image, text, candidate) in image then text order.
         let pairs: Vec<(usize, usize, u32, Candidate)> = batch
             .images
@@ -103,7 +104,16 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
             bar.inc(p as u64);
         }
         Ok(())
-    })?;
+    };
+    match usable_vision_cache(ctx, shard, range.clone())? {
+        Some(cache) => {
+            for start in range.clone().step_by(ctx.config.model.image_batch) {
+                let images: Vec<usize> = (start..(start + ctx.config.model.image_batch).min(range.end)).collect();
+                score_batch(cache.read(&images, &device)?)?;
+            }
+        }
+        None => runtime::for_each_vision_batch(&index, range, &model, &ctx.config, &device, &mut score_batch)?,
+    }
     bar.finish_and_clear();
 
     let rows = out.image_idx.len();
@@ -135,6 +145,23 @@ impl ScoredPairs {
             ("in_i2t", Arc::new(BooleanArray::from(self.in_i2t))),
             ("in_t2i", Arc::new(BooleanArray::from(self.in_t2i))),
         ])
+    }
+}
+
+/// The vision cache `extract` wrote, when `rerank.vision_cache` is on and it holds every batch of
+/// `range` for the current configuration; otherwise `None` (and a line saying why, when it is on).
+fn usable_vision_cache(ctx: &Context, shard: Shard, range: std::ops::Range<usize>) -> Result<Option<VisionCache>> {
+    if !ctx.config.rerank.vision_cache {
+        return Ok(None);
+    }
+    let extract = ctx.stage_dir(Stage::Extract, super::extract::fingerprint(&ctx.config)?);
+    let cache = VisionCache::new(extract.path(), extract.fingerprint().digest(), ctx.config.model.image_batch);
+    match cache.unusable(range) {
+        None => Ok(Some(cache)),
+        Some(why) => {
+            ctx.reporter.info(&format!("rerank {shard}: recomputing vision tokens and Q-Pert ({why})"));
+            Ok(None)
+        }
     }
 }
 

@@ -1,0 +1,196 @@
+//! The vision cache (`rerank.vision_cache`): `extract` keeps each image batch's vision tokens Z and
+//! Q-Pert perturbation Pi, and `rerank` reads them back instead of running the ViT and the
+//! eigendecompositions a second time. Z is stored in the run dtype and Pi in f32, both exactly, so
+//! a cached `rerank` is bit-identical to one that recomputes.
+//!
+//! One Arrow IPC file per image batch, `<extract folder>/vision/batch-BBBBBB.arrow`, where B is the
+//! batch's global number (first image / `model.image_batch`): shards cut at batch boundaries, so B
+//! names the same images whatever the shard layouts of `extract` and `rerank`. Columns: `image_idx`
+//! u32, `z` FixedSizeBinary (t x dv values in the run dtype, row-major), `pi` FixedSizeBinary
+//! (layers x h x d x d f32, null for an image that Pi leaves unchanged). The schema metadata holds
+//! extract's fingerprint, the batch size, the dtype and the shapes: a file that does not match the
+//! current config is never used.
+//!
+//! It is a cache, not a stage output: `extract` writes it when the option is on, `rerank` uses it
+//! when every batch of its shard is there and current, and recomputes otherwise (saying why).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{Array, FixedSizeBinaryArray, RecordBatch, UInt32Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::ipc::reader::FileReader;
+use arrow::ipc::writer::FileWriter;
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
+
+use super::runtime::VisionBatch;
+use crate::error::{Error, Result};
+use crate::store::commit::write_atomically;
+
+const FINGERPRINT_KEY: &str = "qpert.extract_fingerprint";
+const IMAGE_BATCH_KEY: &str = "qpert.image_batch";
+const DTYPE_KEY: &str = "qpert.z_dtype";
+const Z_SHAPE_KEY: &str = "qpert.z_shape";
+const PI_SHAPE_KEY: &str = "qpert.pi_shape";
+
+/// The cache of one `extract` folder, valid for one extract fingerprint and batch size.
+pub struct VisionCache {
+    dir: PathBuf,
+    fingerprint: String,
+    image_batch: usize,
+}
+
+impl VisionCache {
+    /// The cache inside `extract_dir` for extract's current fingerprint `digest`.
+    pub fn new(extract_dir: &Path, digest: String, image_batch: usize) -> Self {
+        VisionCache { dir: extract_dir.join("vision"), fingerprint: digest, image_batch }
+    }
+
+    fn path(&self, first_image: usize) -> PathBuf {
+        self.dir.join(format!("batch-{:06}.arrow", first_image / self.image_batch))
+    }
+
+    /// Writes `batch` (Z in `dtype`, Pi in f32), atomically.
+    pub fn write(&self, batch: &VisionBatch, dtype: FloatDType) -> Result<()> {
+        let path = self.path(batch.images[0]);
+        let artifact = |e: &dyn std::fmt::Display| Error::artifact(&path, e.to_string());
+        let read = |t: Tensor<3>| t.try_into_data().map_err(|e| Error::device_failed("the vision cache", e, None));
+        let [b, t, dv] = batch.z.dims();
+        let z = read(batch.z.clone().cast(dtype))?;
+        let z_bytes = z.bytes.len() / b;
+        let mut pi_shape = Vec::new();
+        let pi: Vec<Option<Vec<u8>>> = match &batch.perturbation {
+            Some(pi) => {
+                pi_shape = pi.dims()[1..].to_vec();
+                let data = pi.clone().try_into_data().map_err(|e| Error::device_failed("the vision cache", e, None))?;
+                let row = data.bytes.len() / b;
+                (0..b).map(|i| batch.perturbed[i].then(|| data.bytes[i * row..(i + 1) * row].to_vec())).collect()
+            }
+            None => vec![None; b],
+        };
+        let pi_bytes = pi_shape.iter().product::<usize>() * 4;
+        let metadata = HashMap::from([
+            (FINGERPRINT_KEY.to_string(), self.fingerprint.clone()),
+            (IMAGE_BATCH_KEY.to_string(), self.image_batch.to_string()),
+            (DTYPE_KEY.to_string(), format!("{:?}", z.dtype)),
+            (Z_SHAPE_KEY.to_string(), format!("{t},{dv}")),
+            (PI_SHAPE_KEY.to_string(), pi_shape.iter().map(usize::to_string).collect::<Vec<_>>().join(",")),
+        ]);
+        let schema = Arc::new(Schema::new_with_metadata(
+            vec![
+                Field::new("image_idx", DataType::UInt32, false),
+                Field::new("z", DataType::FixedSizeBinary(z_bytes as i32), false),
+                Field::new("pi", DataType::FixedSizeBinary(pi_bytes.max(1) as i32), true),
+            ],
+            metadata,
+        ));
+        let images = UInt32Array::from(batch.images.iter().map(|&i| i as u32).collect::<Vec<_>>());
+        let z = FixedSizeBinaryArray::try_from_iter(z.bytes.chunks(z_bytes)).map_err(|e| artifact(&e))?;
+        let pi = FixedSizeBinaryArray::try_from_sparse_iter_with_size(pi.into_iter(), pi_bytes.max(1) as i32)
+            .map_err(|e| artifact(&e))?;
+        let record = RecordBatch::try_new(schema.clone(), vec![Arc::new(images), Arc::new(z), Arc::new(pi)])
+            .map_err(|e| artifact(&e))?;
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::artifact(&self.dir, e))?;
+        write_atomically(&path, |out| {
+            let mut writer = FileWriter::try_new(out, &schema).map_err(|e| artifact(&e))?;
+            writer.write(&record).map_err(|e| artifact(&e))?;
+            writer.finish().map_err(|e| artifact(&e))
+        })
+    }
+
+    /// Why the cache cannot serve the images `range` (batches of `image_batch`), or `None` when every
+    /// batch file is there and was written for the current fingerprint and batch size.
+    pub fn unusable(&self, range: std::ops::Range<usize>) -> Option<String> {
+        for first in range.step_by(self.image_batch) {
+            let path = self.path(first);
+            if !path.is_file() {
+                return Some(format!("{} is missing", path.display()));
+            }
+            match self.read_record(&path) {
+                Ok(record) if current(&record, &self.fingerprint, self.image_batch) => {}
+                Ok(_) => return Some(format!("{} was written for another configuration", path.display())),
+                Err(e) => return Some(e.to_string()),
+            }
+        }
+        None
+    }
+
+    fn read_record(&self, path: &Path) -> Result<RecordBatch> {
+        let file = File::open(path).map_err(|e| Error::artifact(path, e))?;
+        let reader = FileReader::try_new(file, None)
+            .map_err(|e| Error::artifact(path, format!("not a readable Arrow IPC file: {e}")))?;
+        let mut records = Vec::new();
+        for record in reader {
+            records.push(record.map_err(|e| Error::artifact(path, format!("not a readable Arrow IPC file: {e}")))?);
+        }
+        match records.len() {
+            1 => Ok(records.remove(0)),
+            n => Err(Error::artifact(path, format!("expected one record batch, found {n}"))),
+        }
+    }
+
+    /// The cached batch of `images` (one whole batch, split positions) on `device`.
+    pub fn read(&self, images: &[usize], device: &Device) -> Result<VisionBatch> {
+        let path = self.path(images[0]);
+        let bad = |msg: &str| Error::artifact(&path, msg);
+        let record = self.read_record(&path)?;
+        if !current(&record, &self.fingerprint, self.image_batch) {
+            return Err(bad("written for another configuration; rerun `qpert stage extract --force`"));
+        }
+        let stored: Vec<usize> = record
+            .column(0)
+            .as_any()
+            .downcast_ref::<UInt32Array>()
+            .ok_or_else(|| bad("column image_idx is not u32"))?
+            .values()
+            .iter()
+            .map(|&i| i as usize)
+            .collect();
+        if stored != images {
+            return Err(bad(&format!("holds images {stored:?}, expected {images:?}")));
+        }
+        let metadata = record.schema().metadata().clone();
+        let shape = |key: &str| -> Result<Vec<usize>> {
+            let text = metadata.get(key).ok_or_else(|| bad(&format!("no {key} in the schema metadata")))?;
+            text.split(',').filter(|s| !s.is_empty()).map(|s| s.parse().map_err(|_| bad("malformed shape"))).collect()
+        };
+        let dtype = match metadata.get(DTYPE_KEY).map(String::as_str) {
+            Some("F32") => DType::F32,
+            Some("BF16") => DType::BF16,
+            Some("F16") => DType::F16,
+            other => return Err(bad(&format!("unknown Z dtype {other:?}"))),
+        };
+        let (b, z_shape, pi_shape) = (images.len(), shape(Z_SHAPE_KEY)?, shape(PI_SHAPE_KEY)?);
+        let binary = |i: usize| {
+            record.column(i).as_any().downcast_ref::<FixedSizeBinaryArray>().ok_or_else(|| bad("not a binary column"))
+        };
+        let (z, pi) = (binary(1)?, binary(2)?);
+        let z_data = TensorData::from_bytes_vec(z.value_data().to_vec(), [b, z_shape[0], z_shape[1]], dtype);
+        let z = Tensor::<3>::from_data(z_data, device).cast(FloatDType::F32);
+        let perturbed: Vec<bool> = (0..b).map(|i| pi.is_valid(i)).collect();
+        let perturbation = match perturbed.iter().any(|&p| p) {
+            true => {
+                let row = pi_shape.iter().product::<usize>();
+                let mut values = vec![0f32; b * row];
+                for i in (0..b).filter(|&i| perturbed[i]) {
+                    for (v, bytes) in values[i * row..(i + 1) * row].iter_mut().zip(pi.value(i).chunks_exact(4)) {
+                        *v = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                    }
+                }
+                let [l, h, d, _] = pi_shape[..] else { return Err(bad("Pi shape is not layers,h,d,d")) };
+                Some(Tensor::from_data(TensorData::new(values, [b, l, h, d, d]), device))
+            }
+            false => None,
+        };
+        Ok(VisionBatch { images: images.to_vec(), z, perturbation, perturbed })
+    }
+}
+
+/// Whether a cache file was written for extract's `fingerprint` with batches of `image_batch`.
+fn current(record: &RecordBatch, fingerprint: &str, image_batch: usize) -> bool {
+    let metadata = record.schema_ref().metadata();
+    metadata.get(FINGERPRINT_KEY).map(String::as_str) == Some(fingerprint)
+        && metadata.get(IMAGE_BATCH_KEY) == Some(&image_batch.to_string())
+}
