@@ -39,6 +39,16 @@ impl TextEmbeddings {
     }
 }
 
+/// A batch of images prepared for ITM ([`Blip2Model::itm_images`]).
+pub struct ItmImages {
+    /// Keys and values per cross-attention layer, [b_img,h,t,d].
+    cross: Vec<CrossKv>,
+    /// Pi, [b_img,n_cross,h,d,d].
+    perturbation: Option<Tensor<5>>,
+    /// b_img.
+    images: usize,
+}
+
 /// BLIP-2 for image-text retrieval (`Blip2ForImageTextRetrieval`), in f32, bf16 or f16.
 #[derive(Module, Debug)]
 pub struct Blip2Model {
@@ -315,10 +325,8 @@ impl Blip2Model {
         Ok(features.reshape([n, e]))
     }
 
-    /// ITM logits s_itm of pairs (image `pair_image[i]`, text i): the mean over the Q query rows of
-    /// `itm_head(out)[1]` for the joint pass [queries; text] against that image's Z. Each image's
-    /// cross-attention keys and values are computed once and gathered per pair; Pi (per image)
-    /// likewise.
+    /// ITM logits s_itm of pairs (image `pair_image[i]`, text i): [`Blip2Model::itm_images`] of the
+    /// batch, then [`Blip2Model::itm_pair_logits`].
     /// Shapes: z [b_img,t,dv], pair_image [p] Int (index into b_img), input_ids [p,l] Int,
     /// attention_mask [p,l] Int, perturbation [b_img,n_cross,h,d,d] -> [p].
     pub fn itm_logits(
@@ -329,24 +337,55 @@ impl Blip2Model {
         attention_mask: Tensor<2, Int>,
         perturbation: Option<Tensor<5>>,
     ) -> Result<Tensor<1>> {
+        let indices = host_ints("pair_image", &pair_image)?;
+        if pair_image.dims() != [input_ids.dims()[0]] {
+            let found = pair_image.dims();
+            return Err(bad_input("pair_image", format!("expected [{}], found {found:?}", input_ids.dims()[0])));
+        }
+        let images = self.itm_images(z, perturbation)?;
+        let indices: Vec<usize> = indices.iter().map(|&i| usize::try_from(i).unwrap_or(usize::MAX)).collect();
+        self.itm_pair_logits(&images, &indices, input_ids, attention_mask)
+    }
+
+    /// What ITM needs of a batch of images, computed once for all their pairs: the keys and values
+    /// of Z in every cross-attention layer, and Pi, in the run dtype.
+    /// Shapes: z [b_img,t,dv], perturbation [b_img,n_cross,h,d,d].
+    pub fn itm_images(&self, z: Tensor<3>, perturbation: Option<Tensor<5>>) -> Result<ItmImages> {
         self.check_z(&z)?;
-        let [b_img, _, _] = z.dims();
-        self.check_perturbation(perturbation.as_ref(), b_img)?;
+        let [images, _, _] = z.dims();
+        self.check_perturbation(perturbation.as_ref(), images)?;
+        Ok(ItmImages {
+            cross: self.qformer.cross_kv(self.run(z)),
+            perturbation: perturbation.map(|pi| self.run(pi)),
+            images,
+        })
+    }
+
+    /// ITM logits of pairs (image `pair_image[i]` of `images`, text i): the mean over the Q query
+    /// rows of `itm_head(out)[1]` for the joint pass [queries; text] against that image's keys and
+    /// values (gathered per pair, as is Pi). Nothing is read back from the device.
+    /// Shapes: pair_image p indices into the batch, input_ids [p,l] Int, attention_mask [p,l] Int -> [p].
+    pub fn itm_pair_logits(
+        &self,
+        images: &ItmImages,
+        pair_image: &[usize],
+        input_ids: Tensor<2, Int>,
+        attention_mask: Tensor<2, Int>,
+    ) -> Result<Tensor<1>> {
         self.check_text(&input_ids, &attention_mask)?;
         let [p, _] = input_ids.dims();
-        if pair_image.dims() != [p] {
-            return Err(bad_input("pair_image", format!("expected [{p}], found {:?}", pair_image.dims())));
+        if pair_image.len() != p {
+            return Err(bad_input("pair_image", format!("expected {p} indices, found {}", pair_image.len())));
         }
-        let indices = host_ints("pair_image", &pair_image)?;
-        if let Some(bad) = indices.iter().find(|&&i| i < 0 || i as usize >= b_img) {
-            return Err(bad_input("pair_image", format!("index {bad} is outside 0..{b_img}")));
+        if let Some(bad) = pair_image.iter().find(|&&i| i >= images.images) {
+            return Err(bad_input("pair_image", format!("index {bad} is outside 0..{}", images.images)));
         }
-
-        let cross: Vec<CrossKv> =
-            self.qformer.cross_kv(self.run(z)).iter().map(|kv| kv.select(pair_image.clone())).collect();
-        let perturbation = perturbation.map(|pi| self.run(pi).select(0, pair_image));
-        let [_, q, dq] = self.query_tokens.dims();
         let device = input_ids.device();
+        let indices: Vec<i64> = pair_image.iter().map(|&i| i as i64).collect();
+        let pair_image = Tensor::<1, Int>::from_data(burn::tensor::TensorData::new(indices, [p]), &device);
+        let cross: Vec<CrossKv> = images.cross.iter().map(|kv| kv.select(pair_image.clone())).collect();
+        let perturbation = images.perturbation.clone().map(|pi| pi.select(0, pair_image));
+        let [_, q, dq] = self.query_tokens.dims();
         let queries = self.query_tokens.val().expand([p, q, dq]);
         let embeddings = Tensor::cat(vec![queries, self.embeddings.forward(input_ids)], 1);
         let mask = Tensor::cat(vec![Tensor::<2, Int>::ones([p, q], &device), attention_mask], 1);

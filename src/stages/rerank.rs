@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{BooleanArray, Float32Array, UInt32Array};
+use burn::tensor::Tensor;
 
 use super::index::IndexTables;
 use super::runtime::{self, VisionBatch, ints};
@@ -79,30 +80,36 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
             .enumerate()
             .flat_map(|(slot, &image)| candidates[image].iter().map(move |(&text, &c)| (slot, image, text, c)))
             .collect();
-        for chunk in pairs.chunks(pair_batch) {
-            let p = chunk.len();
-            let token_rows = |all: &[i32]| -> Vec<i64> {
-                chunk
-                    .iter()
-                    .flat_map(|&(_, _, t, _)| all[t as usize * MAX_LEN..][..MAX_LEN].iter().map(|&v| v as i64))
-                    .collect()
-            };
-            let pair_image = ints(chunk.iter().map(|&(slot, ..)| slot as i64).collect(), [p], &device);
-            let logits = ITM_TIME.time(|| -> Result<Vec<f32>> {
-                let logits = model.itm_logits(
-                    batch.z.clone(),
-                    pair_image,
-                    ints(token_rows(&ids), [p, MAX_LEN], &device),
-                    ints(token_rows(&mask), [p, MAX_LEN], &device),
-                    batch.perturbation.clone(),
-                )?;
-                runtime::host(logits, "an ITM batch", Some(("model.pair_batch", pair_batch)))
-            })?;
-            for (&(_, image, text, c), itm) in chunk.iter().zip(logits) {
-                out.push(image as u32, text, c, itm);
-            }
-            bar.inc(p as u64);
+        if pairs.is_empty() {
+            return Ok(());
         }
+        let knob = Some(("model.pair_batch", pair_batch));
+        let logits = ITM_TIME.time(|| -> Result<Vec<f32>> {
+            let images = model.itm_images(batch.z, batch.perturbation)?;
+            let mut logits = Vec::new();
+            for chunk in pairs.chunks(pair_batch) {
+                // Padded to pair_batch pairs by repeating the last one, so that the device sees one
+                // ITM shape (CubeCL compiles and autotunes every new shape); the padding is dropped.
+                let padding = std::iter::repeat_n(chunk[chunk.len() - 1], pair_batch - chunk.len());
+                let padded: Vec<_> = chunk.iter().copied().chain(padding).collect();
+                let slots: Vec<usize> = padded.iter().map(|&(slot, ..)| slot).collect();
+                let token_rows = |all: &[i32]| -> Vec<i64> {
+                    padded
+                        .iter()
+                        .flat_map(|&(_, _, t, _)| all[t as usize * MAX_LEN..][..MAX_LEN].iter().map(|&v| v as i64))
+                        .collect()
+                };
+                let pair_ids = ints(token_rows(&ids), [pair_batch, MAX_LEN], &device);
+                let pair_mask = ints(token_rows(&mask), [pair_batch, MAX_LEN], &device);
+                logits.push(model.itm_pair_logits(&images, &slots, pair_ids, pair_mask)?.narrow(0, 0, chunk.len()));
+            }
+            // One read-back per image batch: the device runs all its chunks without waiting for the host.
+            runtime::host(Tensor::cat(logits, 0), "an ITM batch", knob)
+        })?;
+        for (&(_, image, text, c), itm) in pairs.iter().zip(logits) {
+            out.push(image as u32, text, c, itm);
+        }
+        bar.inc(pairs.len() as u64);
         Ok(())
     };
     match usable_vision_cache(ctx, shard, range.clone())? {
