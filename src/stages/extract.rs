@@ -67,7 +67,8 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
             cache.write(&batch, model.dtype())?;
         }
         let knob = Some(("model.image_batch", ctx.config.model.image_batch));
-        let embeds = runtime::host(model.image_features(batch.z, batch.perturbation)?, "an image batch", knob)?;
+        let mut embeds = runtime::host(model.image_features(batch.z, batch.perturbation)?, "an image batch", knob)?;
+        embeds.truncate(embeds.len() / ctx.config.model.image_batch * batch.images.len()); // drop the padding
         features.push(&batch.images, &batch.perturbed, embeds);
         bar.inc(batch.images.len() as u64);
         Ok(())

@@ -86,9 +86,11 @@ pub fn host<const D: usize>(tensor: Tensor<D>, work: &str, knob: Option<(&str, u
 
 /// Decodes and resizes the images `range` of the split in batches of `batch_size` on the rayon
 /// pool, at most two batches ahead of the model, and calls `work(split_positions, pixel_values)`
-/// for each batch in order on this thread. The first image that fails to decode stops the stage
-/// with an error naming it (parts already written stay).
-/// Shapes: pixel_values [b,3,s,s].
+/// for each batch in order on this thread. A last, partial batch is padded with black images to
+/// `batch_size`, so that the model sees one shape (CubeCL compiles and autotunes every new shape);
+/// rows past `split_positions.len()` are padding. The first image that fails to decode stops the
+/// stage with an error naming it (parts already written stay).
+/// Shapes: pixel_values [batch_size,3,s,s].
 pub fn for_each_image_batch(
     index: &IndexTables,
     range: Range<usize>,
@@ -111,8 +113,9 @@ pub fn for_each_image_batch(
             }
         });
         for (batch, pixels) in receiver {
-            let pixels: Vec<f32> = pixels.into_iter().collect::<Result<Vec<_>>>()?.concat();
-            work(&batch, floats(pixels, [batch.len(), 3, size, size], device))?;
+            let mut pixels: Vec<f32> = pixels.into_iter().collect::<Result<Vec<_>>>()?.concat();
+            pixels.resize(batch_size * 3 * size * size, 0.0);
+            work(&batch, floats(pixels, [batch_size, 3, size, size], device))?;
         }
         Ok(())
     })
@@ -133,9 +136,10 @@ pub fn batch_boxes(index: &IndexTables, images: &[usize], grid: PatchGrid) -> Ba
 pub struct VisionBatch {
     /// Split positions of the batch's images.
     pub images: Vec<usize>,
-    /// Vision tokens [b,t,dv].
+    /// Vision tokens [B,t,dv], B = `model.image_batch`: rows past `images.len()` are padding.
     pub z: Tensor<3>,
-    /// Pi [b, layers, h, d, d]; `None` when Q-Pert is off or no image of the batch has a box.
+    /// Pi [B, layers, h, d, d] (zero for padding); `None` when Q-Pert is off or no image of the
+    /// batch has a box.
     pub perturbation: Option<Tensor<5>>,
     /// Per image: whether Pi perturbs it (Q-Pert on and the image has a kept box).
     pub perturbed: Vec<bool>,

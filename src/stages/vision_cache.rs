@@ -52,20 +52,21 @@ impl VisionCache {
         self.dir.join(format!("batch-{:06}.arrow", first_image / self.image_batch))
     }
 
-    /// Writes `batch` (Z in `dtype`, Pi in f32), atomically.
+    /// Writes `batch`'s images (Z in `dtype`, Pi in f32; not the padding), atomically.
     pub fn write(&self, batch: &VisionBatch, dtype: FloatDType) -> Result<()> {
         let path = self.path(batch.images[0]);
         let artifact = |e: &dyn std::fmt::Display| Error::artifact(&path, e.to_string());
         let read = |t: Tensor<3>| t.try_into_data().map_err(|e| Error::device_failed("the vision cache", e, None));
-        let [b, t, dv] = batch.z.dims();
-        let z = read(batch.z.clone().cast(dtype))?;
+        let b = batch.images.len();
+        let [_, t, dv] = batch.z.dims();
+        let z = read(batch.z.clone().narrow(0, 0, b).cast(dtype))?;
         let z_bytes = z.bytes.len() / b;
         let mut pi_shape = Vec::new();
         let pi: Vec<Option<Vec<u8>>> = match &batch.perturbation {
             Some(pi) => {
                 pi_shape = pi.dims()[1..].to_vec();
                 let data = pi.clone().try_into_data().map_err(|e| Error::device_failed("the vision cache", e, None))?;
-                let row = data.bytes.len() / b;
+                let row = data.bytes.len() / pi.dims()[0];
                 (0..b).map(|i| batch.perturbed[i].then(|| data.bytes[i * row..(i + 1) * row].to_vec())).collect()
             }
             None => vec![None; b],
@@ -131,7 +132,8 @@ impl VisionCache {
         }
     }
 
-    /// The cached batch of `images` (one whole batch, split positions) on `device`.
+    /// The cached batch of `images` (one whole batch, split positions) on `device`, padded to
+    /// `model.image_batch` rows with zeros as [`super::runtime::for_each_image_batch`] pads.
     pub fn read(&self, images: &[usize], device: &Device) -> Result<VisionBatch> {
         let path = self.path(images[0]);
         let bad = |msg: &str| Error::artifact(&path, msg);
@@ -162,19 +164,21 @@ impl VisionCache {
             Some("F16") => DType::F16,
             other => return Err(bad(&format!("unknown Z dtype {other:?}"))),
         };
-        let (b, z_shape, pi_shape) = (images.len(), shape(Z_SHAPE_KEY)?, shape(PI_SHAPE_KEY)?);
+        let (b, z_shape, pi_shape) = (self.image_batch, shape(Z_SHAPE_KEY)?, shape(PI_SHAPE_KEY)?);
         let binary = |i: usize| {
             record.column(i).as_any().downcast_ref::<FixedSizeBinaryArray>().ok_or_else(|| bad("not a binary column"))
         };
         let (z, pi) = (binary(1)?, binary(2)?);
-        let z_data = TensorData::from_bytes_vec(z.value_data().to_vec(), [b, z_shape[0], z_shape[1]], dtype);
+        let mut z_bytes = z.value_data().to_vec();
+        z_bytes.resize(b * z.value_length() as usize, 0); // zero bits are 0.0 in every float dtype
+        let z_data = TensorData::from_bytes_vec(z_bytes, [b, z_shape[0], z_shape[1]], dtype);
         let z = Tensor::<3>::from_data(z_data, device).cast(FloatDType::F32);
-        let perturbed: Vec<bool> = (0..b).map(|i| pi.is_valid(i)).collect();
+        let perturbed: Vec<bool> = (0..images.len()).map(|i| pi.is_valid(i)).collect();
         let perturbation = match perturbed.iter().any(|&p| p) {
             true => {
                 let row = pi_shape.iter().product::<usize>();
                 let mut values = vec![0f32; b * row];
-                for i in (0..b).filter(|&i| perturbed[i]) {
+                for i in (0..images.len()).filter(|&i| perturbed[i]) {
                     for (v, bytes) in values[i * row..(i + 1) * row].iter_mut().zip(pi.value(i).chunks_exact(4)) {
                         *v = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
                     }
