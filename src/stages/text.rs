@@ -43,13 +43,21 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
     let bar = ctx.reporter.bar(captions.len() as u64, &format!("text {shard}"));
 
     let mut embeddings = Vec::new();
-    for start in (0..captions.len()).step_by(ctx.config.model.text_batch) {
-        let n = ctx.config.model.text_batch.min(captions.len() - start);
+    let batch = ctx.config.model.text_batch;
+    for start in (0..captions.len()).step_by(batch) {
+        let n = batch.min(captions.len() - start);
+        // A last, partial batch is padded to `batch` rows so that the device sees one shape; each
+        // padding row attends to its first token only (an all-masked row would be NaN) and is dropped.
         let rows = start * MAX_LEN..(start + n) * MAX_LEN;
-        let ids = ints(tokens.input_ids[rows.clone()].iter().map(|&v| v as i64).collect(), [n, MAX_LEN], &device);
-        let mask = ints(tokens.attention_mask[rows].iter().map(|&v| v as i64).collect(), [n, MAX_LEN], &device);
-        let knob = Some(("model.text_batch", ctx.config.model.text_batch));
-        embeddings.extend(runtime::host(model.text_features(ids, mask)?, "a text batch", knob)?);
+        let mut ids: Vec<i64> = tokens.input_ids[rows.clone()].iter().map(|&v| v as i64).collect();
+        let mut mask: Vec<i64> = tokens.attention_mask[rows].iter().map(|&v| v as i64).collect();
+        ids.resize(batch * MAX_LEN, 0);
+        mask.resize(batch * MAX_LEN, 0);
+        (n..batch).for_each(|row| mask[row * MAX_LEN] = 1);
+        let (ids, mask) = (ints(ids, [batch, MAX_LEN], &device), ints(mask, [batch, MAX_LEN], &device));
+        let knob = Some(("model.text_batch", batch));
+        let features = runtime::host(model.text_features(ids, mask)?, "a text batch", knob)?;
+        embeddings.extend_from_slice(&features[..features.len() / batch * n]);
         bar.inc(n as u64);
     }
     bar.finish_and_clear();
