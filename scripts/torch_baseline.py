@@ -163,15 +163,18 @@ def ratio_table(torch_report, qpert, out=sys.stdout):
          released_seconds(unit["unit_s"], COCO, torch_report["unit_pairs"]), "released loop (projected)", True),
         ("extract images/s vs ViT f32 b32", stage["extract"]["per_s"], f32["vit_images_per_s"], "torch f32", False),
         ("extract images/s vs ViT bf16 b32", stage["extract"]["per_s"], bf16.get("vit_images_per_s", float("nan")), "torch bf16", False),
+        *[(f"ViT alone ({kernel} attention) images/s vs bf16 b32", 1e3 / ms,
+           bf16.get("vit_images_per_s", float("nan")), "torch bf16", False)
+          for kernel, ms in qpert.get("vision_ms_per_image", [])],
         ("ITM pairs/s vs f32 b256", itm_rate, f32["itm_pairs_per_s"], "torch f32", False),
         ("ITM pairs/s vs bf16 b256", itm_rate, bf16.get("itm_pairs_per_s", float("nan")), "torch bf16", False),
     ]
     print(f"qpert on {qpert['device']} ({qpert['model']}), reference on {torch_report['device']} "
           f"(torch {torch_report['torch']})", file=out)
-    print(f"{'quantity':<36} {'qpert':>12} {'reference':>12} {'speed-up':>9}  reference", file=out)
+    print(f"{'quantity':<50} {'qpert':>12} {'reference':>12} {'speed-up':>9}  reference", file=out)
     for name, ours, ref, label, lower_is_better in rows:
         speedup = ref / ours if lower_is_better else ours / ref
-        print(f"{name:<36} {ours:>12.2f} {ref:>12.2f} {speedup:>8.2f}x  {label}", file=out)
+        print(f"{name:<50} {ours:>12.2f} {ref:>12.2f} {speedup:>8.2f}x  {label}", file=out)
     peaks = [s["gpu_peak_gib"] for s in qpert["stages"] if s["gpu_peak_gib"] is not None]
     gpu = f"{max(peaks):.1f} GiB" if peaks else "n/a"
     print(f"targets (bf16, issue 6): Flickr30K <= 60 s, COCO <= 300 s, ViT >= 150 images/s, "
