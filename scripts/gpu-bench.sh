@@ -21,8 +21,8 @@
 # cubecl.toml in its run folder.
 # Knobs (environment): IMAGES (64), K (16), PRECISION (bf16 | f16 | f32), ATTENTION (fused | explicit:
 # the vision tower's self-attention; a failed fused run is retried explicit), CUBECL_AUTOTUNE_LEVEL (minimal: bounds the autotuning
-# time; set balanced for the default search), PARITY_TIMEOUT (120 s), TORCH_TIMEOUT (150 s),
-# QPERT_TIMEOUT (300 s), PYTHON (python3: the one with PyTorch + transformers).
+# time; set balanced for the default search), PARITY_TIMEOUT (90 s), TORCH_TIMEOUT (150 s),
+# QPERT_TIMEOUT (270 s; the three fit the run tool's 540 s), PYTHON (python3: the one with PyTorch + transformers).
 # A CPU dry run of the script's logic (any qpert binary in target/gpu-bench/qpert.xz):
 #   DEVICE=cpu MODEL_CONFIG=tiny IMAGES=4 TORCH_ARGS="--tiny --device cpu" bash scripts/gpu-bench.sh
 set -uo pipefail
@@ -35,9 +35,9 @@ ATTENTION="${ATTENTION:-fused}"
 DEVICE="${DEVICE:-cuda}"
 MODEL_CONFIG="${MODEL_CONFIG:-coco}"
 TORCH_ARGS="${TORCH_ARGS:-}"
-PARITY_TIMEOUT="${PARITY_TIMEOUT:-120}"
+PARITY_TIMEOUT="${PARITY_TIMEOUT:-90}"
 TORCH_TIMEOUT="${TORCH_TIMEOUT:-150}"
-QPERT_TIMEOUT="${QPERT_TIMEOUT:-300}"
+QPERT_TIMEOUT="${QPERT_TIMEOUT:-270}"
 export CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}"
 mkdir -p "$OUT"
 start=$(date +%s)
