@@ -31,6 +31,7 @@ gpu-bench:
 	strip -o target/gpu-bench/parity "$$(sed -n 's/.*Executable tests\/parity.rs (\(.*\))/\1/p' target/gpu-bench/parity-build.log)"
 	xz -6 -f target/gpu-bench/parity
 	echo "$(CURDIR)" > target/gpu-bench/manifest-dir
+	git describe --always --dirty > target/gpu-bench/commit
 	@ls -l target/gpu-bench/
 	@echo "gpu-bench: carry target/gpu-bench and run: bash scripts/gpu-bench.sh"
 

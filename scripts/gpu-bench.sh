@@ -71,7 +71,7 @@ export LD_LIBRARY_PATH="${NVLIB}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 for cuda in /usr/local/cuda /usr/local/cuda-13*; do
     [ -d "$cuda/include" ] && { export CUDA_PATH="${CUDA_PATH:-$cuda}"; break; }
 done
-say "binary $(du -h "$BIN" | cut -f1); NVRTC dirs: ${NVLIB:-none found}; CUDA_PATH=${CUDA_PATH:-unset}; autotune level $CUBECL_AUTOTUNE_LEVEL"
+say "binary $(du -h "$BIN" | cut -f1) built from $(cat target/gpu-bench/commit 2>/dev/null || echo '?'); NVRTC dirs: ${NVLIB:-none found}; CUDA_PATH=${CUDA_PATH:-unset}; autotune level $CUBECL_AUTOTUNE_LEVEL"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1 \
     || echo "no nvidia-smi" > "$OUT/gpu.txt"
 say "GPU: $(cat "$OUT/gpu.txt")"
