@@ -45,14 +45,20 @@ pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
 }
 
 /// The ITC features of the whole split, on the device.
+/// The features zero-padded to whole blocks: every block has the same shape, so a GPU compiles and
+/// autotunes one matmul (instead of up to four), and the padded scores are dropped on the host.
 struct Features {
-    /// [images * q, e]
+    /// [padded images * q, e]
     images: Tensor<2>,
-    /// [texts, e]
+    /// [padded texts, e]
     texts: Tensor<2>,
     n_images: usize,
     n_texts: usize,
     q: usize,
+    /// Images per block: [`IMAGE_BLOCK`], or all images when there are fewer.
+    image_block: usize,
+    /// Texts per block: [`TEXT_BLOCK`], or all texts when there are fewer.
+    text_block: usize,
 }
 
 /// Runs `sim`; skips it when up to date (unless `--force`).
@@ -151,14 +157,38 @@ fn read_features(ctx: &Context, index: &IndexTables, device: &Device) -> Result<
     let (q, e) = (images_table.metadata_usize(QUERIES_KEY)?, images_table.metadata_usize(EMBED_DIM_KEY)?);
     check_sequence(images_table.u32s("image_idx")?, index.images.len(), images_dir.path())?;
     check_sequence(texts_table.u32s("text_idx")?, index.texts.len(), texts_dir.path())?;
-    let (n_images, n_texts) = (index.images.len(), index.texts.len());
-    Ok(Features {
-        images: floats(images_table.f32_rows("query_embeds", q * e)?.to_vec(), [n_images * q, e], device),
-        texts: floats(texts_table.f32_rows("embedding", e)?.to_vec(), [n_texts, e], device),
-        n_images,
-        n_texts,
-        q,
-    })
+    Ok(Features::new(
+        images_table.f32_rows("query_embeds", q * e)?,
+        texts_table.f32_rows("embedding", e)?,
+        [index.images.len(), q, e],
+        [IMAGE_BLOCK, TEXT_BLOCK],
+        device,
+    ))
+}
+
+impl Features {
+    /// Uploads `images` ([n_images * q * e]) and `texts` ([n_texts * e]) zero-padded to whole blocks
+    /// of at most `[images, texts]` per block.
+    fn new(images: &[f32], texts: &[f32], [n_images, q, e]: [usize; 3], blocks: [usize; 2], device: &Device) -> Self {
+        let n_texts = texts.len() / e;
+        let (image_block, text_block) = (blocks[0].min(n_images).max(1), blocks[1].min(n_texts).max(1));
+        let (padded_images, padded_texts) =
+            (n_images.next_multiple_of(image_block), n_texts.next_multiple_of(text_block));
+        let zero_padded = |rows: &[f32], len: usize| {
+            let mut values = rows.to_vec();
+            values.resize(len, 0.0);
+            values
+        };
+        Features {
+            images: floats(zero_padded(images, padded_images * q * e), [padded_images * q, e], device),
+            texts: floats(zero_padded(texts, padded_texts * e), [padded_texts, e], device),
+            n_images,
+            n_texts,
+            q,
+            image_block,
+            text_block,
+        }
+    }
 }
 
 /// The parts must hold the indices 0..n exactly once, in order.
@@ -170,21 +200,23 @@ fn check_sequence(indices: &[u32], n: usize, path: &std::path::Path) -> Result<(
 }
 
 fn block_count(f: &Features) -> usize {
-    f.n_images.div_ceil(IMAGE_BLOCK) * f.n_texts.div_ceil(TEXT_BLOCK)
+    f.n_images.div_ceil(f.image_block) * f.n_texts.div_ceil(f.text_block)
 }
 
 /// Calls `visit(first_image, first_text, texts_in_block, scores)` for each block in a fixed order
 /// (image blocks outer, text blocks inner); `scores` is row-major [images_in_block, texts_in_block].
 fn for_each_block(f: &Features, mut visit: impl FnMut(usize, usize, usize, &[f32])) -> Result<()> {
-    let e = f.texts.dims()[1];
-    for image0 in (0..f.n_images).step_by(IMAGE_BLOCK) {
-        let bi = IMAGE_BLOCK.min(f.n_images - image0);
-        let queries = f.images.clone().narrow(0, image0 * f.q, bi * f.q);
-        for text0 in (0..f.n_texts).step_by(TEXT_BLOCK) {
-            let bt = TEXT_BLOCK.min(f.n_texts - text0);
-            let texts = f.texts.clone().narrow(0, text0, bt).reshape([bt, e]);
-            let scores = queries.clone().matmul(texts.transpose()).reshape([bi, f.q, bt]).max_dim(1);
-            visit(image0, text0, bt, &runtime::host(scores, "an ITC score block", None)?);
+    let (image_block, text_block) = (f.image_block, f.text_block);
+    for image0 in (0..f.n_images).step_by(image_block) {
+        let bi = image_block.min(f.n_images - image0);
+        let queries = f.images.clone().narrow(0, image0 * f.q, image_block * f.q);
+        for text0 in (0..f.n_texts).step_by(text_block) {
+            let bt = text_block.min(f.n_texts - text0);
+            let texts = f.texts.clone().narrow(0, text0, text_block);
+            let scores = queries.clone().matmul(texts.transpose()).reshape([image_block, f.q, text_block]).max_dim(1);
+            let padded = runtime::host(scores, "an ITC score block", None)?;
+            let real: Vec<f32> = padded.chunks(text_block).take(bi).flat_map(|row| &row[..bt]).copied().collect();
+            visit(image0, text0, bt, &real);
         }
     }
     Ok(())
@@ -222,4 +254,45 @@ fn ranks_batch(query: &str, ranks: Vec<u32>) -> std::result::Result<RecordBatch,
         (query, Arc::new(UInt32Array::from_iter_values(0..ranks.len() as u32))),
         ("itc_rank", Arc::new(UInt32Array::from(ranks))),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Blocks that do not divide the data (padded) give exactly the scores of one unpadded block,
+    /// and those are the max over query rows of the dot products.
+    #[test]
+    fn padded_blocks_give_every_score_once() {
+        let (n_images, q, e, n_texts) = (5, 2, 3, 7);
+        let value = |i: usize| ((i * 37 % 11) as f32 - 5.0) / 4.0;
+        let images: Vec<f32> = (0..n_images * q * e).map(value).collect();
+        let texts: Vec<f32> = (0..n_texts * e).map(|i| value(i + 3)).collect();
+        let device = Device::flex();
+        let scores = |blocks: [usize; 2]| {
+            let features = Features::new(&images, &texts, [n_images, q, e], blocks, &device);
+            let mut all = vec![f32::NAN; n_images * n_texts];
+            let mut visits = 0;
+            for_each_block(&features, |image0, text0, bt, block| {
+                visits += 1;
+                for (row, values) in block.chunks(bt).enumerate() {
+                    for (col, &v) in values.iter().enumerate() {
+                        assert!(all[(image0 + row) * n_texts + text0 + col].is_nan(), "scored twice");
+                        all[(image0 + row) * n_texts + text0 + col] = v;
+                    }
+                }
+            })
+            .unwrap();
+            assert_eq!(visits, block_count(&features));
+            all
+        };
+        let padded = scores([2, 3]);
+        assert_eq!(block_count(&Features::new(&images, &texts, [n_images, q, e], [2, 3], &device)), 9);
+        for (i, (&a, &b)) in padded.iter().zip(&scores([256, 4096])).enumerate() {
+            let (image, text) = (i / n_texts, i % n_texts);
+            let dot = |row: usize| (0..e).map(|d| images[(image * q + row) * e + d] * texts[text * e + d]).sum::<f32>();
+            let expected = dot(0).max(dot(1));
+            assert!((a - expected).abs() < 1e-6 && (b - expected).abs() < 1e-6, "{image},{text}: {a} {b} {expected}");
+        }
+    }
 }
