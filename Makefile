@@ -4,10 +4,18 @@
 
 CARGO ?= cargo
 
-.PHONY: test test-slurm build demo reproduce-flickr reproduce-coco gpu-bench
+.PHONY: test test-cubecl test-slurm build demo reproduce-flickr reproduce-coco gpu-bench
 
 test:
 	$(CARGO) test
+
+# The CubeCL backend, i.e. the code CUDA runs (fusion, autotuned matmuls, the fused attention
+# routine, the stages' fixed shapes), on this CPU: wgpu drives Mesa's lavapipe Vulkan driver
+# (apt-get install mesa-vulkan-drivers). The parity fixtures and every stage against the Python
+# reference, as in `make test`. Minimal autotuning: lavapipe compiles each candidate kernel slowly.
+test-cubecl:
+	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp} CUBECL_AUTOTUNE_LEVEL=minimal \
+		$(CARGO) test --features wgpu --test parity --test pipeline --test bench -- cubecl_backend
 
 # The Slurm test (tests/slurm/run.sh): needs root; skips with a message where Slurm cannot run.
 test-slurm:

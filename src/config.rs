@@ -65,7 +65,7 @@ fn default_split() -> String {
 pub struct ModelConfig {
     /// A Hugging Face model folder (`config.json`, `model.safetensors`, tokenizer files).
     pub dir: PathBuf,
-    /// `cuda` or `cpu`.
+    /// `cpu`, `cuda` or `wgpu`.
     pub device: DeviceKind,
     /// `f32`, `bf16` or `f16`.
     pub precision: Precision,
@@ -96,13 +96,28 @@ fn default_pair_batch() -> usize {
 }
 
 /// The compute device asked for in the config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceKind {
+    /// The CPU backend (burn-flex).
+    Cpu,
     /// An NVIDIA GPU (needs the `cuda` cargo feature).
     Cuda,
-    /// The CPU backend.
-    Cpu,
+    /// Any GPU that wgpu drives (Vulkan, Metal, DirectX 12), through CubeCL like CUDA (needs the
+    /// `wgpu` cargo feature). On a CPU, Mesa's lavapipe Vulkan driver runs it: that is how the
+    /// tests check the CubeCL code path without a GPU.
+    Wgpu,
+}
+
+impl DeviceKind {
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+            DeviceKind::Wgpu => "wgpu",
+        }
+    }
 }
 
 /// Floating-point precision of the model.

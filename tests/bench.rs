@@ -121,3 +121,27 @@ fn a_saved_random_model_loads_back_with_the_same_weights() {
     let zb = loaded.vision_tokens(pixels).unwrap().into_data().try_to_vec::<f32>().unwrap();
     assert_eq!(za, zb);
 }
+
+/// On the CubeCL backend (wgpu over Mesa's lavapipe on a CPU, `make test-cubecl`) the bench takes
+/// its GPU path: a warm-up run, and each stage's autotuning and compilation time as the difference
+/// from it. The first `extract` compiles and tunes every kernel of the vision tower, so it is > 0.
+#[cfg(feature = "wgpu")]
+#[test]
+fn bench_on_the_cubecl_backend_reports_autotuning() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qpert"))
+        .args(["bench", "--model-config", "tiny", "--images", "4", "--k", "3", "--device", "wgpu", "--warmup"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("4 boxes per image, k = 3, on wgpu"), "{stdout}");
+    for stage in ["index", "extract", "text", "sim", "rerank"] {
+        let r = row(&stdout, stage);
+        let autotune: f64 = r[11].parse().unwrap_or_else(|_| panic!("autotune seconds: {r:?}"));
+        assert!(autotune >= 0.0, "{r:?}");
+        if stage == "extract" {
+            assert!(autotune > 0.0, "the warm-up compiled the vision tower: {r:?}");
+        }
+        assert_eq!(r[13], "n/a", "no nvidia-smi, no GPU memory: {r:?}");
+    }
+}

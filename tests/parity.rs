@@ -201,6 +201,17 @@ fn parity_cuda() {
     assert_parity(&fixture("tiny_blip2_b"), &device, TOLERANCE, AttentionKernel::Explicit);
 }
 
+/// The CubeCL backend that CUDA uses (fusion, autotuned matmuls, the fused attention routine), run
+/// by wgpu: on a CPU through Mesa's lavapipe, `make test-cubecl`.
+#[cfg(feature = "wgpu")]
+#[test]
+fn parity_on_the_cubecl_backend() {
+    let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    assert_parity(&fixture("tiny_blip2_a"), &device, TOLERANCE, AttentionKernel::Explicit);
+    assert_parity(&fixture("tiny_blip2_b"), &device, TOLERANCE, AttentionKernel::Explicit);
+    assert_parity(&fixture("tiny_blip2_a"), &device, TOLERANCE, AttentionKernel::Fused);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reduced precision: bf16 and f16 against the f32 reference.
 //

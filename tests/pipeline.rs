@@ -25,17 +25,22 @@ fn settings(variant: &str) -> Vec<String> {
 }
 
 fn stage(ws: &Workspace, variant: &str, args: &[&str]) {
+    stage_on(ws, variant, args, "cpu");
+}
+
+fn stage_on(ws: &Workspace, variant: &str, args: &[&str], device: &str) {
     let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     all.extend(["--config".into(), "{config}".into()]);
     all.extend(settings(variant));
+    all.extend(["--set".into(), format!("model.device={device}")]);
     let refs: Vec<&str> = all.iter().map(String::as_str).collect();
     let out = ws.qpert(&refs);
     assert_eq!(out.status.code(), Some(0), "qpert {args:?}: {}", stderr(&out));
 }
 
-fn run_model_stages(ws: &Workspace, variant: &str) {
+fn run_model_stages(ws: &Workspace, variant: &str, device: &str) {
     for name in ["index", "extract", "text", "sim", "rerank", "report"] {
-        stage(ws, variant, &["stage", name]);
+        stage_on(ws, variant, &["stage", name], device);
     }
 }
 
@@ -46,10 +51,22 @@ fn close(got: f32, want: &serde_json::Value, what: &str) {
 
 #[test]
 fn every_stage_matches_the_python_reference() {
+    assert_every_stage_matches_the_python_reference("cpu");
+}
+
+/// The same on the CubeCL backend that CUDA uses, run by wgpu (on a CPU through Mesa's lavapipe):
+/// `make test-cubecl`.
+#[cfg(feature = "wgpu")]
+#[test]
+fn every_stage_on_the_cubecl_backend_matches_the_python_reference() {
+    assert_every_stage_matches_the_python_reference("wgpu");
+}
+
+fn assert_every_stage_matches_the_python_reference(device: &str) {
     // One cache for both variants: plain BLIP-2's Q-Pert-dependent stages live in `<stage>-plain/`.
     let ws = Workspace::new("flickr30k_test.json");
     for variant in ["principal", "plain"] {
-        run_model_stages(&ws, variant);
+        run_model_stages(&ws, variant, device);
         let dir = |stage: &str| folder(variant, stage);
         let want = expected(variant);
         let itc = &want["itc"];
@@ -128,7 +145,7 @@ fn every_stage_matches_the_python_reference() {
     // it shows both side by side (reference ITC text-to-image R@1: 16 with Q-Pert, 24 plain).
     let status = common::stdout(&ws.qpert(&["status", "--config", "{config}", "--set", "qpert.projector=principal"]));
     assert!(status.lines().any(|l| l.starts_with("report") && l.contains("baseline: added")), "{status}");
-    stage(&ws, "principal", &["stage", "report"]);
+    stage_on(&ws, "principal", &["stage", "report"], device);
     let md = std::fs::read_to_string(ws.path().join("out/report/report.md")).unwrap();
     assert!(md.contains("## Q-Pert against plain BLIP-2 (same cache)"), "{md}");
     assert!(md.contains("| ITC | text to image R@1 | 24.00 | 16.00 | -8.00 |"), "{md}");
@@ -197,7 +214,7 @@ fn to_u32s(v: &serde_json::Value) -> Vec<u32> {
 #[test]
 fn any_sharding_gives_identical_tables() {
     let single = Workspace::new("flickr30k_test.json");
-    run_model_stages(&single, "principal");
+    run_model_stages(&single, "principal", "cpu");
     let sharded = Workspace::new("flickr30k_test.json");
     stage(&sharded, "principal", &["stage", "index"]);
     for (name, count) in [("extract", 2), ("text", 3), ("sim", 1), ("rerank", 3), ("report", 1)] {
@@ -231,7 +248,7 @@ fn report_metrics(ws: &Workspace) -> String {
 #[test]
 fn changing_alpha_makes_only_the_perturbed_stages_stale() {
     let ws = Workspace::new("flickr30k_test.json");
-    run_model_stages(&ws, "principal");
+    run_model_stages(&ws, "principal", "cpu");
     let mut args: Vec<String> = vec!["status".into(), "--config".into(), "{config}".into()];
     args.extend(settings("principal"));
     args.extend(["--set".into(), "qpert.alpha=4".into()]);

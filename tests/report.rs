@@ -30,7 +30,7 @@ fn context(config: Config, lines: Arc<Mutex<Vec<String>>>) -> Context {
     let info = Box::new(move |l: &str| lines.lock().unwrap().push(l.to_string()));
     Context {
         config,
-        device: DeviceChoice { name: "cpu".into(), device: Ok(burn::tensor::Device::flex()) },
+        device: DeviceChoice { kind: qpert::config::DeviceKind::Cpu, device: Ok(burn::tensor::Device::flex()) },
         strict: false,
         force: false,
         reporter: Reporter::new(info, Box::new(|_| {}), false),

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use burn::tensor::Device;
 use serde::Serialize;
 
-use crate::config::{Config, DatasetConfig, ModelConfig, OutputConfig, Precision, QpertConfig, RerankConfig};
+use crate::config::{
+    Config, DatasetConfig, DeviceKind, ModelConfig, OutputConfig, Precision, QpertConfig, RerankConfig,
+};
 use crate::error::{Error, Result};
 use crate::model::{AttentionKernel, Blip2Config};
 use crate::qpert::perturbation::EIGEN_TIME;
@@ -204,7 +206,7 @@ pub struct Projection {
 pub struct BenchReport {
     /// The model configuration's label.
     pub model: String,
-    /// `cpu` or `cuda`.
+    /// `cpu`, `cuda` or `wgpu`.
     pub device: String,
     /// The run precision (`model.precision`).
     pub precision: Precision,
@@ -301,7 +303,13 @@ fn host_peak_gib() -> Option<f64> {
 }
 
 /// The stage config on the synthetic split.
-fn stage_config(options: &BenchOptions, data: &SyntheticDataset, model_dir: &Path, out: &Path, device: &str) -> Config {
+fn stage_config(
+    options: &BenchOptions,
+    data: &SyntheticDataset,
+    model_dir: &Path,
+    out: &Path,
+    device: DeviceKind,
+) -> Config {
     Config {
         dataset: DatasetConfig {
             name: "bench-synthetic".into(),
@@ -314,7 +322,7 @@ fn stage_config(options: &BenchOptions, data: &SyntheticDataset, model_dir: &Pat
         },
         model: ModelConfig {
             dir: model_dir.to_path_buf(),
-            device: if device == "cuda" { crate::config::DeviceKind::Cuda } else { crate::config::DeviceKind::Cpu },
+            device,
             precision: options.precision,
             image_batch: options.image_batch,
             text_batch: options.text_batch,
@@ -487,17 +495,17 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
         options.captions_per_image,
         options.boxes_per_image,
         options.k,
-        device.name
+        device.kind.name()
     ));
     let sizes = Sizes {
         images: options.images as f64,
         texts: (options.images * options.captions_per_image) as f64,
         boxes_per_image: options.boxes_per_image as f64,
     };
-    let on_gpu = device.name == "cuda";
+    let on_gpu = device.kind != DeviceKind::Cpu;
     let gpu = GpuMemory::start(on_gpu);
     let mut ctx = Context {
-        config: stage_config(options, &data, &model_dir, &scratch.0.join("warmup"), &device.name),
+        config: stage_config(options, &data, &model_dir, &scratch.0.join("warmup"), device.kind),
         device,
         strict: false,
         force: true,
@@ -528,7 +536,7 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
     let z_cache = z_cache::measure(&model.with_attention(options.attention), batch, &burn_device, &scratch.0)?;
     let report = BenchReport {
         model: options.model.label(),
-        device: ctx.device.name.clone(),
+        device: ctx.device.kind.name().to_string(),
         precision: options.precision,
         attention: options.attention,
         images: options.images,

@@ -7,6 +7,7 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
 
 use super::cluster::ShardArg;
+use crate::config::DeviceKind;
 use crate::stages::Stage;
 
 /// qpert: BLIP-2 image-text retrieval with Object-Aware Query Perturbation, as staged, resumable,
@@ -108,9 +109,9 @@ pub struct BenchArgs {
     /// ITC candidates per query re-ranked by ITM.
     #[arg(long, default_value_t = 16)]
     pub k: u32,
-    /// `cpu` or `cuda` (a `--features cuda` build).
-    #[arg(long, value_parser = ["cpu", "cuda"], default_value = "cpu")]
-    pub device: String,
+    /// `cpu`, `cuda` (a `--features cuda` build) or `wgpu` (a `--features wgpu` build).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceKind,
     /// Model precision (`model.precision`): `f32`, `bf16` or `f16`.
     #[arg(long, value_parser = ["f32", "bf16", "f16"], default_value = "f32")]
     pub precision: String,

@@ -9,7 +9,7 @@ use clap::Parser;
 
 pub use args::{Args, Command};
 
-use crate::config::{DeviceKind, Precision};
+use crate::config::Precision;
 use crate::error::{Error, Result};
 use crate::model::AttentionKernel;
 use crate::stages;
@@ -86,8 +86,7 @@ pub fn run(args: Args) -> Result<()> {
                 warmup: bench.warmup,
                 json: bench.json.clone(),
             };
-            let kind = if bench.device == "cuda" { DeviceKind::Cuda } else { DeviceKind::Cpu };
-            crate::bench::run(&options, resolve::device_choice(kind), resolve::terminal_reporter()).map(|_| ())
+            crate::bench::run(&options, resolve::device_choice(bench.device), resolve::terminal_reporter()).map(|_| ())
         }
         Command::Status { common } => {
             let ctx = resolve::context(common, false)?;

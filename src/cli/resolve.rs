@@ -19,12 +19,15 @@ pub fn context(common: &CommonArgs, force: bool) -> Result<Context> {
 }
 
 /// The device for `requested`: burn-flex on the CPU; CUDA only in a `cuda` build on a machine whose
-/// driver library loads (selecting CUDA without one would abort the process inside the backend).
+/// driver library loads (selecting CUDA without one would abort the process inside the backend);
+/// wgpu only in a `wgpu` build.
 pub fn device_choice(requested: DeviceKind) -> DeviceChoice {
-    match requested {
-        DeviceKind::Cpu => DeviceChoice { name: "cpu".into(), device: Ok(Device::flex()) },
-        DeviceKind::Cuda => DeviceChoice { name: "cuda".into(), device: cuda_device() },
-    }
+    let device = match requested {
+        DeviceKind::Cpu => Ok(Device::flex()),
+        DeviceKind::Cuda => cuda_device(),
+        DeviceKind::Wgpu => wgpu_device(),
+    };
+    DeviceChoice { kind: requested, device }
 }
 
 #[cfg(feature = "cuda")]
@@ -47,6 +50,18 @@ fn cuda_device() -> std::result::Result<Device, String> {
 fn cuda_device() -> std::result::Result<Device, String> {
     Err("model.device = \"cuda\" but this qpert was built without the `cuda` feature; \
          rebuild with `cargo build --release --features cuda` or use --set model.device=cpu"
+        .into())
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_device() -> std::result::Result<Device, String> {
+    Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_device() -> std::result::Result<Device, String> {
+    Err("model.device = \"wgpu\" but this qpert was built without the `wgpu` feature; \
+         rebuild with `cargo build --release --features wgpu` or use --set model.device=cpu"
         .into())
 }
 

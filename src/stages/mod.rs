@@ -21,7 +21,7 @@ use std::str::FromStr;
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::config::Config;
+use crate::config::{Config, DeviceKind};
 use crate::error::{Error, Result};
 use crate::store::{DataWarning, Fingerprint, Manifest, Shard, StageDir, StageState};
 
@@ -154,8 +154,8 @@ impl Reporter {
 /// features this binary was built with (the only place that knows them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceChoice {
-    /// `cpu` or `cuda`.
-    pub name: String,
+    /// What the config asked for.
+    pub kind: DeviceKind,
     /// The burn device, or why it cannot be used (e.g. CUDA asked of a CPU-only build).
     pub device: std::result::Result<Device, String>,
 }
@@ -293,7 +293,7 @@ mod tests {
     #[test]
     fn strict_turns_warnings_into_input_errors() {
         let config: Config = toml::from_str(include_str!("../../configs/flickr30k.toml")).unwrap();
-        let device = DeviceChoice { name: "cpu".into(), device: Ok(Device::flex()) };
+        let device = DeviceChoice { kind: DeviceKind::Cpu, device: Ok(Device::flex()) };
         let ctx = Context { config, device, strict: true, force: false, reporter: Reporter::quiet() };
         let err = ctx.data_warning(Path::new("a.xml"), "box outside").unwrap_err();
         assert_eq!(err.exit_code(), 1);
@@ -302,7 +302,7 @@ mod tests {
 
     #[test]
     fn unusable_device_is_a_device_error() {
-        let d = DeviceChoice { name: "cuda".into(), device: Err("built without cuda".into()) };
+        let d = DeviceChoice { kind: DeviceKind::Cuda, device: Err("built without cuda".into()) };
         assert!(matches!(d.require(), Err(Error::Device(_))));
     }
 }
