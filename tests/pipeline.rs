@@ -367,4 +367,20 @@ fn the_vision_cache_gives_the_same_rerank_as_recomputing() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let said = common::stdout(&out) + &stderr(&out);
     assert!(said.contains("recomputing vision tokens and Q-Pert") && said.contains("another configuration"), "{said}");
+
+    // Re-extracting with another batch size leaves only that run's files: five batches of one image,
+    // then one batch of all five, whose run removes the four files it no longer numbers.
+    let cache_files = |batch: &str| {
+        let set = format!("model.image_batch={batch}");
+        let out = ws.qpert(&["stage", "extract", "--config", "{config}", "--force", "--set", &set]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let mut names: Vec<String> = std::fs::read_dir(&vision)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(cache_files("1").len(), 5);
+    assert_eq!(cache_files("8"), ["batch-000000.arrow"]);
 }

@@ -62,6 +62,9 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
     let mut features = ImageFeatures::default();
     let cache = (ctx.config.rerank.enabled && ctx.config.rerank.vision_cache)
         .then(|| VisionCache::new(stage.path(), stage.fingerprint().digest(), ctx.config.model.image_batch));
+    if let Some(cache) = &cache {
+        cache.remove_stale()?;
+    }
     runtime::for_each_vision_batch(&index, range, &model, &ctx.config, &device, |batch| {
         if let Some(cache) = &cache {
             cache.write(&batch, model.dtype())?;

@@ -109,13 +109,40 @@ impl VisionCache {
             if !path.is_file() {
                 return Some(format!("{} is missing", path.display()));
             }
-            match self.read_record(&path) {
-                Ok(record) if current(&record, &self.fingerprint, self.image_batch) => {}
-                Ok(_) => return Some(format!("{} was written for another configuration", path.display())),
+            match self.is_current(&path) {
+                Ok(true) => {}
+                Ok(false) => return Some(format!("{} was written for another configuration", path.display())),
                 Err(e) => return Some(e.to_string()),
             }
         }
         None
+    }
+
+    /// Removes the batch files of earlier runs (another fingerprint or batch size, or unreadable),
+    /// which would otherwise stay on disk unused, e.g. after `model.image_batch` changed. Files of
+    /// this run, including those another shard is writing, are current and stay. Returns how many
+    /// were removed.
+    pub fn remove_stale(&self) -> Result<usize> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Ok(0) };
+        let mut removed = 0;
+        for entry in entries {
+            let path = entry.map_err(|e| Error::artifact(&self.dir, e))?.path();
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if name.starts_with("batch-") && name.ends_with(".arrow") && !self.is_current(&path).unwrap_or(false) {
+                std::fs::remove_file(&path).map_err(|e| Error::artifact(&path, e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Whether the file at `path` was written for the current fingerprint and batch size. Reads
+    /// only the footer and schema, where the metadata lives.
+    fn is_current(&self, path: &Path) -> Result<bool> {
+        let file = File::open(path).map_err(|e| Error::artifact(path, e))?;
+        let reader = FileReader::try_new(file, None)
+            .map_err(|e| Error::artifact(path, format!("not a readable Arrow IPC file: {e}")))?;
+        Ok(current(reader.schema().metadata(), &self.fingerprint, self.image_batch))
     }
 
     fn read_record(&self, path: &Path) -> Result<RecordBatch> {
@@ -138,7 +165,7 @@ impl VisionCache {
         let path = self.path(images[0]);
         let bad = |msg: &str| Error::artifact(&path, msg);
         let record = self.read_record(&path)?;
-        if !current(&record, &self.fingerprint, self.image_batch) {
+        if !current(record.schema_ref().metadata(), &self.fingerprint, self.image_batch) {
             return Err(bad("written for another configuration; rerun `qpert stage extract --force`"));
         }
         let stored: Vec<usize> = record
@@ -192,9 +219,9 @@ impl VisionCache {
     }
 }
 
-/// Whether a cache file was written for extract's `fingerprint` with batches of `image_batch`.
-fn current(record: &RecordBatch, fingerprint: &str, image_batch: usize) -> bool {
-    let metadata = record.schema_ref().metadata();
+/// Whether a cache file's schema `metadata` says it was written for extract's `fingerprint` with
+/// batches of `image_batch`.
+fn current(metadata: &HashMap<String, String>, fingerprint: &str, image_batch: usize) -> bool {
     metadata.get(FINGERPRINT_KEY).map(String::as_str) == Some(fingerprint)
         && metadata.get(IMAGE_BATCH_KEY) == Some(&image_batch.to_string())
 }
