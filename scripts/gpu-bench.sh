@@ -13,7 +13,9 @@
 #      the released loop's per-image unit and a batched pipeline, f32 and bf16;
 #   2. `qpert bench` on the same config in $PRECISION (default bf16, the issue's target setting), 64
 #      synthetic images, k = 16, with a warm-up run so JIT compilation + autotuning is measured;
-#   3. the ratio table (qpert against the reference, same GPU, same run).
+#   3. the ratio table (qpert against the reference, same GPU, same run);
+#   4. with the time left (up to 530 s in all), the whole mini pipeline on the GPU (configs/mini.toml,
+#      principal projector) and its metrics against the Python reference's (mini.txt).
 # Everything lands in $OUT (default /tmp/gpu-bench): *.txt logs, *.json reports, gpu.txt, and
 # cubecl/<gpu>.db: CubeCL's autotune results and compiled kernels for this GPU model. Copy it to
 # cache/cubecl/ here and carry that folder too (run tool: carry ["target/gpu-bench", "cache/cubecl"])
@@ -133,4 +135,23 @@ else
 fi
 mkdir -p "$OUT/cubecl" && cp "$REPO"/cache/cubecl/*.db "$OUT/cubecl/" 2>/dev/null \
     && say "CubeCL cache for the next run: $OUT/cubecl/ ($(du -sh "$OUT/cubecl" | cut -f1)); copy it to cache/cubecl/ and carry it next time"
+say "4 the mini pipeline on $DEVICE against the Python reference"
+left=$(( 530 - ($(date +%s) - start) ))
+if [ "$left" -gt 20 ]; then
+    ln -sfn "$REPO/tests" "$RUN_DIR/tests" # configs/mini.toml names its inputs relative to the repository
+    timeout "$left" "$BIN" run --config "$REPO/configs/mini.toml" --set model.device="$DEVICE" \
+        --set qpert.projector=principal --set output.dir="$OUT/mini" > "$OUT/mini.txt" 2>&1
+    say "mini exit $?"
+    "$PY" - "$OUT/mini/report/metrics.json" "$REPO/tests/fixtures/e2e/expected_principal.json" <<'PY' 2>&1 | tee -a "$OUT/mini.txt"
+import json, sys
+got, want = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))["metrics"]
+pairs = [(f"{b} {k}", got[b][k], v) for b in ("itc", "rerank") for k, v in want[b].items() if k != "bins"]
+differ = [(name, g, w) for name, g, w in pairs if g is None or w is None or abs(g - w) > 1e-9]
+print(f"mini pipeline: {len(pairs) - len(differ)} of {len(pairs)} metrics equal the Python reference")
+for name, g, w in differ:
+    print(f"  {name}: got {g}, reference {w}")
+PY
+else
+    say "no time left for the mini pipeline"
+fi
 say "done"
