@@ -15,7 +15,7 @@ test:
 # reference, as in `make test`. Minimal autotuning: lavapipe compiles each candidate kernel slowly.
 test-cubecl:
 	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp} CUBECL_AUTOTUNE_LEVEL=minimal \
-		$(CARGO) test --features wgpu --test parity --test pipeline --test bench -- cubecl_backend
+		$(CARGO) test --features wgpu --test parity --test pipeline --test bench --test bad_input -- cubecl_backend
 
 # The Slurm test (tests/slurm/run.sh): needs root; skips with a message where Slurm cannot run.
 test-slurm:

@@ -239,3 +239,20 @@ fn an_image_whose_pixels_do_not_decode_stops_extract_naming_it() {
     assert_fails(&stage(&ws, "extract"), 1, &["1000002.jpg"]);
     assert!(!ws.path().join("out/extract/manifest.json").exists());
 }
+
+/// `model.device = "wgpu"` on a machine where wgpu finds no adapter (here: the Vulkan loader is
+/// pointed at no driver) is a one-line device error, not CubeCL's panic on its device thread.
+#[cfg(feature = "wgpu")]
+#[test]
+fn no_adapter_for_the_cubecl_backend_is_named() {
+    let ws = Workspace::new("flickr30k_test.json");
+    assert_eq!(index(&ws, &[]).status.code(), Some(0));
+    let config = ws.config().display().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qpert"))
+        .args(["stage", "extract", "--config", &config, "--set", "model.device=wgpu"])
+        .env("VK_ICD_FILENAMES", "/nonexistent/icd.json")
+        .current_dir(ws.path())
+        .output()
+        .unwrap();
+    assert_fails(&out, 1, &["model.device = \"wgpu\" but wgpu finds no adapter", "mesa-vulkan-drivers"]);
+}

@@ -273,6 +273,16 @@ fn f16_stays_near_the_f32_reference() {
     assert_precision(&Device::default(), FloatDType::F16, AttentionKernel::Explicit);
 }
 
+/// f16 on the CubeCL backend (wgpu over lavapipe, `make test-cubecl`); WGSL has no bf16.
+#[cfg(feature = "wgpu")]
+#[test]
+fn f16_on_the_cubecl_backend() {
+    let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    for attention in [AttentionKernel::Explicit, AttentionKernel::Fused] {
+        assert_precision(&device, FloatDType::F16, attention);
+    }
+}
+
 /// The same bounds on CUDA: `cargo test --features cuda --test parity -- --ignored`.
 #[cfg(feature = "cuda")]
 #[test]

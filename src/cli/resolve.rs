@@ -53,9 +53,22 @@ fn cuda_device() -> std::result::Result<Device, String> {
         .into())
 }
 
+/// wgpu's default adapter. wgpu only picks it on first use, and with none it panics on CubeCL's
+/// device thread, so a one-element tensor is made here, with panic output silenced, to turn that
+/// into an error.
 #[cfg(feature = "wgpu")]
 fn wgpu_device() -> std::result::Result<Device, String> {
-    Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
+    let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let probe = std::panic::catch_unwind(|| burn::tensor::Tensor::<1>::zeros([1], &device).into_data());
+    std::panic::set_hook(hook);
+    match probe {
+        Ok(_) => Ok(device),
+        Err(_) => Err("model.device = \"wgpu\" but wgpu finds no adapter (no GPU driver; on a CPU, Mesa's \
+                       lavapipe provides one: apt-get install mesa-vulkan-drivers); use --set model.device=cpu"
+            .into()),
+    }
 }
 
 #[cfg(not(feature = "wgpu"))]
