@@ -78,7 +78,7 @@ pub struct ModelConfig {
     /// (image, text) pairs per ITM batch in `rerank`.
     #[serde(default = "default_pair_batch")]
     pub pair_batch: usize,
-    /// The vision tower's self-attention: `explicit` (default) or `fused` (README, "GPU speed").
+    /// The vision tower's self-attention: `explicit` (default), `aligned` or `fused` (README, "GPU speed").
     #[serde(default)]
     pub attention: AttentionKernel,
 }

@@ -84,7 +84,7 @@ fn bench_tiny_reports_every_stage_and_projections() {
     assert!(stdout.lines().any(|l| l.starts_with("Z cache (")), "{stdout}");
     // The vision tower alone, timed with both attention kernels.
     let kernels = report["vision_ms_per_image"].as_array().unwrap();
-    assert_eq!(kernels.iter().map(|k| k[0].as_str().unwrap()).collect::<Vec<_>>(), ["explicit", "fused"]);
+    assert_eq!(kernels.iter().map(|k| k[0].as_str().unwrap()).collect::<Vec<_>>(), ["explicit", "aligned", "fused"]);
     assert!(kernels.iter().all(|k| k[1].as_f64().unwrap() > 0.0), "{kernels:?}");
     assert!(stdout.contains("vision tower alone (f32, batch of 4): explicit "), "{stdout}");
 }

@@ -184,11 +184,14 @@ fn parity_tiny_b_f16_split_qkv_bias() {
 }
 
 /// The fused vision attention pads the tiny model's head dim 12 -> 16 and its 17 tokens -> 128
-/// (spare column included) and must still give the reference's numbers.
+/// (spare column included), the aligned one its 17 tokens -> 64; both must still give the
+/// reference's numbers.
 #[test]
-fn parity_fused_attention_on_padded_shapes() {
-    assert_parity(&fixture("tiny_blip2_a"), &Device::default(), TOLERANCE, AttentionKernel::Fused);
-    assert_parity(&fixture("tiny_blip2_b"), &Device::default(), TOLERANCE, AttentionKernel::Fused);
+fn parity_padded_attention_kernels() {
+    for kernel in [AttentionKernel::Aligned, AttentionKernel::Fused] {
+        assert_parity(&fixture("tiny_blip2_a"), &Device::default(), TOLERANCE, kernel);
+        assert_parity(&fixture("tiny_blip2_b"), &Device::default(), TOLERANCE, kernel);
+    }
 }
 
 /// The same parity on CUDA: `cargo test --features cuda --test parity -- --ignored`.
@@ -197,8 +200,10 @@ fn parity_fused_attention_on_padded_shapes() {
 #[ignore = "needs a CUDA GPU"]
 fn parity_cuda() {
     let device = Device::cuda(0);
-    assert_parity(&fixture("tiny_blip2_a"), &device, TOLERANCE, AttentionKernel::Explicit);
-    assert_parity(&fixture("tiny_blip2_b"), &device, TOLERANCE, AttentionKernel::Explicit);
+    for kernel in AttentionKernel::ALL {
+        assert_parity(&fixture("tiny_blip2_a"), &device, TOLERANCE, kernel);
+        assert_parity(&fixture("tiny_blip2_b"), &device, TOLERANCE, kernel);
+    }
 }
 
 /// The CubeCL backend that CUDA uses (fusion, autotuned matmuls, the fused attention routine), run
@@ -209,6 +214,7 @@ fn parity_on_the_cubecl_backend() {
     let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
     assert_parity(&fixture("tiny_blip2_a"), &device, TOLERANCE, AttentionKernel::Explicit);
     assert_parity(&fixture("tiny_blip2_b"), &device, TOLERANCE, AttentionKernel::Explicit);
+    assert_parity(&fixture("tiny_blip2_a"), &device, TOLERANCE, AttentionKernel::Aligned);
     assert_parity(&fixture("tiny_blip2_a"), &device, TOLERANCE, AttentionKernel::Fused);
 }
 
@@ -264,8 +270,9 @@ fn assert_precision(device: &Device, dtype: FloatDType, attention: AttentionKern
 
 #[test]
 fn bf16_stays_near_the_f32_reference() {
-    assert_precision(&Device::default(), FloatDType::BF16, AttentionKernel::Explicit);
-    assert_precision(&Device::default(), FloatDType::BF16, AttentionKernel::Fused);
+    for kernel in AttentionKernel::ALL {
+        assert_precision(&Device::default(), FloatDType::BF16, kernel);
+    }
 }
 
 #[test]
@@ -278,7 +285,7 @@ fn f16_stays_near_the_f32_reference() {
 #[test]
 fn f16_on_the_cubecl_backend() {
     let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
-    for attention in [AttentionKernel::Explicit, AttentionKernel::Fused] {
+    for attention in AttentionKernel::ALL {
         assert_precision(&device, FloatDType::F16, attention);
     }
 }
@@ -289,7 +296,7 @@ fn f16_on_the_cubecl_backend() {
 #[ignore = "needs a CUDA GPU"]
 fn reduced_precision_cuda() {
     let device = Device::cuda(0);
-    for attention in [AttentionKernel::Explicit, AttentionKernel::Fused] {
+    for attention in AttentionKernel::ALL {
         assert_precision(&device, FloatDType::BF16, attention);
         assert_precision(&device, FloatDType::F16, attention);
     }

@@ -529,7 +529,7 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
     let batch = options.image_batch.min(options.images);
     let mut model = crate::model::Blip2Model::load_with_dtype(&model_dir, &burn_device, options.precision.dtype())?;
     let mut vision_ms_per_image = Vec::new();
-    for kernel in [AttentionKernel::Explicit, AttentionKernel::Fused] {
+    for kernel in AttentionKernel::ALL {
         model = model.with_attention(kernel);
         vision_ms_per_image.push((kernel, z_cache::vision_ms_per_image(&model, batch, &burn_device)?));
     }

@@ -115,8 +115,8 @@ pub struct BenchArgs {
     /// Model precision (`model.precision`): `f32`, `bf16` or `f16`.
     #[arg(long, value_parser = ["f32", "bf16", "f16"], default_value = "f32")]
     pub precision: String,
-    /// The vision tower's self-attention (`model.attention`): `explicit` or `fused`.
-    #[arg(long, value_parser = ["explicit", "fused"], default_value = "explicit")]
+    /// The vision tower's self-attention (`model.attention`): `explicit`, `aligned` or `fused`.
+    #[arg(long, value_parser = ["explicit", "aligned", "fused"], default_value = "explicit")]
     pub attention: String,
     /// Images per model batch (extract, rerank).
     #[arg(long, default_value_t = 16)]

@@ -76,6 +76,7 @@ pub fn run(args: Args) -> Result<()> {
                     _ => Precision::F32,
                 },
                 attention: match bench.attention.as_str() {
+                    "aligned" => AttentionKernel::Aligned,
                     "fused" => AttentionKernel::Fused,
                     _ => AttentionKernel::Explicit,
                 },

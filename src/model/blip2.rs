@@ -10,7 +10,7 @@ use std::path::Path;
 
 use burn::module::{Initializer, Module, ModuleVisitor, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear};
-use burn::tensor::{Device, FloatDType, Int, Tensor};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 
 use super::AttentionKernel;
 use super::config::Blip2Config;
@@ -47,6 +47,24 @@ pub struct ItmImages {
     perturbation: Option<Tensor<5>>,
     /// b_img.
     images: usize,
+}
+
+/// Token rows of texts on the host, row-major [n, len]: ids and 0/1 attention masks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TextTokens {
+    /// [n, len] token ids.
+    pub input_ids: Vec<i64>,
+    /// [n, len]: 1 for real tokens, 0 for padding.
+    pub attention_mask: Vec<i64>,
+    /// Tokens per row.
+    pub len: usize,
+}
+
+impl TextTokens {
+    /// Number of rows n.
+    pub fn rows(&self) -> usize {
+        self.input_ids.len().checked_div(self.len).unwrap_or(0)
+    }
 }
 
 /// BLIP-2 for image-text retrieval (`Blip2ForImageTextRetrieval`), in f32, bf16 or f16.
@@ -224,17 +242,26 @@ impl Blip2Model {
                 format!("expected the shape of input_ids {:?}, found {:?}", [n, l], attention_mask.dims()),
             ));
         }
+        self.check_length(l)?;
+        self.check_token_values(&host_ints("input_ids", input_ids)?, &host_ints("attention_mask", attention_mask)?)
+    }
+
+    fn check_length(&self, l: usize) -> Result<()> {
         let max = self.config.qformer_config.max_position_embeddings;
         if l == 0 || l > max {
             return Err(bad_input("input_ids", format!("length {l} is not in 1..={max}")));
         }
-        // Out-of-range ids would index past the embedding table; a mask value other than 0/1
-        // would scale the attention bias. Both are small host reads.
+        Ok(())
+    }
+
+    /// Out-of-range ids would index past the embedding table; a mask value other than 0/1 would
+    /// scale the attention bias.
+    fn check_token_values(&self, input_ids: &[i64], attention_mask: &[i64]) -> Result<()> {
         let vocab = self.config.qformer_config.vocab_size as i64;
-        if let Some(id) = host_ints("input_ids", input_ids)?.into_iter().find(|&id| !(0..vocab).contains(&id)) {
+        if let Some(id) = input_ids.iter().find(|&id| !(0..vocab).contains(id)) {
             return Err(bad_input("input_ids", format!("token id {id} is outside 0..{vocab}")));
         }
-        if let Some(m) = host_ints("attention_mask", attention_mask)?.into_iter().find(|&m| m != 0 && m != 1) {
+        if let Some(m) = attention_mask.iter().find(|&&m| m != 0 && m != 1) {
             return Err(bad_input("attention_mask", format!("value {m} is not 0 or 1")));
         }
         Ok(())
@@ -342,9 +369,21 @@ impl Blip2Model {
             let found = pair_image.dims();
             return Err(bad_input("pair_image", format!("expected [{}], found {found:?}", input_ids.dims()[0])));
         }
+        if attention_mask.dims() != input_ids.dims() {
+            let (want, found) = (input_ids.dims(), attention_mask.dims());
+            return Err(bad_input(
+                "attention_mask",
+                format!("expected the shape of input_ids {want:?}, found {found:?}"),
+            ));
+        }
+        let tokens = TextTokens {
+            input_ids: host_ints("input_ids", &input_ids)?,
+            attention_mask: host_ints("attention_mask", &attention_mask)?,
+            len: input_ids.dims()[1],
+        };
         let images = self.itm_images(z, perturbation)?;
         let indices: Vec<usize> = indices.iter().map(|&i| usize::try_from(i).unwrap_or(usize::MAX)).collect();
-        self.itm_pair_logits(&images, &indices, input_ids, attention_mask)
+        self.itm_pair_logits(&images, &indices, &tokens, &input_ids.device())
     }
 
     /// What ITM needs of a batch of images, computed once for all their pairs: the keys and values
@@ -363,32 +402,40 @@ impl Blip2Model {
 
     /// ITM logits of pairs (image `pair_image[i]` of `images`, text i): the mean over the Q query
     /// rows of `itm_head(out)[1]` for the joint pass [queries; text] against that image's keys and
-    /// values (gathered per pair, as is Pi). Nothing is read back from the device.
-    /// Shapes: pair_image p indices into the batch, input_ids [p,l] Int, attention_mask [p,l] Int -> [p].
+    /// values (gathered per pair, as is Pi). Indices and tokens come from the host and are checked
+    /// there, so nothing is read back from the device and the host never waits for it.
+    /// Shapes: pair_image p indices into the batch, tokens [p,l] -> [p].
     pub fn itm_pair_logits(
         &self,
         images: &ItmImages,
         pair_image: &[usize],
-        input_ids: Tensor<2, Int>,
-        attention_mask: Tensor<2, Int>,
+        tokens: &TextTokens,
+        device: &Device,
     ) -> Result<Tensor<1>> {
-        self.check_text(&input_ids, &attention_mask)?;
-        let [p, _] = input_ids.dims();
+        let (p, l) = (tokens.rows(), tokens.len);
+        if tokens.input_ids.len() != p * l || tokens.attention_mask.len() != p * l {
+            let (ids, mask) = (tokens.input_ids.len(), tokens.attention_mask.len());
+            return Err(bad_input("input_ids", format!("{ids} ids and {mask} mask values are not rows of length {l}")));
+        }
+        self.check_length(l)?;
+        self.check_token_values(&tokens.input_ids, &tokens.attention_mask)?;
         if pair_image.len() != p {
             return Err(bad_input("pair_image", format!("expected {p} indices, found {}", pair_image.len())));
         }
         if let Some(bad) = pair_image.iter().find(|&&i| i >= images.images) {
             return Err(bad_input("pair_image", format!("index {bad} is outside 0..{}", images.images)));
         }
-        let device = input_ids.device();
-        let indices: Vec<i64> = pair_image.iter().map(|&i| i as i64).collect();
-        let pair_image = Tensor::<1, Int>::from_data(burn::tensor::TensorData::new(indices, [p]), &device);
+        let pair_image =
+            Tensor::<1, Int>::from_data(TensorData::new(pair_image.iter().map(|&i| i as i64).collect(), [p]), device);
+        let input_ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.input_ids.clone(), [p, l]), device);
+        let attention_mask =
+            Tensor::<2, Int>::from_data(TensorData::new(tokens.attention_mask.clone(), [p, l]), device);
         let cross: Vec<CrossKv> = images.cross.iter().map(|kv| kv.select(pair_image.clone())).collect();
         let perturbation = images.perturbation.clone().map(|pi| pi.select(0, pair_image));
         let [_, q, dq] = self.query_tokens.dims();
         let queries = self.query_tokens.val().expand([p, q, dq]);
         let embeddings = Tensor::cat(vec![queries, self.embeddings.forward(input_ids)], 1);
-        let mask = Tensor::cat(vec![Tensor::<2, Int>::ones([p, q], &device), attention_mask], 1);
+        let mask = Tensor::cat(vec![Tensor::<2, Int>::ones([p, q], device), attention_mask], 1);
         let out = self.qformer.forward(embeddings, Some(mask_bias(mask, self.dtype)), q, &cross, perturbation);
         let logits = f32s(self.itm_head.forward(out.narrow(1, 0, q))); // [p, q, 2]
         Ok(logits.narrow(2, 1, 1).mean_dim(1).reshape([p]))
