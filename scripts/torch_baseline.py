@@ -165,7 +165,7 @@ def ratio_table(torch_report, qpert, out=sys.stdout):
         ("extract images/s vs ViT bf16 b32", stage["extract"]["per_s"], bf16.get("vit_images_per_s", float("nan")), "torch bf16", False),
         *[(f"ViT alone ({kernel} attention) images/s vs bf16 b32", 1e3 / ms,
            bf16.get("vit_images_per_s", float("nan")), "torch bf16", False)
-          for kernel, ms in qpert.get("vision_ms_per_image", [])],
+          for kernel, ms in qpert.get("vision_ms_per_image", []) if ms],
         ("ITM pairs/s vs f32 b256", itm_rate, f32["itm_pairs_per_s"], "torch f32", False),
         ("ITM pairs/s vs bf16 b256", itm_rate, bf16.get("itm_pairs_per_s", float("nan")), "torch bf16", False),
     ]

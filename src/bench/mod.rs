@@ -224,8 +224,9 @@ pub struct BenchReport {
     pub setup_s: f64,
     /// Per stage.
     pub stages: Vec<StageTiming>,
-    /// The vision tower alone, milliseconds per image, with each attention kernel (run precision).
-    pub vision_ms_per_image: Vec<(AttentionKernel, f64)>,
+    /// The vision tower alone, milliseconds per image, with each attention kernel (run precision);
+    /// `None` where the kernel failed on the device.
+    pub vision_ms_per_image: Vec<(AttentionKernel, Option<f64>)>,
     /// Caching the vision tokens Z between `extract` and `rerank` against recomputing them.
     pub z_cache: z_cache::ZCacheTiming,
     /// Projections.
@@ -531,7 +532,22 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
     let mut vision_ms_per_image = Vec::new();
     for kernel in AttentionKernel::ALL {
         model = model.with_attention(kernel);
-        vision_ms_per_image.push((kernel, z_cache::vision_ms_per_image(&model, batch, &burn_device)?));
+        // A kernel that fails on this device is reported, not fatal: the stages above ran already.
+        let timed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            z_cache::vision_ms_per_image(&model, batch, &burn_device)
+        }));
+        let ms = match timed {
+            Ok(Ok(ms)) => Some(ms),
+            Ok(Err(e)) => {
+                ctx.reporter.info(&format!("bench: the {kernel:?} attention failed: {e}").to_lowercase());
+                None
+            }
+            Err(_) => {
+                ctx.reporter.info(&format!("bench: the {kernel:?} attention panicked (message above)").to_lowercase());
+                None
+            }
+        };
+        vision_ms_per_image.push((kernel, ms));
     }
     let z_cache = z_cache::measure(&model.with_attention(options.attention), batch, &burn_device, &scratch.0)?;
     let report = BenchReport {
@@ -552,8 +568,14 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
     for line in table(&report, on_gpu, options.warmup) {
         ctx.reporter.info(&line);
     }
-    let kernels: Vec<String> =
-        report.vision_ms_per_image.iter().map(|(k, ms)| format!("{k:?} {ms:.2} ms/image").to_lowercase()).collect();
+    let kernels: Vec<String> = report
+        .vision_ms_per_image
+        .iter()
+        .map(|(k, ms)| match ms {
+            Some(ms) => format!("{k:?} {ms:.2} ms/image").to_lowercase(),
+            None => format!("{k:?} failed").to_lowercase(),
+        })
+        .collect();
     ctx.reporter.info(&format!(
         "vision tower alone ({}, batch of {}): {}",
         format!("{:?}", options.precision).to_lowercase(),
