@@ -224,11 +224,12 @@ pub struct BenchReport {
     pub setup_s: f64,
     /// Per stage.
     pub stages: Vec<StageTiming>,
-    /// The vision tower alone, milliseconds per image, with each attention kernel (run precision);
-    /// `None` where the kernel failed on the device.
+    /// The vision tower alone, milliseconds per image, with each attention kernel measured so far
+    /// (run precision); `None` where the kernel failed on the device.
     pub vision_ms_per_image: Vec<(AttentionKernel, Option<f64>)>,
-    /// Caching the vision tokens Z between `extract` and `rerank` against recomputing them.
-    pub z_cache: z_cache::ZCacheTiming,
+    /// Caching the vision tokens Z between `extract` and `rerank` against recomputing them (`None`
+    /// until measured, in the report written right after the stages).
+    pub z_cache: Option<z_cache::ZCacheTiming>,
     /// Projections.
     pub projections: Vec<Projection>,
 }
@@ -526,10 +527,44 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
         }
     }
     let projections = TARGETS.iter().map(|target| project(&stages, sizes, target)).collect();
-    // The vision tower alone with each attention kernel, then the Z-cache question with the run's.
+    let mut report = BenchReport {
+        model: options.model.label(),
+        device: ctx.device.kind.name().to_string(),
+        precision: options.precision,
+        attention: options.attention,
+        images: options.images,
+        texts: sizes.texts as usize,
+        boxes_per_image: options.boxes_per_image,
+        k: options.k,
+        setup_s,
+        stages,
+        vision_ms_per_image: Vec::new(),
+        z_cache: None,
+        projections,
+    };
+    for line in table(&report, on_gpu, options.warmup) {
+        ctx.reporter.info(&line);
+    }
+    // Written now and again at the end: on a GPU the measurements below compile and autotune new
+    // shapes, and a run stopped by a time limit there keeps the stages' numbers.
+    write_json(&report, options.json.as_deref())?;
+
+    // The Z-cache question with the run's kernel (its shapes are compiled already), then the
+    // vision tower alone with each kernel.
     let batch = options.image_batch.min(options.images);
-    let mut model = crate::model::Blip2Model::load_with_dtype(&model_dir, &burn_device, options.precision.dtype())?;
-    let mut vision_ms_per_image = Vec::new();
+    let model = crate::model::Blip2Model::load_with_dtype(&model_dir, &burn_device, options.precision.dtype())?;
+    let mut model = model.with_attention(options.attention);
+    let z = z_cache::measure(&model, batch, &burn_device, &scratch.0)?;
+    ctx.reporter.info(&format!(
+        "Z cache ({} images, {:.2} MiB per image in f16): recompute {:.2} ms/image, store + load {:.2} ms/image ({})",
+        z.images,
+        z.mib_per_image,
+        z.recompute_ms,
+        z.store_and_load_ms,
+        if z.store_and_load_ms < z.recompute_ms { "caching would win" } else { "recomputing wins" }
+    ));
+    report.z_cache = Some(z);
+    write_json(&report, options.json.as_deref())?;
     for kernel in AttentionKernel::ALL {
         model = model.with_attention(kernel);
         // A kernel that fails on this device is reported, not fatal: the stages above ran already.
@@ -547,26 +582,8 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
                 None
             }
         };
-        vision_ms_per_image.push((kernel, ms));
-    }
-    let z_cache = z_cache::measure(&model.with_attention(options.attention), batch, &burn_device, &scratch.0)?;
-    let report = BenchReport {
-        model: options.model.label(),
-        device: ctx.device.kind.name().to_string(),
-        precision: options.precision,
-        attention: options.attention,
-        images: options.images,
-        texts: sizes.texts as usize,
-        boxes_per_image: options.boxes_per_image,
-        k: options.k,
-        setup_s,
-        stages,
-        vision_ms_per_image,
-        z_cache,
-        projections,
-    };
-    for line in table(&report, on_gpu, options.warmup) {
-        ctx.reporter.info(&line);
+        report.vision_ms_per_image.push((kernel, ms));
+        write_json(&report, options.json.as_deref())?;
     }
     let kernels: Vec<String> = report
         .vision_ms_per_image
@@ -577,25 +594,18 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
         })
         .collect();
     ctx.reporter.info(&format!(
-        "vision tower alone ({}, batch of {}): {}",
+        "vision tower alone ({}, batch of {batch}): {}",
         format!("{:?}", options.precision).to_lowercase(),
-        report.z_cache.images,
         kernels.join(", ")
     ));
-    let z = &report.z_cache;
-    ctx.reporter.info(&format!(
-        "Z cache ({} images, {:.2} MiB per image in f16): recompute {:.2} ms/image, store + load {:.2} ms/image ({})",
-        z.images,
-        z.mib_per_image,
-        z.recompute_ms,
-        z.store_and_load_ms,
-        if z.store_and_load_ms < z.recompute_ms { "caching would win" } else { "recomputing wins" }
-    ));
-    if let Some(path) = &options.json {
-        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
-        std::fs::write(path, text).map_err(|e| Error::input(path, format!("cannot write the report: {e}")))?;
-    }
     Ok(report)
+}
+
+/// Writes the report as JSON to `path`, when given.
+fn write_json(report: &BenchReport, path: Option<&std::path::Path>) -> Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let text = serde_json::to_string_pretty(report).unwrap_or_default();
+    std::fs::write(path, text).map_err(|e| Error::input(path, format!("cannot write the report: {e}")))
 }
 
 fn optional(value: Option<f64>, digits: usize) -> String {
