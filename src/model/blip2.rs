@@ -18,6 +18,7 @@ use super::linear;
 use super::qformer::{CrossKv, QFormerModel};
 use super::vision::VisionModel;
 use super::weights::{Checkpoint, load_module, save_module};
+use crate::data::tokenizer::TokenBatch;
 use crate::error::{Error, Result};
 
 /// Word and position embeddings of the Q-Former text (`embeddings`). No token-type embedding and
@@ -47,24 +48,6 @@ pub struct ItmImages {
     perturbation: Option<Tensor<5>>,
     /// b_img.
     images: usize,
-}
-
-/// Token rows of texts on the host, row-major [n, len]: ids and 0/1 attention masks.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TextTokens {
-    /// [n, len] token ids.
-    pub input_ids: Vec<i64>,
-    /// [n, len]: 1 for real tokens, 0 for padding.
-    pub attention_mask: Vec<i64>,
-    /// Tokens per row.
-    pub len: usize,
-}
-
-impl TextTokens {
-    /// Number of rows n.
-    pub fn rows(&self) -> usize {
-        self.input_ids.len().checked_div(self.len).unwrap_or(0)
-    }
 }
 
 /// BLIP-2 for image-text retrieval (`Blip2ForImageTextRetrieval`), in f32, bf16 or f16.
@@ -243,7 +226,7 @@ impl Blip2Model {
             ));
         }
         self.check_length(l)?;
-        self.check_token_values(&host_ints("input_ids", input_ids)?, &host_ints("attention_mask", attention_mask)?)
+        self.check_token_values(host_ints("input_ids", input_ids)?, host_ints("attention_mask", attention_mask)?)
     }
 
     fn check_length(&self, l: usize) -> Result<()> {
@@ -256,12 +239,16 @@ impl Blip2Model {
 
     /// Out-of-range ids would index past the embedding table; a mask value other than 0/1 would
     /// scale the attention bias.
-    fn check_token_values(&self, input_ids: &[i64], attention_mask: &[i64]) -> Result<()> {
+    fn check_token_values(
+        &self,
+        input_ids: impl IntoIterator<Item = i64>,
+        attention_mask: impl IntoIterator<Item = i64>,
+    ) -> Result<()> {
         let vocab = self.config.qformer_config.vocab_size as i64;
-        if let Some(id) = input_ids.iter().find(|&id| !(0..vocab).contains(id)) {
+        if let Some(id) = input_ids.into_iter().find(|id| !(0..vocab).contains(id)) {
             return Err(bad_input("input_ids", format!("token id {id} is outside 0..{vocab}")));
         }
-        if let Some(m) = attention_mask.iter().find(|&&m| m != 0 && m != 1) {
+        if let Some(m) = attention_mask.into_iter().find(|&m| m != 0 && m != 1) {
             return Err(bad_input("attention_mask", format!("value {m} is not 0 or 1")));
         }
         Ok(())
@@ -376,9 +363,12 @@ impl Blip2Model {
                 format!("expected the shape of input_ids {want:?}, found {found:?}"),
             ));
         }
-        let tokens = TextTokens {
-            input_ids: host_ints("input_ids", &input_ids)?,
-            attention_mask: host_ints("attention_mask", &attention_mask)?,
+        let (ids, mask) = (host_ints("input_ids", &input_ids)?, host_ints("attention_mask", &attention_mask)?);
+        self.check_token_values(ids.iter().copied(), mask.iter().copied())?;
+        // In range now: ids below the vocabulary size, masks 0 or 1.
+        let tokens = TokenBatch {
+            input_ids: ids.into_iter().map(|id| id as i32).collect(),
+            attention_mask: mask.into_iter().map(|m| m as u8).collect(),
             len: input_ids.dims()[1],
         };
         let images = self.itm_images(z, perturbation)?;
@@ -409,16 +399,18 @@ impl Blip2Model {
         &self,
         images: &ItmImages,
         pair_image: &[usize],
-        tokens: &TextTokens,
+        tokens: &TokenBatch,
         device: &Device,
     ) -> Result<Tensor<1>> {
-        let (p, l) = (tokens.rows(), tokens.len);
+        let (p, l) = (tokens.n(), tokens.len);
         if tokens.input_ids.len() != p * l || tokens.attention_mask.len() != p * l {
             let (ids, mask) = (tokens.input_ids.len(), tokens.attention_mask.len());
             return Err(bad_input("input_ids", format!("{ids} ids and {mask} mask values are not rows of length {l}")));
         }
         self.check_length(l)?;
-        self.check_token_values(&tokens.input_ids, &tokens.attention_mask)?;
+        let ids: Vec<i64> = tokens.input_ids.iter().map(|&id| i64::from(id)).collect();
+        let mask: Vec<i64> = tokens.attention_mask.iter().map(|&m| i64::from(m)).collect();
+        self.check_token_values(ids.iter().copied(), mask.iter().copied())?;
         if pair_image.len() != p {
             return Err(bad_input("pair_image", format!("expected {p} indices, found {}", pair_image.len())));
         }
@@ -427,9 +419,8 @@ impl Blip2Model {
         }
         let pair_image =
             Tensor::<1, Int>::from_data(TensorData::new(pair_image.iter().map(|&i| i as i64).collect(), [p]), device);
-        let input_ids = Tensor::<2, Int>::from_data(TensorData::new(tokens.input_ids.clone(), [p, l]), device);
-        let attention_mask =
-            Tensor::<2, Int>::from_data(TensorData::new(tokens.attention_mask.clone(), [p, l]), device);
+        let input_ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [p, l]), device);
+        let attention_mask = Tensor::<2, Int>::from_data(TensorData::new(mask, [p, l]), device);
         let cross: Vec<CrossKv> = images.cross.iter().map(|kv| kv.select(pair_image.clone())).collect();
         let perturbation = images.perturbation.clone().map(|pi| pi.select(0, pair_image));
         let [_, q, dq] = self.query_tokens.dims();

@@ -17,9 +17,8 @@ use super::runtime::{self, VisionBatch};
 use super::vision_cache::VisionCache;
 use super::{Context, Outcome, Stage};
 use crate::config::Config;
-use crate::data::tokenizer::MAX_LEN;
+use crate::data::tokenizer::{MAX_LEN, TokenBatch};
 use crate::error::{Error, Result};
-use crate::model::TextTokens;
 use crate::store::columns::{Table, record_batch};
 use crate::store::{Fingerprint, Shard};
 use crate::timing::TimeCounter;
@@ -103,13 +102,12 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
                     chunk.iter().copied().chain(padding).map(|i| &pairs[i]).collect();
                 let len = itm_lengths[padded[0].2 as usize];
                 let slots: Vec<usize> = padded.iter().map(|&&(slot, ..)| slot).collect();
-                let token_rows = |all: &[i32]| -> Vec<i64> {
-                    padded
-                        .iter()
-                        .flat_map(|&&(_, _, t, _)| all[t as usize * MAX_LEN..][..len].iter().map(|&v| v as i64))
-                        .collect()
+                let rows = |t: u32| t as usize * MAX_LEN..t as usize * MAX_LEN + len;
+                let tokens = TokenBatch {
+                    input_ids: padded.iter().flat_map(|&&(_, _, t, _)| ids[rows(t)].iter().copied()).collect(),
+                    attention_mask: padded.iter().flat_map(|&&(_, _, t, _)| mask[rows(t)].iter().copied()).collect(),
+                    len,
                 };
-                let tokens = TextTokens { input_ids: token_rows(&ids), attention_mask: token_rows(&mask), len };
                 logits.push(model.itm_pair_logits(&images, &slots, &tokens, &device)?.narrow(0, 0, chunk.len()));
             }
             // One read-back per image batch: the device runs all its chunks without waiting for the host.
@@ -218,7 +216,7 @@ const ITM_LENGTH_STEP: usize = 8;
 
 /// Per text, the token count ITM runs it on: its last real token's position + 1, rounded up to
 /// [`ITM_LENGTH_STEP`], at most [`MAX_LEN`].
-fn itm_lengths(mask: &[i32]) -> Vec<usize> {
+fn itm_lengths(mask: &[u8]) -> Vec<usize> {
     mask.chunks(MAX_LEN)
         .map(|row| {
             let real = row.iter().rposition(|&m| m != 0).map_or(1, |last| last + 1);
@@ -228,7 +226,7 @@ fn itm_lengths(mask: &[i32]) -> Vec<usize> {
 }
 
 /// The token ids and masks the `text` stage used, row-major [texts, MAX_LEN].
-fn read_tokens(ctx: &Context, n_texts: usize) -> Result<(Vec<i32>, Vec<i32>)> {
+fn read_tokens(ctx: &Context, n_texts: usize) -> Result<(Vec<i32>, Vec<u8>)> {
     let text = ctx.stage_dir(Stage::Text, super::text::fingerprint(&ctx.config)?);
     let batch = text.read_parts()?;
     let t = Table::new(&batch, text.path());
@@ -236,7 +234,7 @@ fn read_tokens(ctx: &Context, n_texts: usize) -> Result<(Vec<i32>, Vec<i32>)> {
         return Err(Error::artifact(text.path(), format!("{} captions, the index has {n_texts}", batch.num_rows())));
     }
     let ids = t.i32_rows("input_ids", MAX_LEN)?.to_vec();
-    let mask = t.u8_rows("attention_mask", MAX_LEN)?.iter().map(|&m| m as i32).collect();
+    let mask = t.u8_rows("attention_mask", MAX_LEN)?.to_vec();
     Ok((ids, mask))
 }
 
@@ -246,8 +244,8 @@ mod tests {
 
     #[test]
     fn itm_lengths_round_the_last_real_token_up_to_a_step() {
-        let row = |real: usize| -> Vec<i32> { (0..MAX_LEN).map(|i| i32::from(i < real)).collect() };
-        let masks: Vec<i32> = [1, 8, 9, 17, 32, 33, MAX_LEN].iter().flat_map(|&n| row(n)).collect();
+        let row = |real: usize| -> Vec<u8> { (0..MAX_LEN).map(|i| u8::from(i < real)).collect() };
+        let masks: Vec<u8> = [1, 8, 9, 17, 32, 33, MAX_LEN].iter().flat_map(|&n| row(n)).collect();
         assert_eq!(itm_lengths(&masks), [8, 8, 16, 24, 32, 35, 35]);
         // A hole in the mask does not shorten the row: the length runs to the last real token.
         let mut holed = row(20);
