@@ -76,6 +76,12 @@ fn bench_tiny_reports_every_stage_and_projections() {
 
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["stages"].as_array().unwrap().len(), 5);
+    // The weights are loaded once per run, by extract; text and rerank reuse them.
+    let load = |stage: &str| {
+        report["stages"].as_array().unwrap().iter().find(|s| s["stage"] == stage).unwrap()["load_s"].as_f64().unwrap()
+    };
+    assert!(load("extract") > 0.0, "{report}");
+    assert_eq!((load("text"), load("rerank")), (0.0, 0.0), "{report}");
     assert_eq!(report["projections"][0]["pairs"], 384000.0);
     // Both Z options measured: the tiny model's Z is 17 x 48 f16 values per image.
     let z = &report["z_cache"];

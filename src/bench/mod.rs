@@ -387,6 +387,7 @@ fn run_stages(ctx: &Context, model: &Blip2Config, sizes: Sizes, gpu: &GpuMemory)
     let Sizes { images, texts, boxes_per_image } = sizes;
     let per_image_qpert = flops::vision(model) + flops::cross_kv(model) + boxes_per_image * flops::box_gram(model);
     let mut timings = Vec::new();
+    runtime::forget_loaded_model();
     for stage in STAGES {
         reset_host_peak();
         gpu.take_peak_gib();
@@ -552,6 +553,7 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
     // The Z-cache question with the run's kernel (its shapes are compiled already), then the
     // vision tower alone with each kernel.
     let batch = options.image_batch.min(options.images);
+    runtime::forget_loaded_model();
     let model = crate::model::Blip2Model::load_with_dtype(&model_dir, &burn_device, options.precision.dtype())?;
     let mut model = model.with_attention(options.attention);
     let z = z_cache::measure(&model, batch, &burn_device, &scratch.0)?;

@@ -5,6 +5,7 @@
 use std::ops::Range;
 use std::path::Path;
 use std::sync::mpsc::sync_channel;
+use std::sync::{Mutex, PoisonError};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
@@ -57,14 +58,36 @@ fn safetensors_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     Ok(files)
 }
 
-/// Loads the model of `ctx`'s config on its device, in `model.precision` (README, "Precision").
+/// The model this process loaded last, with its device and the digest of [`with_model`]: `qpert
+/// run` loads the weights once for extract, text and rerank (a few seconds each for the real
+/// model). A clone shares the weights.
+static LOADED_MODEL: Mutex<Option<(String, Device, Blip2Model)>> = Mutex::new(None);
+
+/// Loads the model of `ctx`'s config on its device, in `model.precision` (README, "Precision"),
+/// or reuses the one loaded last when its files, precision, attention and device are the same.
 pub fn load_model(ctx: &Context) -> Result<(Blip2Model, Device)> {
     let device = ctx.device.require()?.clone();
+    let key = with_model(Fingerprint::new("model"), &ctx.config)?.digest();
+    let mut loaded = LOADED_MODEL.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((k, d, model)) = loaded.as_ref()
+        && *k == key
+        && *d == device
+    {
+        return Ok((model.clone(), device));
+    }
+    *loaded = None; // the previous model's memory is freed before the next one loads
     let dtype = ctx.config.model.precision.dtype();
     let model = LOAD_TIME
         .time(|| Blip2Model::load_with_dtype(&ctx.config.model.dir, &device, dtype))?
         .with_attention(ctx.config.model.attention);
+    *loaded = Some((key, device.clone(), model.clone()));
     Ok((model, device))
+}
+
+/// Drops the model [`load_model`] keeps, so that the next stage loads it again (`qpert bench`
+/// times each run's loading as `qpert run` pays it).
+pub fn forget_loaded_model() {
+    *LOADED_MODEL.lock().unwrap_or_else(PoisonError::into_inner) = None;
 }
 
 /// A float tensor from host values.
