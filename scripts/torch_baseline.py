@@ -166,6 +166,9 @@ def ratio_table(torch_report, qpert, out=sys.stdout):
         *[(f"ViT alone ({kernel} attention) images/s vs bf16 b32", 1e3 / ms,
            bf16.get("vit_images_per_s", float("nan")), "torch bf16", False)
           for kernel, ms in qpert.get("vision_ms_per_image", []) if ms],
+        *[(f"ITM alone ({kernel} attention) pairs/s vs bf16 b256", rate,
+           bf16.get("itm_pairs_per_s", float("nan")), "torch bf16", False)
+          for kernel, rate in qpert.get("itm_pairs_per_s", []) if rate],
         ("ITM pairs/s vs f32 b256", itm_rate, f32["itm_pairs_per_s"], "torch f32", False),
         ("ITM pairs/s vs bf16 b256", itm_rate, bf16.get("itm_pairs_per_s", float("nan")), "torch bf16", False),
     ]

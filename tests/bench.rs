@@ -93,6 +93,11 @@ fn bench_tiny_reports_every_stage_and_projections() {
     assert_eq!(kernels.iter().map(|k| k[0].as_str().unwrap()).collect::<Vec<_>>(), ["explicit", "aligned", "fused"]);
     assert!(kernels.iter().all(|k| k[1].as_f64().unwrap() > 0.0), "{kernels:?}");
     assert!(stdout.contains("vision tower alone (f32, batch of 4): explicit "), "{stdout}");
+    // ITM alone, with the vision tokens as they are and padded (17 -> 64 for the tiny model).
+    let itm = report["itm_pairs_per_s"].as_array().unwrap();
+    assert_eq!(itm.iter().map(|k| k[0].as_str().unwrap()).collect::<Vec<_>>(), ["explicit", "aligned"]);
+    assert!(itm.iter().all(|k| k[1].as_f64().unwrap() > 0.0), "{itm:?}");
+    assert!(stdout.contains("ITM alone (f32, 128 pairs of 24-token texts over 4 images): explicit "), "{stdout}");
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! measured per-item rates. See README, "Benchmark".
 
 pub mod flops;
+pub mod probes;
 pub mod synthetic;
 pub mod z_cache;
 
@@ -227,6 +228,9 @@ pub struct BenchReport {
     /// The vision tower alone, milliseconds per image, with each attention kernel measured so far
     /// (run precision); `None` where the kernel failed on the device.
     pub vision_ms_per_image: Vec<(AttentionKernel, Option<f64>)>,
+    /// ITM alone, pairs per second, with the cross-attention of each kernel (explicit: the vision
+    /// tokens as they are; aligned: padded), measured so far; `None` where it failed.
+    pub itm_pairs_per_s: Vec<(AttentionKernel, Option<f64>)>,
     /// Caching the vision tokens Z between `extract` and `rerank` against recomputing them (`None`
     /// until measured, in the report written right after the stages).
     pub z_cache: Option<z_cache::ZCacheTiming>,
@@ -540,6 +544,7 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
         setup_s,
         stages,
         vision_ms_per_image: Vec::new(),
+        itm_pairs_per_s: Vec::new(),
         z_cache: None,
         projections,
     };
@@ -567,40 +572,63 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
     ));
     report.z_cache = Some(z);
     write_json(&report, options.json.as_deref())?;
+    let precision = format!("{:?}", options.precision).to_lowercase();
     for kernel in AttentionKernel::ALL {
         model = model.with_attention(kernel);
-        // A kernel that fails on this device is reported, not fatal: the stages above ran already.
-        let timed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            z_cache::vision_ms_per_image(&model, batch, &burn_device)
-        }));
-        let ms = match timed {
-            Ok(Ok(ms)) => Some(ms),
-            Ok(Err(e)) => {
-                ctx.reporter.info(&format!("bench: the {kernel:?} attention failed: {e}").to_lowercase());
-                None
-            }
-            Err(_) => {
-                ctx.reporter.info(&format!("bench: the {kernel:?} attention panicked (message above)").to_lowercase());
-                None
-            }
-        };
+        let ms = probe(&ctx.reporter, &format!("the vision tower with {kernel:?} attention"), || {
+            probes::vision_ms_per_image(&model, batch, &burn_device)
+        });
         report.vision_ms_per_image.push((kernel, ms));
         write_json(&report, options.json.as_deref())?;
     }
-    let kernels: Vec<String> = report
-        .vision_ms_per_image
-        .iter()
-        .map(|(k, ms)| match ms {
-            Some(ms) => format!("{k:?} {ms:.2} ms/image").to_lowercase(),
-            None => format!("{k:?} failed").to_lowercase(),
-        })
-        .collect();
     ctx.reporter.info(&format!(
-        "vision tower alone ({}, batch of {batch}): {}",
-        format!("{:?}", options.precision).to_lowercase(),
-        kernels.join(", ")
+        "vision tower alone ({precision}, batch of {batch}): {}",
+        per_kernel(&report.vision_ms_per_image, "ms/image", 2)
+    ));
+    // The cross-attention's layouts: explicit runs the vision tokens as they are, aligned (and
+    // fused) padded. Texts of 24 tokens: the commonest ITM length of Flickr30K captions.
+    for kernel in [AttentionKernel::Explicit, AttentionKernel::Aligned] {
+        model = model.with_attention(kernel);
+        let rate = probe(&ctx.reporter, &format!("ITM with {kernel:?} attention"), || {
+            probes::itm_pairs_per_s(&model, batch, options.pair_batch, ITM_PROBE_LEN, &burn_device)
+        });
+        report.itm_pairs_per_s.push((kernel, rate));
+        write_json(&report, options.json.as_deref())?;
+    }
+    ctx.reporter.info(&format!(
+        "ITM alone ({precision}, {} pairs of {ITM_PROBE_LEN}-token texts over {batch} images): {}",
+        options.pair_batch,
+        per_kernel(&report.itm_pairs_per_s, "pairs/s", 0)
     ));
     Ok(report)
+}
+
+/// The text length the ITM probe runs.
+const ITM_PROBE_LEN: usize = 24;
+
+/// Runs one probe; a kernel that fails on the device (an error or a panic, whose message is
+/// printed above) is reported and gives `None`, not fatal: the stages ran already.
+fn probe(reporter: &Reporter, what: &str, measure: impl FnOnce() -> Result<f64>) -> Option<f64> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(measure)) {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(e)) => {
+            reporter.info(&format!("bench: {what} failed: {e}"));
+            None
+        }
+        Err(_) => {
+            reporter.info(&format!("bench: {what} panicked (message above)"));
+            None
+        }
+    }
+}
+
+/// `explicit 1.23 unit, aligned failed, ...`.
+fn per_kernel(values: &[(AttentionKernel, Option<f64>)], unit: &str, digits: usize) -> String {
+    let one = |(kernel, value): &(AttentionKernel, Option<f64>)| match value {
+        Some(v) => format!("{} {v:.digits$} {unit}", format!("{kernel:?}").to_lowercase()),
+        None => format!("{} failed", format!("{kernel:?}").to_lowercase()),
+    };
+    values.iter().map(one).collect::<Vec<_>>().join(", ")
 }
 
 /// Writes the report as JSON to `path`, when given.

@@ -13,6 +13,7 @@ use arrow::ipc::writer::FileWriter;
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 use serde::Serialize;
 
+use super::probes::{blank_images, sync, vision_ms_per_image};
 use crate::error::{Error, Result};
 use crate::model::Blip2Model;
 
@@ -27,25 +28,6 @@ pub struct ZCacheTiming {
     pub recompute_ms: f64,
     /// Caching: Z to the host in f16, IPC write, IPC read, upload.
     pub store_and_load_ms: f64,
-}
-
-fn sync(z: Tensor<3>) -> Result<TensorData> {
-    z.try_into_data().map_err(|e| Error::device_failed("the vision-tower measurement", e, None))
-}
-
-fn blank_images(model: &Blip2Model, images: usize, device: &Device) -> Tensor<4> {
-    let s = model.config().vision_config.image_size;
-    Tensor::<4>::zeros([images, 3, s, s], device)
-}
-
-/// Milliseconds per image of the vision tower alone on a batch of `images` blank images (the ViT's
-/// cost does not depend on the pixels), after a warm-up pass that pays kernel compilation and
-/// autotuning on the GPU.
-pub fn vision_ms_per_image(model: &Blip2Model, images: usize, device: &Device) -> Result<f64> {
-    sync(model.vision_tokens(blank_images(model, images, device))?)?;
-    let start = Instant::now();
-    sync(model.vision_tokens(blank_images(model, images, device))?)?;
-    Ok(start.elapsed().as_secs_f64() * 1e3 / images as f64)
 }
 
 /// Times both options on `images` blank images.

@@ -42,7 +42,7 @@ impl TextEmbeddings {
 
 /// A batch of images prepared for ITM ([`Blip2Model::itm_images`]).
 pub struct ItmImages {
-    /// Keys and values per cross-attention layer, [b_img,h,t,d].
+    /// Keys and values per cross-attention layer, [b_img,h,m,d] (`AttentionKernel::cross_attention_len`).
     cross: Vec<CrossKv>,
     /// Pi, [b_img,n_cross,h,d,d].
     perturbation: Option<Tensor<5>>,
@@ -296,7 +296,7 @@ impl Blip2Model {
         self.check_perturbation(perturbation.as_ref(), b)?;
         let [_, q, dq] = self.query_tokens.dims();
         let queries = self.query_tokens.val().expand([b, q, dq]);
-        let cross = self.qformer.cross_kv(self.run(z));
+        let cross = self.qformer.cross_kv(self.run(z), self.attention);
         let perturbation = perturbation.map(|pi| self.run(pi));
         Ok(self.qformer.forward(queries, None, q, &cross, perturbation))
     }
@@ -384,7 +384,7 @@ impl Blip2Model {
         let [images, _, _] = z.dims();
         self.check_perturbation(perturbation.as_ref(), images)?;
         Ok(ItmImages {
-            cross: self.qformer.cross_kv(self.run(z)),
+            cross: self.qformer.cross_kv(self.run(z), self.attention),
             perturbation: perturbation.map(|pi| self.run(pi)),
             images,
         })

@@ -69,26 +69,39 @@ impl LayerNorm {
     }
 }
 
-/// How the vision tower computes softmax(q k^T / sqrt(d)) v (`model.attention`).
+/// How attention over the vision tokens is computed (`model.attention`): the vision tower's
+/// self-attention, and the Q-Former's cross-attention of the queries to Z.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AttentionKernel {
     /// Two matmuls and a softmax in f32: the reference computation, exact on every backend.
     #[default]
     Explicit,
-    /// The explicit computation on a sequence padded to a multiple of [`ALIGNED_SEQUENCE_TILE`]
-    /// tokens, the padded keys masked out ([`aligned_attention`]). ViT-g's 677 tokens make rows
-    /// of odd length, which GPU matmuls can only load one element at a time; 704 tokens load in
-    /// full vector lines and whole tiles, for 8% more attention FLOPs (0.6% of the tower's).
+    /// The explicit computation on vision tokens padded to a multiple of
+    /// [`ALIGNED_SEQUENCE_TILE`], the padded keys masked out, in the vision tower
+    /// ([`aligned_attention`]) and in the cross-attention ([`AttentionKernel::cross_attention_len`]).
+    /// ViT-g's 677 tokens make rows of odd length, which GPU matmuls can only load one element at
+    /// a time; 704 tokens load in full vector lines and whole tiles, for 8% more attention FLOPs
+    /// (0.6% of the tower's).
     Aligned,
     /// burn's fused attention (CubeCL's flash-attention kernels on CUDA: f16 tiles, f32
-    /// accumulation), on shapes padded so that its tensor-core kernel applies ([`fused_attention`]).
+    /// accumulation) in the vision tower, on shapes padded so that its tensor-core kernel applies
+    /// ([`fused_attention`]); the cross-attention as [`AttentionKernel::Aligned`].
     Fused,
 }
 
 impl AttentionKernel {
     /// Every kernel, in the order the benchmark reports them.
     pub const ALL: [AttentionKernel; 3] = [Self::Explicit, Self::Aligned, Self::Fused];
+
+    /// The number of key rows the Q-Former's cross-attention runs `t` vision tokens at: `t` for
+    /// the explicit kernel, else `t` padded to a multiple of [`ALIGNED_SEQUENCE_TILE`].
+    pub fn cross_attention_len(self, t: usize) -> usize {
+        match self {
+            Self::Explicit => t,
+            Self::Aligned | Self::Fused => t.next_multiple_of(ALIGNED_SEQUENCE_TILE),
+        }
+    }
 }
 
 /// softmax(q k^T / sqrt(d)) v, with the softmax in f32 for the explicit kernels.
@@ -117,22 +130,36 @@ fn explicit_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, key_bias: Option
 /// matmuls in both dimensions that the sequence enters.
 const ALIGNED_SEQUENCE_TILE: usize = 64;
 
+/// `x` with zero tokens appended along the sequence axis up to `t_pad`.
+/// Shapes: [b,h,t,d] -> [b,h,t_pad,d].
+fn pad_tokens(x: Tensor<4>, t_pad: usize) -> Tensor<4> {
+    let [b, h, t, d] = x.dims();
+    if t_pad == t {
+        return x;
+    }
+    let zeros = Tensor::<4>::zeros([b, h, t_pad - t, d], &x.device()).cast(FloatDType::from(x.dtype()));
+    Tensor::cat(vec![x, zeros], 2)
+}
+
+/// The score bias that masks padded keys: 0 for the first `t` keys, -inf (weight exactly 0 after
+/// the softmax) for the rest. Shapes: -> [1,1,1,t_pad] in `dtype`.
+fn padded_key_bias(t: usize, t_pad: usize, dtype: FloatDType, device: &Device) -> Tensor<4> {
+    Tensor::<1>::cat(vec![Tensor::zeros([t], device), Tensor::full([t_pad - t], f32::NEG_INFINITY, device)], 0)
+        .reshape([1, 1, 1, t_pad])
+        .cast(dtype)
+}
+
 /// [`explicit_attention`] on q, k, v padded with zero tokens to a multiple of
-/// [`ALIGNED_SEQUENCE_TILE`]: padded keys get a score of -inf (weight exactly 0) and padded query
-/// rows are dropped, so the result is the unpadded attention.
+/// [`ALIGNED_SEQUENCE_TILE`]: padded keys are masked and padded query rows dropped, so the result
+/// is the unpadded attention.
 fn aligned_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    let [b, h, t, d] = q.dims();
+    let t = q.dims()[2];
     let t_pad = t.next_multiple_of(ALIGNED_SEQUENCE_TILE);
     if t_pad == t {
         return explicit_attention(q, k, v, None);
     }
-    let device = q.device();
-    let dtype = FloatDType::from(q.dtype());
-    let pad = |x: Tensor<4>| Tensor::cat(vec![x, Tensor::<4>::zeros([b, h, t_pad - t, d], &device).cast(dtype)], 2);
-    let key_bias =
-        Tensor::<1>::cat(vec![Tensor::zeros([t], &device), Tensor::full([t_pad - t], f32::NEG_INFINITY, &device)], 0)
-            .reshape([1, 1, 1, t_pad]);
-    explicit_attention(pad(q), pad(k), pad(v), Some(key_bias)).narrow(2, 0, t)
+    let key_bias = padded_key_bias(t, t_pad, FloatDType::F32, &q.device());
+    explicit_attention(pad_tokens(q, t_pad), pad_tokens(k, t_pad), pad_tokens(v, t_pad), Some(key_bias)).narrow(2, 0, t)
 }
 
 /// The fused kernel's tensor-core path needs the head dim to be a multiple of 16 and the sequence

@@ -8,10 +8,10 @@
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::activation::gelu;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 
 use super::config::QFormerConfig;
-use super::{LayerNorm, linear, softmax};
+use super::{AttentionKernel, LayerNorm, linear, pad_tokens, padded_key_bias, softmax};
 
 /// Query, key and value projections of one attention block (`attention.attention` or
 /// `crossattention.attention`).
@@ -47,7 +47,7 @@ impl QFormerMultiHeadAttention {
 
     /// Scaled dot-product attention of `hidden`'s queries to given keys and values. The optional
     /// perturbation Pi turns every query head q into q + q Pi before the scores.
-    /// Shapes: hidden [b,n,dq], keys/values [b,h,m,d], mask_bias [b,1,1,m] (0 or -10000),
+    /// Shapes: hidden [b,n,dq], keys/values [b,h,m,d], mask_bias [b or 1,1,1,m] (0, -10000 or -inf),
     /// perturbation [b,h,d,d] -> context [b,n,dq].
     pub fn forward(
         &self,
@@ -112,20 +112,27 @@ impl QFormerIntermediate {
     }
 }
 
-/// The keys and values of Z for one cross-attention layer, computed once per image.
+/// The keys and values of Z for one cross-attention layer, computed once per image, with t
+/// vision tokens run as m key rows ([`AttentionKernel::cross_attention_len`]).
 #[derive(Debug, Clone)]
 pub struct CrossKv {
-    /// [b,h,t,d].
+    /// [b,h,m,d]; rows past t are zero.
     pub keys: Tensor<4>,
-    /// [b,h,t,d].
+    /// [b,h,m,d]; rows past t are zero.
     pub values: Tensor<4>,
+    /// [1,1,1,m]: 0 for the t real keys, -inf for the padding; `None` when m = t.
+    pub key_bias: Option<Tensor<4>>,
 }
 
 impl CrossKv {
     /// The same keys and values gathered per pair (`indices` into the batch).
-    /// Shapes: [b,h,t,d] -> [p,h,t,d].
+    /// Shapes: [b,h,m,d] -> [p,h,m,d].
     pub fn select(&self, indices: burn::tensor::Tensor<1, burn::tensor::Int>) -> Self {
-        Self { keys: self.keys.clone().select(0, indices.clone()), values: self.values.clone().select(0, indices) }
+        Self {
+            keys: self.keys.clone().select(0, indices.clone()),
+            values: self.values.clone().select(0, indices),
+            key_bias: self.key_bias.clone(),
+        }
     }
 }
 
@@ -167,8 +174,8 @@ impl QFormerLayer {
         }
         let mut queries = attended.clone().narrow(1, 0, query_len);
         if let (Some(block), Some((kv, perturbation))) = (&self.crossattention, cross) {
-            let context =
-                block.attention.forward(queries.clone(), kv.keys.clone(), kv.values.clone(), None, perturbation);
+            let (keys, values) = (kv.keys.clone(), kv.values.clone());
+            let context = block.attention.forward(queries.clone(), keys, values, kv.key_bias.clone(), perturbation);
             queries = block.output.forward(context, queries);
         }
         let queries = self.output_query.forward(self.intermediate_query.forward(queries.clone()), queries);
@@ -207,13 +214,17 @@ impl QFormerModel {
         self.encoder.layer.iter().filter_map(|layer| layer.crossattention.as_ref())
     }
 
-    /// Keys and values of Z for every cross-attention layer.
-    /// Shapes: z [b,t,dv] -> n_cross x ([b,h,t,d], [b,h,t,d]).
-    pub fn cross_kv(&self, z: Tensor<3>) -> Vec<CrossKv> {
+    /// Keys and values of Z for every cross-attention layer, as `kernel` runs them.
+    /// Shapes: z [b,t,dv] -> n_cross x ([b,h,m,d], [b,h,m,d]), m = `kernel.cross_attention_len(t)`.
+    pub fn cross_kv(&self, z: Tensor<3>, kernel: AttentionKernel) -> Vec<CrossKv> {
+        let [_, t, _] = z.dims();
+        let m = kernel.cross_attention_len(t);
+        let key_bias = (m > t).then(|| padded_key_bias(t, m, FloatDType::from(z.dtype()), &z.device()));
         self.cross_attention_blocks()
             .map(|block| CrossKv {
-                keys: block.attention.key_heads(z.clone()),
-                values: block.attention.value_heads(z.clone()),
+                keys: pad_tokens(block.attention.key_heads(z.clone()), m),
+                values: pad_tokens(block.attention.value_heads(z.clone()), m),
+                key_bias: key_bias.clone(),
             })
             .collect()
     }

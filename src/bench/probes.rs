@@ -1,0 +1,50 @@
+//! The model's two hot paths timed outside the stages, on synthetic inputs of the bench's model:
+//! the vision tower (per attention kernel) and ITM (per cross-attention layout). Each runs once to
+//! pay kernel compilation and autotuning on a GPU, then once timed.
+
+use std::time::Instant;
+
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+
+use crate::data::tokenizer::TokenBatch;
+use crate::error::{Error, Result};
+use crate::model::Blip2Model;
+
+/// Waits for `x` and reads it back: where device work is synchronised and its failures surface.
+pub fn sync<const D: usize>(x: Tensor<D>) -> Result<TensorData> {
+    x.try_into_data().map_err(|e| Error::device_failed("a bench measurement", e, None))
+}
+
+/// `images` black images of the model's input size.
+pub fn blank_images(model: &Blip2Model, images: usize, device: &Device) -> Tensor<4> {
+    let s = model.config().vision_config.image_size;
+    Tensor::<4>::zeros([images, 3, s, s], device)
+}
+
+/// Milliseconds per image of the vision tower alone on a batch of `images` blank images (the ViT's
+/// cost does not depend on the pixels).
+pub fn vision_ms_per_image(model: &Blip2Model, images: usize, device: &Device) -> Result<f64> {
+    sync(model.vision_tokens(blank_images(model, images, device))?)?;
+    let start = Instant::now();
+    sync(model.vision_tokens(blank_images(model, images, device))?)?;
+    Ok(start.elapsed().as_secs_f64() * 1e3 / images as f64)
+}
+
+/// ITM pairs per second: one batch of `pairs` pairs over `images` images (random Z, a zero Q-Pert
+/// perturbation so that its product is paid) with texts of `len` tokens, as one `rerank` chunk
+/// runs them; the images' keys and values are computed outside the timing, as `rerank` computes
+/// them once for all the chunks of an image batch.
+pub fn itm_pairs_per_s(model: &Blip2Model, images: usize, pairs: usize, len: usize, device: &Device) -> Result<f64> {
+    let config = model.config();
+    let (v, q) = (&config.vision_config, &config.qformer_config);
+    let z = Tensor::<3>::random([images, v.num_tokens(), v.hidden_size], Distribution::Normal(0.0, 1.0), device);
+    let pi_shape = [images, q.num_cross_layers(), q.num_attention_heads, q.head_dim(), q.head_dim()];
+    let itm = model.itm_images(z, Some(Tensor::<5>::zeros(pi_shape, device)))?;
+    let slots: Vec<usize> = (0..pairs).map(|i| i % images).collect();
+    // Token 1 is in every vocabulary; the texts' content does not change the cost.
+    let tokens = TokenBatch { input_ids: vec![1; pairs * len], attention_mask: vec![1; pairs * len], len };
+    sync(model.itm_pair_logits(&itm, &slots, &tokens, device)?)?;
+    let start = Instant::now();
+    sync(model.itm_pair_logits(&itm, &slots, &tokens, device)?)?;
+    Ok(pairs as f64 / start.elapsed().as_secs_f64())
+}
