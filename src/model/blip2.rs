@@ -12,12 +12,12 @@ use burn::module::{Initializer, Module, ModuleVisitor, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear};
 use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 
-use super::AttentionKernel;
 use super::config::Blip2Config;
 use super::linear;
 use super::qformer::{CrossKv, QFormerModel};
 use super::vision::VisionModel;
 use super::weights::{Checkpoint, load_module, save_module};
+use super::{AttentionKernel, MASKED_SCORE};
 use crate::data::tokenizer::TokenBatch;
 use crate::error::{Error, Result};
 
@@ -122,11 +122,11 @@ fn f32s<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     x.cast(FloatDType::F32)
 }
 
-/// Additive attention bias from a 0/1 mask in `dtype`: 0 where visible, -10000 where masked.
+/// Additive attention bias from a 0/1 mask in `dtype`: 0 where visible, [`MASKED_SCORE`] where masked.
 /// Shapes: mask [b,n] Int -> [b,1,1,n].
 fn mask_bias(mask: Tensor<2, Int>, dtype: FloatDType) -> Tensor<4> {
     let [b, n] = mask.dims();
-    ((mask.float() - 1.0) * 10000.0).reshape([b, 1, 1, n]).cast(dtype)
+    ((mask.float() - 1.0) * -MASKED_SCORE).reshape([b, 1, 1, n]).cast(dtype)
 }
 
 /// A bad forward argument, named like a path (`pixel_values: expected ...`).

@@ -141,10 +141,16 @@ fn pad_tokens(x: Tensor<4>, t_pad: usize) -> Tensor<4> {
     Tensor::cat(vec![x, zeros], 2)
 }
 
-/// The score bias that masks padded keys: 0 for the first `t` keys, -inf (weight exactly 0 after
-/// the softmax) for the rest. Shapes: -> [1,1,1,t_pad] in `dtype`.
+/// What a masked key adds to its score (the text masks and the padded vision keys): its softmax
+/// weight, exp(-10000 + ...) in f32, is exactly 0, and stays so after rounding to f16 or bf16
+/// (the masks are added in the run dtype). Finite, unlike -inf, which WGSL lets a shader compiler
+/// assume away.
+const MASKED_SCORE: f64 = -10000.0;
+
+/// The score bias that masks padded keys: 0 for the first `t` keys, [`MASKED_SCORE`] for the rest.
+/// Shapes: -> [1,1,1,t_pad] in `dtype`.
 fn padded_key_bias(t: usize, t_pad: usize, dtype: FloatDType, device: &Device) -> Tensor<4> {
-    Tensor::<1>::cat(vec![Tensor::zeros([t], device), Tensor::full([t_pad - t], f32::NEG_INFINITY, device)], 0)
+    Tensor::<1>::cat(vec![Tensor::zeros([t], device), Tensor::full([t_pad - t], MASKED_SCORE, device)], 0)
         .reshape([1, 1, 1, t_pad])
         .cast(dtype)
 }

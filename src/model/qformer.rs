@@ -47,7 +47,7 @@ impl QFormerMultiHeadAttention {
 
     /// Scaled dot-product attention of `hidden`'s queries to given keys and values. The optional
     /// perturbation Pi turns every query head q into q + q Pi before the scores.
-    /// Shapes: hidden [b,n,dq], keys/values [b,h,m,d], mask_bias [b or 1,1,1,m] (0, -10000 or -inf),
+    /// Shapes: hidden [b,n,dq], keys/values [b,h,m,d], mask_bias [b or 1,1,1,m] (0 or `MASKED_SCORE`),
     /// perturbation [b,h,d,d] -> context [b,n,dq].
     pub fn forward(
         &self,
@@ -120,7 +120,7 @@ pub struct CrossKv {
     pub keys: Tensor<4>,
     /// [b,h,m,d]; rows past t are zero.
     pub values: Tensor<4>,
-    /// [1,1,1,m]: 0 for the t real keys, -inf for the padding; `None` when m = t.
+    /// [1,1,1,m]: 0 for the t real keys, `MASKED_SCORE` for the padding; `None` when m = t.
     pub key_bias: Option<Tensor<4>>,
 }
 
