@@ -298,7 +298,7 @@ impl Blip2Model {
         let queries = self.query_tokens.val().expand([b, q, dq]);
         let cross = self.qformer.cross_kv(self.run(z), self.attention);
         let perturbation = perturbation.map(|pi| self.run(pi));
-        Ok(self.qformer.forward(queries, None, q, &cross, perturbation))
+        Ok(self.qformer.forward(queries, None, q, &cross, perturbation, q))
     }
 
     /// ITC image features F_img, L2-normalised.
@@ -324,9 +324,10 @@ impl Blip2Model {
             0,
             &[],
             None,
+            1,
         );
         let [_, _, dq] = out.dims();
-        Ok(out.narrow(1, 0, 1).reshape([n, dq]))
+        Ok(out.reshape([n, dq]))
     }
 
     /// ITC text features f_txt, L2-normalised.
@@ -427,8 +428,8 @@ impl Blip2Model {
         let queries = self.query_tokens.val().expand([p, q, dq]);
         let embeddings = Tensor::cat(vec![queries, self.embeddings.forward(input_ids)], 1);
         let mask = Tensor::cat(vec![Tensor::<2, Int>::ones([p, q], device), attention_mask], 1);
-        let out = self.qformer.forward(embeddings, Some(mask_bias(mask, self.dtype)), q, &cross, perturbation);
-        let logits = f32s(self.itm_head.forward(out.narrow(1, 0, q))); // [p, q, 2]
+        let out = self.qformer.forward(embeddings, Some(mask_bias(mask, self.dtype)), q, &cross, perturbation, q);
+        let logits = f32s(self.itm_head.forward(out)); // [p, q, 2]
         Ok(logits.narrow(2, 1, 1).mean_dim(1).reshape([p]))
     }
 }

@@ -154,21 +154,27 @@ pub struct QFormerLayer {
 }
 
 impl QFormerLayer {
-    /// Shapes: hidden [b,n,dq] (the first `query_len` rows are queries), mask_bias [b,1,1,n],
-    /// cross: keys/values [b,h,t,d] and perturbation [b,h,d,d] for this layer -> [b,n,dq].
+    /// The layer's output for the first `keep` rows (keys and values come from all n rows; rows
+    /// are independent after the self-attention, so the others need not be computed when unused).
+    /// Shapes: hidden [b,n,dq] (the first `query_len` <= `keep` rows are queries), mask_bias
+    /// [b,1,1,n], cross: keys/values [b,h,m,d] and perturbation [b,h,d,d] for this layer
+    /// -> [b,keep,dq].
     fn forward(
         &self,
         hidden: Tensor<3>,
         mask_bias: Option<Tensor<4>>,
         query_len: usize,
         cross: Option<(&CrossKv, Option<Tensor<4>>)>,
+        keep: usize,
     ) -> Tensor<3> {
         let [_, n, _] = hidden.dims();
+        let keep = keep.min(n);
         let this = &self.attention;
         let keys = this.attention.key_heads(hidden.clone());
         let values = this.attention.value_heads(hidden.clone());
-        let context = this.attention.forward(hidden.clone(), keys, values, mask_bias, None);
-        let attended = this.output.forward(context, hidden);
+        let rows = if keep < n { hidden.narrow(1, 0, keep) } else { hidden };
+        let context = this.attention.forward(rows.clone(), keys, values, mask_bias, None);
+        let attended = this.output.forward(context, rows);
         if query_len == 0 {
             return self.text_ffn(attended);
         }
@@ -179,10 +185,10 @@ impl QFormerLayer {
             queries = block.output.forward(context, queries);
         }
         let queries = self.output_query.forward(self.intermediate_query.forward(queries.clone()), queries);
-        if n == query_len {
+        if keep == query_len {
             return queries;
         }
-        let text = self.text_ffn(attended.narrow(1, query_len, n - query_len));
+        let text = self.text_ffn(attended.narrow(1, query_len, keep - query_len));
         Tensor::cat(vec![queries, text], 1)
     }
 
@@ -229,10 +235,13 @@ impl QFormerModel {
             .collect()
     }
 
-    /// Runs the layers on un-normalised embeddings. With `query_len` > 0 the first rows are queries
-    /// and `cross` must hold one entry per cross-attention layer (checked by the caller).
-    /// Shapes: embeddings [b,n,dq], mask_bias [b,1,1,n], cross n_cross x [b,h,t,d],
-    /// perturbation [b,n_cross,h,d,d] -> [b,n,dq].
+    /// Runs the layers on un-normalised embeddings and returns the first `keep` rows of the output,
+    /// the rows the caller reads (the queries for ITC and ITM, the CLS row for text): the last
+    /// layer computes only those. With `query_len` > 0 the first rows are queries (`keep` >=
+    /// `query_len`) and `cross` must hold one entry per cross-attention layer (checked by the
+    /// caller).
+    /// Shapes: embeddings [b,n,dq], mask_bias [b,1,1,n], cross n_cross x [b,h,m,d],
+    /// perturbation [b,n_cross,h,d,d] -> [b,keep,dq].
     pub(crate) fn forward(
         &self,
         embeddings: Tensor<3>,
@@ -240,10 +249,13 @@ impl QFormerModel {
         query_len: usize,
         cross: &[CrossKv],
         perturbation: Option<Tensor<5>>,
+        keep: usize,
     ) -> Tensor<3> {
         let mut hidden = self.layernorm.forward(embeddings);
+        let [_, n, _] = hidden.dims();
+        let last = self.encoder.layer.len().saturating_sub(1);
         let mut c = 0;
-        for layer in &self.encoder.layer {
+        for (j, layer) in self.encoder.layer.iter().enumerate() {
             let layer_cross = match (&layer.crossattention, cross.get(c)) {
                 (Some(_), Some(kv)) if query_len > 0 => {
                     let pi = perturbation.as_ref().map(|pi| {
@@ -255,7 +267,8 @@ impl QFormerModel {
                 }
                 _ => None,
             };
-            hidden = layer.forward(hidden, mask_bias.clone(), query_len, layer_cross);
+            let rows = if j == last { keep } else { n };
+            hidden = layer.forward(hidden, mask_bias.clone(), query_len, layer_cross, rows);
         }
         hidden
     }
