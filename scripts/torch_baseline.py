@@ -156,6 +156,7 @@ def ratio_table(torch_report, qpert, out=sys.stdout):
     proj = {p["name"]: p for p in qpert["projections"]}
     rerank = stage["rerank"]
     itm_rate = rerank["items"] / rerank["scaled_s"] if rerank["scaled_s"] > 0 else float("nan")
+    floor = qpert.get("matmul_floor") or {}
     rows = [
         ("Flickr30K end to end, s", proj["flickr30k"]["total_s"],
          released_seconds(unit["unit_s"], FLICKR, torch_report["unit_pairs"]), "released loop (projected)", True),
@@ -169,6 +170,11 @@ def ratio_table(torch_report, qpert, out=sys.stdout):
         *[(f"ITM alone ({kernel} attention) pairs/s vs bf16 b256", rate,
            bf16.get("itm_pairs_per_s", float("nan")), "torch bf16", False)
           for kernel, rate in qpert.get("itm_pairs_per_s", []) if rate],
+        *[(f"{name} vs bf16 {batch}", value, bf16.get(key, float("nan")), "torch bf16", False)
+          for name, batch, key, value in [
+              ("ViT matmuls alone images/s", "b32", "vit_images_per_s", 1e3 / (floor.get("vision_ms_per_image") or float("inf"))),
+              ("ITM matmuls alone pairs/s", "b256", "itm_pairs_per_s", floor.get("itm_pairs_per_s") or 0.0)]
+          if value > 0],
         ("ITM pairs/s vs f32 b256", itm_rate, f32["itm_pairs_per_s"], "torch f32", False),
         ("ITM pairs/s vs bf16 b256", itm_rate, bf16.get("itm_pairs_per_s", float("nan")), "torch bf16", False),
     ]

@@ -98,6 +98,16 @@ fn bench_tiny_reports_every_stage_and_projections() {
     assert_eq!(itm.iter().map(|k| k[0].as_str().unwrap()).collect::<Vec<_>>(), ["explicit", "aligned"]);
     assert!(itm.iter().all(|k| k[1].as_f64().unwrap() > 0.0), "{itm:?}");
     assert!(stdout.contains("ITM alone (f32, 128 pairs of 24-token texts over 4 images): explicit "), "{stdout}");
+    // The same shapes' matrix products alone, with their TFLOP/s from the counted FLOPs.
+    let floor = &report["matmul_floor"];
+    assert_eq!(floor["vision_attention_len"], 17, "{floor}");
+    for field in ["vision_ms_per_image", "vision_tflops", "itm_pairs_per_s", "itm_tflops"] {
+        assert!(floor[field].as_f64().is_some_and(|v| v > 0.0 && v.is_finite()), "{field}: {floor}");
+    }
+    assert!(
+        stdout.contains("matmuls alone (f32, the shapes above, attention over 17 tokens): vision tower "),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -136,6 +146,7 @@ fn a_saved_random_model_loads_back_with_the_same_weights() {
 /// On the CubeCL backend (wgpu over Mesa's lavapipe on a CPU, `make test-cubecl`) the bench takes
 /// its GPU path: a warm-up run, and each stage's autotuning and compilation time as the difference
 /// from it. The first `extract` compiles and tunes every kernel of the vision tower, so it is > 0.
+/// The probes run there as well.
 #[cfg(feature = "wgpu")]
 #[test]
 fn bench_on_the_cubecl_backend_reports_autotuning() {
@@ -154,5 +165,11 @@ fn bench_on_the_cubecl_backend_reports_autotuning() {
             assert!(autotune > 0.0, "the warm-up compiled the vision tower: {r:?}");
         }
         assert_eq!(r[13], "n/a", "no nvidia-smi, no GPU memory: {r:?}");
+    }
+    // The probes ran on the device too, the matmul floor included (a failed one prints "failed"
+    // or "n/a").
+    for prefix in ["vision tower alone (", "ITM alone (", "matmuls alone ("] {
+        let line = stdout.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix}: {stdout}"));
+        assert!(!line.contains("failed") && !line.contains("n/a"), "{line}");
     }
 }

@@ -234,8 +234,28 @@ pub struct BenchReport {
     /// Caching the vision tokens Z between `extract` and `rerank` against recomputing them (`None`
     /// until measured, in the report written right after the stages).
     pub z_cache: Option<z_cache::ZCacheTiming>,
+    /// The matrix products of the vision tower and of ITM alone, on the probes' shapes with the
+    /// run's attention kernel (`None` until measured).
+    pub matmul_floor: Option<MatmulFloor>,
     /// Projections.
     pub projections: Vec<Projection>,
+}
+
+/// What the vision tower and ITM would reach if only their matrix products cost time
+/// ([`probes::matmul_seconds`]): set against the probes above, the share of the time spent
+/// between the products (softmax, LayerNorm, GELU, casts, gathers). `None` where it failed.
+#[derive(Debug, Clone, Serialize)]
+pub struct MatmulFloor {
+    /// The token count the vision tower's attention products run (padded by `aligned`/`fused`).
+    pub vision_attention_len: usize,
+    /// The vision tower's products, milliseconds per image.
+    pub vision_ms_per_image: Option<f64>,
+    /// Their TFLOP/s.
+    pub vision_tflops: Option<f64>,
+    /// ITM's products (the ITM probe's shapes), pairs per second.
+    pub itm_pairs_per_s: Option<f64>,
+    /// Their TFLOP/s.
+    pub itm_tflops: Option<f64>,
 }
 
 /// A scratch folder removed when dropped.
@@ -546,6 +566,7 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
         vision_ms_per_image: Vec::new(),
         itm_pairs_per_s: Vec::new(),
         z_cache: None,
+        matmul_floor: None,
         projections,
     };
     for line in table(&report, on_gpu, options.warmup) {
@@ -600,7 +621,46 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
         options.pair_batch,
         per_kernel(&report.itm_pairs_per_s, "pairs/s", 0)
     ));
+    let floor = matmul_floor(model.config(), options, batch, &burn_device, &ctx.reporter);
+    ctx.reporter.info(&format!(
+        "matmuls alone ({precision}, the shapes above, attention over {} tokens): vision tower {} ms/image ({} TFLOP/s), ITM {} pairs/s ({} TFLOP/s)",
+        floor.vision_attention_len,
+        optional(floor.vision_ms_per_image, 2),
+        optional(floor.vision_tflops, 2),
+        optional(floor.itm_pairs_per_s, 0),
+        optional(floor.itm_tflops, 2),
+    ));
+    report.matmul_floor = Some(floor);
+    write_json(&report, options.json.as_deref())?;
     Ok(report)
+}
+
+/// The matmul floor of the vision tower (a batch of `batch` images, the run's attention length)
+/// and of ITM (the ITM probe's chunk, with the run's cross-attention length).
+fn matmul_floor(
+    config: &Blip2Config,
+    options: &BenchOptions,
+    batch: usize,
+    device: &Device,
+    reporter: &Reporter,
+) -> MatmulFloor {
+    let dtype = options.precision.dtype();
+    let tokens = config.vision_config.num_tokens();
+    let attention_len = options.attention.cross_attention_len(tokens);
+    let vision = flops::vision_matmuls(config, attention_len);
+    let itm = flops::itm_matmuls(config, ITM_PROBE_LEN, attention_len);
+    let vision_s =
+        probe(reporter, "the vision tower's matmuls", || probes::matmul_seconds(&vision, batch, dtype, device));
+    let pairs = options.pair_batch;
+    let itm_s = probe(reporter, "ITM's matmuls", || probes::matmul_seconds(&itm, pairs, dtype, device));
+    let tflops = |flops: f64, s: f64| flops / s / 1e12;
+    MatmulFloor {
+        vision_attention_len: attention_len,
+        vision_ms_per_image: vision_s.map(|s| s * 1e3 / batch as f64),
+        vision_tflops: vision_s.map(|s| tflops(flops::total(&vision) * batch as f64, s)),
+        itm_pairs_per_s: itm_s.map(|s| pairs as f64 / s),
+        itm_tflops: itm_s.map(|s| tflops(flops::total(&itm) * pairs as f64, s)),
+    }
 }
 
 /// The text length the ITM probe runs.

@@ -1,14 +1,18 @@
 //! The model's two hot paths timed outside the stages, on synthetic inputs of the bench's model:
-//! the vision tower (per attention kernel) and ITM (per cross-attention layout). Each runs once to
-//! pay kernel compilation and autotuning on a GPU, then once timed.
+//! the vision tower (per attention kernel) and ITM (per cross-attention layout), and the matrix
+//! products of each alone. Each runs once to pay kernel compilation and autotuning on a GPU, then
+//! once timed.
 
 use std::time::Instant;
 
-use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use burn::tensor::module::linear;
+use burn::tensor::{Device, Distribution, FloatDType, Tensor, TensorData};
 
 use crate::data::tokenizer::TokenBatch;
 use crate::error::{Error, Result};
 use crate::model::Blip2Model;
+
+use super::flops::Matmul;
 
 /// Waits for `x` and reads it back: where device work is synchronised and its failures surface.
 pub fn sync<const D: usize>(x: Tensor<D>) -> Result<TensorData> {
@@ -47,4 +51,46 @@ pub fn itm_pairs_per_s(model: &Blip2Model, images: usize, pairs: usize, len: usi
     let start = Instant::now();
     sync(model.itm_pair_logits(&itm, &slots, &tokens, device)?)?;
     Ok(pairs as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Seconds for `items` items to run just the matrix products `matmuls` in `dtype`, on random
+/// operands: a weight product as the model's `Linear` runs it (burn's `linear` on [items, m, k]
+/// with a weight stored [n, k], PyTorch's layout, used transposed), an attention product as a
+/// batched matmul over [items, h]. It is the floor the forward would reach if everything between
+/// its products (softmax, LayerNorm, GELU, bias, casts, gathers) were free. Each shape runs once
+/// to pay compilation and autotuning, then up to [`MATMUL_REPEATS`] times timed, scaled to its
+/// count.
+pub fn matmul_seconds(matmuls: &[Matmul], items: usize, dtype: FloatDType, device: &Device) -> Result<f64> {
+    let mut seconds = 0.0;
+    for mm in matmuls {
+        let product: Box<dyn Fn() -> Tensor<4>> = match mm.heads {
+            None => {
+                let input = random([items, mm.m, mm.k], dtype, device);
+                let weight = random([mm.n, mm.k], dtype, device).transpose();
+                Box::new(move || linear(input.clone(), weight.clone(), None).unsqueeze())
+            }
+            Some(h) => {
+                let lhs = random([items, h, mm.m, mm.k], dtype, device);
+                let rhs = random([items, h, mm.k, mm.n], dtype, device);
+                Box::new(move || lhs.clone().matmul(rhs.clone()))
+            }
+        };
+        sync(product())?;
+        let repeats = mm.count.min(MATMUL_REPEATS);
+        let start = Instant::now();
+        // Every product is kept until the last is read back, so none can be skipped.
+        let products: Vec<Tensor<4>> = (0..repeats).map(|_| product()).collect();
+        sync(products[repeats - 1].clone())?;
+        seconds += start.elapsed().as_secs_f64() * mm.count as f64 / repeats as f64;
+    }
+    Ok(seconds)
+}
+
+/// The most products of one shape [`matmul_seconds`] times (their outputs stay in memory until
+/// read back: 8 of ViT-g's MLP products over 32 images take 2.2 GB in bf16).
+const MATMUL_REPEATS: usize = 8;
+
+/// Standard normal values in `dtype`.
+fn random<const D: usize>(dims: [usize; D], dtype: FloatDType, device: &Device) -> Tensor<D> {
+    Tensor::<D>::random(dims, Distribution::Normal(0.0, 1.0), device).cast(dtype)
 }
