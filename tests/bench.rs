@@ -98,6 +98,11 @@ fn bench_tiny_reports_every_stage_and_projections() {
     assert_eq!(itm.iter().map(|k| k[0].as_str().unwrap()).collect::<Vec<_>>(), ["explicit", "aligned"]);
     assert!(itm.iter().all(|k| k[1].as_f64().unwrap() > 0.0), "{itm:?}");
     assert!(stdout.contains("ITM alone (f32, 128 pairs of 24-token texts over 4 images): explicit "), "{stdout}");
+    // ITM on chunks four times larger, with the run's kernel.
+    let large = &report["itm_large_chunk"];
+    assert_eq!(large[0], 512, "{large}");
+    assert!(large[1].as_f64().is_some_and(|v| v > 0.0), "{large}");
+    assert!(stdout.contains("ITM alone (f32, explicit attention) on chunks of 512 pairs: "), "{stdout}");
     // The same shapes' matrix products alone, with their TFLOP/s from the counted FLOPs.
     let floor = &report["matmul_floor"];
     assert_eq!(floor["vision_attention_len"], 17, "{floor}");

@@ -231,6 +231,10 @@ pub struct BenchReport {
     /// ITM alone, pairs per second, with the cross-attention of each kernel (explicit: the vision
     /// tokens as they are; aligned: padded), measured so far; `None` where it failed.
     pub itm_pairs_per_s: Vec<(AttentionKernel, Option<f64>)>,
+    /// ITM alone with the run's kernel on chunks of 4 x `--pair-batch` pairs: (pairs, pairs per
+    /// second or `None` where it failed); `None` until measured. Against the rate above, it shows
+    /// how much of a chunk's time is per chunk (kernel launches, host work) rather than per pair.
+    pub itm_large_chunk: Option<(usize, Option<f64>)>,
     /// Caching the vision tokens Z between `extract` and `rerank` against recomputing them (`None`
     /// until measured, in the report written right after the stages).
     pub z_cache: Option<z_cache::ZCacheTiming>,
@@ -565,6 +569,7 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
         stages,
         vision_ms_per_image: Vec::new(),
         itm_pairs_per_s: Vec::new(),
+        itm_large_chunk: None,
         z_cache: None,
         matmul_floor: None,
         projections,
@@ -620,6 +625,18 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
         "ITM alone ({precision}, {} pairs of {ITM_PROBE_LEN}-token texts over {batch} images): {}",
         options.pair_batch,
         per_kernel(&report.itm_pairs_per_s, "pairs/s", 0)
+    ));
+    let large = 4 * options.pair_batch;
+    model = model.with_attention(options.attention);
+    let rate = probe(&ctx.reporter, &format!("ITM on chunks of {large} pairs"), || {
+        probes::itm_pairs_per_s(&model, batch, large, ITM_PROBE_LEN, &burn_device)
+    });
+    report.itm_large_chunk = Some((large, rate));
+    write_json(&report, options.json.as_deref())?;
+    ctx.reporter.info(&format!(
+        "ITM alone ({precision}, {} attention) on chunks of {large} pairs: {} pairs/s",
+        format!("{:?}", options.attention).to_lowercase(),
+        optional(rate, 0)
     ));
     let floor = matmul_floor(model.config(), options, batch, &burn_device, &ctx.reporter);
     ctx.reporter.info(&format!(
