@@ -577,18 +577,33 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
     for line in table(&report, on_gpu, options.warmup) {
         ctx.reporter.info(&line);
     }
-    // Written now and again at the end: on a GPU the measurements below compile and autotune new
-    // shapes, and a run stopped by a time limit there keeps the stages' numbers.
+    // Written now and after each probe: on a GPU the probes compile and autotune new shapes, and a
+    // run stopped by a time limit there keeps the numbers taken so far.
     write_json(&report, options.json.as_deref())?;
+    run_probes(&mut report, options, &model_dir, &burn_device, &scratch.0, &ctx.reporter)?;
+    Ok(report)
+}
 
+/// The measurements outside the stages (README, "Benchmark"), each added to `report` and written
+/// to `--json` as soon as it is taken: the Z-cache question, the vision tower alone with each
+/// attention kernel, ITM alone with each cross-attention layout, the matmul floor of both, and ITM
+/// on larger chunks.
+fn run_probes(
+    report: &mut BenchReport,
+    options: &BenchOptions,
+    model_dir: &Path,
+    burn_device: &Device,
+    scratch: &Path,
+    reporter: &Reporter,
+) -> Result<()> {
     // The Z-cache question with the run's kernel (its shapes are compiled already), then the
     // vision tower alone with each kernel.
     let batch = options.image_batch.min(options.images);
     runtime::forget_loaded_model();
-    let model = crate::model::Blip2Model::load_with_dtype(&model_dir, &burn_device, options.precision.dtype())?;
+    let model = crate::model::Blip2Model::load_with_dtype(model_dir, burn_device, options.precision.dtype())?;
     let mut model = model.with_attention(options.attention);
-    let z = z_cache::measure(&model, batch, &burn_device, &scratch.0)?;
-    ctx.reporter.info(&format!(
+    let z = z_cache::measure(&model, batch, burn_device, scratch)?;
+    reporter.info(&format!(
         "Z cache ({} images, {:.2} MiB per image in f16): recompute {:.2} ms/image, store + load {:.2} ms/image ({})",
         z.images,
         z.mib_per_image,
@@ -597,17 +612,17 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
         if z.store_and_load_ms < z.recompute_ms { "caching would win" } else { "recomputing wins" }
     ));
     report.z_cache = Some(z);
-    write_json(&report, options.json.as_deref())?;
+    write_json(report, options.json.as_deref())?;
     let precision = format!("{:?}", options.precision).to_lowercase();
     for kernel in AttentionKernel::ALL {
         model = model.with_attention(kernel);
-        let ms = probe(&ctx.reporter, &format!("the vision tower with {kernel:?} attention"), || {
-            probes::vision_ms_per_image(&model, batch, &burn_device)
+        let ms = probe(reporter, &format!("the vision tower with {kernel:?} attention"), || {
+            probes::vision_ms_per_image(&model, batch, burn_device)
         });
         report.vision_ms_per_image.push((kernel, ms));
-        write_json(&report, options.json.as_deref())?;
+        write_json(report, options.json.as_deref())?;
     }
-    ctx.reporter.info(&format!(
+    reporter.info(&format!(
         "vision tower alone ({precision}, batch of {batch}): {}",
         per_kernel(&report.vision_ms_per_image, "ms/image", 2)
     ));
@@ -615,31 +630,19 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
     // fused) padded. Texts of 24 tokens: the commonest ITM length of Flickr30K captions.
     for kernel in [AttentionKernel::Explicit, AttentionKernel::Aligned] {
         model = model.with_attention(kernel);
-        let rate = probe(&ctx.reporter, &format!("ITM with {kernel:?} attention"), || {
-            probes::itm_pairs_per_s(&model, batch, options.pair_batch, ITM_PROBE_LEN, &burn_device)
+        let rate = probe(reporter, &format!("ITM with {kernel:?} attention"), || {
+            probes::itm_pairs_per_s(&model, batch, options.pair_batch, ITM_PROBE_LEN, burn_device)
         });
         report.itm_pairs_per_s.push((kernel, rate));
-        write_json(&report, options.json.as_deref())?;
+        write_json(report, options.json.as_deref())?;
     }
-    ctx.reporter.info(&format!(
+    reporter.info(&format!(
         "ITM alone ({precision}, {} pairs of {ITM_PROBE_LEN}-token texts over {batch} images): {}",
         options.pair_batch,
         per_kernel(&report.itm_pairs_per_s, "pairs/s", 0)
     ));
-    let large = 4 * options.pair_batch;
-    model = model.with_attention(options.attention);
-    let rate = probe(&ctx.reporter, &format!("ITM on chunks of {large} pairs"), || {
-        probes::itm_pairs_per_s(&model, batch, large, ITM_PROBE_LEN, &burn_device)
-    });
-    report.itm_large_chunk = Some((large, rate));
-    write_json(&report, options.json.as_deref())?;
-    ctx.reporter.info(&format!(
-        "ITM alone ({precision}, {} attention) on chunks of {large} pairs: {} pairs/s",
-        format!("{:?}", options.attention).to_lowercase(),
-        optional(rate, 0)
-    ));
-    let floor = matmul_floor(model.config(), options, batch, &burn_device, &ctx.reporter);
-    ctx.reporter.info(&format!(
+    let floor = matmul_floor(model.config(), options, batch, burn_device, reporter);
+    reporter.info(&format!(
         "matmuls alone ({precision}, the shapes above, attention over {} tokens): vision tower {} ms/image ({} TFLOP/s), ITM {} pairs/s ({} TFLOP/s)",
         floor.vision_attention_len,
         optional(floor.vision_ms_per_image, 2),
@@ -648,8 +651,20 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
         optional(floor.itm_tflops, 2),
     ));
     report.matmul_floor = Some(floor);
-    write_json(&report, options.json.as_deref())?;
-    Ok(report)
+    write_json(report, options.json.as_deref())?;
+    let large = 4 * options.pair_batch;
+    model = model.with_attention(options.attention);
+    let rate = probe(reporter, &format!("ITM on chunks of {large} pairs"), || {
+        probes::itm_pairs_per_s(&model, batch, large, ITM_PROBE_LEN, burn_device)
+    });
+    report.itm_large_chunk = Some((large, rate));
+    write_json(report, options.json.as_deref())?;
+    reporter.info(&format!(
+        "ITM alone ({precision}, {} attention) on chunks of {large} pairs: {} pairs/s",
+        format!("{:?}", options.attention).to_lowercase(),
+        optional(rate, 0)
+    ));
+    Ok(())
 }
 
 /// The matmul floor of the vision tower (a batch of `batch` images, the run's attention length)
