@@ -125,12 +125,11 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
         Ok(())
     };
     match usable_vision_cache(ctx, shard, range.clone())? {
-        Some(cache) => {
-            for start in range.clone().step_by(ctx.config.model.image_batch) {
-                let images: Vec<usize> = (start..(start + ctx.config.model.image_batch).min(range.end)).collect();
-                score_batch(cache.read(&images, &device)?)?;
-            }
-        }
+        Some(cache) => runtime::prefetched(
+            runtime::batches(range.clone(), ctx.config.model.image_batch),
+            |images| cache.read_host(&images),
+            |batch| score_batch(batch?.upload(&device)),
+        )?,
         None => runtime::for_each_vision_batch(&index, range, &model, &ctx.config, &device, &mut score_batch)?,
     }
     bar.finish_and_clear();

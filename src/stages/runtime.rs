@@ -107,8 +107,44 @@ pub fn host<const D: usize>(tensor: Tensor<D>, work: &str, knob: Option<(&str, u
     Ok(data.try_into_vec_as::<f32>().expect("model outputs are float tensors"))
 }
 
+/// Runs `produce` on each of `inputs` in order on another thread, at most two results ahead of
+/// `consume`, which takes them in order on this thread: host work (decoding images, reading the
+/// vision cache) overlaps the device work `consume` starts. Stops at `consume`'s first error.
+pub fn prefetched<I, T>(
+    inputs: I,
+    produce: impl Fn(I::Item) -> T + Send,
+    mut consume: impl FnMut(T) -> Result<()>,
+) -> Result<()>
+where
+    I: IntoIterator,
+    I::IntoIter: Send,
+    T: Send,
+{
+    std::thread::scope(|scope| {
+        let (sender, receiver) = sync_channel::<T>(2);
+        let inputs = inputs.into_iter();
+        scope.spawn(move || {
+            for input in inputs {
+                if sender.send(produce(input)).is_err() {
+                    return; // the consuming side stopped on an error
+                }
+            }
+        });
+        for value in receiver {
+            consume(value)?;
+        }
+        Ok(())
+    })
+}
+
+/// The split positions of `range` in consecutive batches of `batch_size` (the last may be shorter).
+pub fn batches(range: Range<usize>, batch_size: usize) -> impl Iterator<Item = Vec<usize>> + Send {
+    let end = range.end;
+    range.step_by(batch_size).map(move |start| (start..(start + batch_size).min(end)).collect())
+}
+
 /// Decodes and resizes the images `range` of the split in batches of `batch_size` on the rayon
-/// pool, at most two batches ahead of the model, and calls `work(split_positions, pixel_values)`
+/// pool, ahead of the model ([`prefetched`]), and calls `work(split_positions, pixel_values)`
 /// for each batch in order on this thread. A last, partial batch is padded with black images to
 /// `batch_size`, so that the model sees one shape (CubeCL compiles and autotunes every new shape);
 /// rows past `split_positions.len()` are padding. The first image that fails to decode stops the
@@ -122,25 +158,16 @@ pub fn for_each_image_batch(
     device: &Device,
     mut work: impl FnMut(&[usize], Tensor<4>) -> Result<()>,
 ) -> Result<()> {
-    std::thread::scope(|scope| {
-        let (sender, receiver) = sync_channel::<(Vec<usize>, Vec<Result<Vec<f32>>>)>(2);
-        let images = &index.images;
-        scope.spawn(move || {
-            for start in range.clone().step_by(batch_size) {
-                let batch: Vec<usize> = (start..(start + batch_size).min(range.end)).collect();
-                let paths: Vec<&Path> = batch.iter().map(|&i| images[i].path.as_path()).collect();
-                let pixels = PREPROCESS_TIME.time(|| preprocess_batch(&paths, size as u32));
-                if sender.send((batch, pixels)).is_err() {
-                    return; // the model side stopped on an error
-                }
-            }
-        });
-        for (batch, pixels) in receiver {
-            let mut pixels: Vec<f32> = pixels.into_iter().collect::<Result<Vec<_>>>()?.concat();
-            pixels.resize(batch_size * 3 * size * size, 0.0);
-            work(&batch, floats(pixels, [batch_size, 3, size, size], device))?;
-        }
-        Ok(())
+    let images = &index.images;
+    let decode = |batch: Vec<usize>| {
+        let paths: Vec<&Path> = batch.iter().map(|&i| images[i].path.as_path()).collect();
+        let pixels = PREPROCESS_TIME.time(|| preprocess_batch(&paths, size as u32));
+        (batch, pixels)
+    };
+    prefetched(batches(range, batch_size), decode, |(batch, pixels)| {
+        let mut pixels: Vec<f32> = pixels.into_iter().collect::<Result<Vec<_>>>()?.concat();
+        pixels.resize(batch_size * 3 * size * size, 0.0);
+        work(&batch, floats(pixels, [batch_size, 3, size, size], device))
     })
 }
 

@@ -159,9 +159,9 @@ impl VisionCache {
         }
     }
 
-    /// The cached batch of `images` (one whole batch, split positions) on `device`, padded to
-    /// `model.image_batch` rows with zeros as [`super::runtime::for_each_image_batch`] pads.
-    pub fn read(&self, images: &[usize], device: &Device) -> Result<VisionBatch> {
+    /// The cached batch of `images` (one whole batch, split positions), read and checked on the
+    /// host (any thread: `rerank` reads the next batch while the device scores this one).
+    pub fn read_host(&self, images: &[usize]) -> Result<HostVisionBatch> {
         let path = self.path(images[0]);
         let bad = |msg: &str| Error::artifact(&path, msg);
         let record = self.read_record(&path)?;
@@ -198,8 +198,7 @@ impl VisionCache {
         let (z, pi) = (binary(1)?, binary(2)?);
         let mut z_bytes = z.value_data().to_vec();
         z_bytes.resize(b * z.value_length() as usize, 0); // zero bits are 0.0 in every float dtype
-        let z_data = TensorData::from_bytes_vec(z_bytes, [b, z_shape[0], z_shape[1]], dtype);
-        let z = Tensor::<3>::from_data(z_data, device).cast(FloatDType::F32);
+        let z = TensorData::from_bytes_vec(z_bytes, [b, z_shape[0], z_shape[1]], dtype);
         let perturbed: Vec<bool> = (0..images.len()).map(|i| pi.is_valid(i)).collect();
         let perturbation = match perturbed.iter().any(|&p| p) {
             true => {
@@ -211,11 +210,32 @@ impl VisionCache {
                     }
                 }
                 let [l, h, d, _] = pi_shape[..] else { return Err(bad("Pi shape is not layers,h,d,d")) };
-                Some(Tensor::from_data(TensorData::new(values, [b, l, h, d, d]), device))
+                Some(TensorData::new(values, [b, l, h, d, d]))
             }
             false => None,
         };
-        Ok(VisionBatch { images: images.to_vec(), z, perturbation, perturbed })
+        Ok(HostVisionBatch { images: images.to_vec(), z, perturbation, perturbed })
+    }
+}
+
+/// A cached batch on the host, padded to `model.image_batch` rows with zeros as
+/// [`super::runtime::for_each_image_batch`] pads: Z in its stored dtype, Pi in f32.
+pub struct HostVisionBatch {
+    images: Vec<usize>,
+    z: TensorData,
+    perturbation: Option<TensorData>,
+    perturbed: Vec<bool>,
+}
+
+impl HostVisionBatch {
+    /// The batch on `device`.
+    pub fn upload(self, device: &Device) -> VisionBatch {
+        VisionBatch {
+            images: self.images,
+            z: Tensor::<3>::from_data(self.z, device).cast(FloatDType::F32),
+            perturbation: self.perturbation.map(|pi| Tensor::from_data(pi, device)),
+            perturbed: self.perturbed,
+        }
     }
 }
 
@@ -224,4 +244,45 @@ impl VisionCache {
 fn current(metadata: &HashMap<String, String>, fingerprint: &str, image_batch: usize) -> bool {
     metadata.get(FINGERPRINT_KEY).map(String::as_str) == Some(fingerprint)
         && metadata.get(IMAGE_BATCH_KEY) == Some(&image_batch.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    /// A batch of 2 images (padded to 3 rows) written in bf16 reads back on the host, from another
+    /// thread, and uploads to the same Z (rounded to bf16), the same Pi for the perturbed image and
+    /// zeros for the rest; asking for other images names the file and both lists.
+    #[test]
+    fn a_written_batch_reads_back_from_another_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = Device::flex();
+        let cache = VisionCache::new(dir.path(), "digest".into(), 3);
+        let z: Vec<f32> = (0..3 * 2 * 4).map(|i| i as f32 * 0.25 - 2.0).collect();
+        let pi: Vec<f32> = (0..3 * 2 * 4).map(|i| 1.0 + i as f32 / 3.0).collect();
+        let batch = VisionBatch {
+            images: vec![3, 4],
+            z: Tensor::<3>::from_data(TensorData::new(z.clone(), [3, 2, 4]), &device),
+            perturbation: Some(Tensor::from_data(TensorData::new(pi.clone(), [3, 1, 2, 2, 2]), &device)),
+            perturbed: vec![false, true],
+        };
+        cache.write(&batch, FloatDType::BF16).unwrap();
+
+        let host = std::thread::scope(|s| s.spawn(|| cache.read_host(&[3, 4])).join().unwrap()).unwrap();
+        let read = host.upload(&device);
+        assert_eq!(read.images, [3, 4]);
+        assert_eq!(read.perturbed, [false, true]);
+        let bf16 = |v: f32| half::bf16::from_f32(v).to_f32();
+        let expected_z: Vec<f32> = z[..16].iter().map(|&v| bf16(v)).chain([0.0; 8]).collect();
+        assert_eq!(values(read.z), expected_z);
+        let expected_pi: Vec<f32> = [0.0; 8].into_iter().chain(pi[8..16].iter().copied()).chain([0.0; 8]).collect();
+        assert_eq!(values(read.perturbation.unwrap()), expected_pi);
+
+        let err = cache.read_host(&[3, 5]).err().unwrap().to_string();
+        assert!(err.contains("batch-000001.arrow") && err.contains("holds images [3, 4], expected [3, 5]"), "{err}");
+    }
 }
