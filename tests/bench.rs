@@ -28,7 +28,7 @@ fn bench_tiny_reports_every_stage_and_projections() {
     assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
     assert!(
         stdout.contains(
-            "model tiny in f32 (explicit attention), 4 images x 5 captions, 4 boxes per image, k = 3, on cpu"
+            "model tiny in f32 (explicit attention), 4 images x 5 captions, 8 boxes per image, k = 3, on cpu"
         ),
         "{stdout}"
     );
@@ -161,7 +161,7 @@ fn bench_on_the_cubecl_backend_reports_autotuning() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("4 boxes per image, k = 3, on wgpu"), "{stdout}");
+    assert!(stdout.contains("8 boxes per image, k = 3, on wgpu"), "{stdout}");
     for stage in ["index", "extract", "text", "sim", "rerank"] {
         let r = row(&stdout, stage);
         let autotune: f64 = r[11].parse().unwrap_or_else(|_| panic!("autotune seconds: {r:?}"));
