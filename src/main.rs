@@ -3,6 +3,11 @@
 
 use qpert::cli::{self, Parsed};
 
+/// mimalloc keeps freed memory for reuse: glibc's malloc maps and unmaps every large tensor buffer,
+/// and the page faults that follow cost 20-35% of the CPU stages (README, "Benchmark").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     std::panic::set_hook(Box::new(|info| eprintln!("qpert: internal error (a bug): {info}")));
     let outcome = cli::parse().and_then(|parsed| match parsed {
