@@ -22,10 +22,12 @@
 # so that the next device run starts warm; the script points CubeCL at cache/cubecl through a
 # cubecl.toml in its run folder.
 # Knobs (environment): IMAGES (64), K (16), PRECISION (bf16 | f16 | f32), ATTENTION (aligned | fused |
-# explicit: `model.attention`; a failed aligned or fused run is retried explicit; the bench times the
-# vision tower with all three and ITM with both cross-attention layouts in any case), CUBECL_AUTOTUNE_LEVEL (minimal: bounds the autotuning
-# time; set balanced for the default search), PARITY_TIMEOUT (90 s), TORCH_TIMEOUT (150 s),
-# QPERT_TIMEOUT (270 s; the three fit the run tool's 540 s), PYTHON (python3: the one with PyTorch + transformers).
+# explicit: `model.attention`; a run that fails fast is retried with the explicit attention, then in
+# f16 and f32; the bench times the vision tower with all three kernels and ITM with both
+# cross-attention layouts in any case), CUBECL_AUTOTUNE_LEVEL (minimal: bounds the autotuning time;
+# set balanced for the default search), PARITY_TIMEOUT (90 s), TORCH_TIMEOUT (150 s), QPERT_TIMEOUT
+# (270 s, and the bench runs end by 480 s; all fits the run tool's 540 s), PYTHON (python3: the one
+# with PyTorch + transformers).
 # A CPU dry run of the script's logic (any qpert binary in target/gpu-bench/qpert.xz):
 #   DEVICE=cpu MODEL_CONFIG=tiny IMAGES=4 TORCH_ARGS="--tiny --device cpu" bash scripts/gpu-bench.sh
 set -uo pipefail
@@ -116,16 +118,36 @@ say "1/3 PyTorch reference"
 timeout "$TORCH_TIMEOUT" "$PY" "$REPO/scripts/torch_baseline.py" $TORCH_ARGS --json "$OUT/torch.json" 2>&1 | tee "$OUT/torch.txt"
 say "torch exit ${PIPESTATUS[0]}"
 
+# One bench run: $1 attention, $2 precision, under QPERT_TIMEOUT or what is left of the run's first
+# 480 s (so that the ratios, the CubeCL cache and the mini pipeline still fit), whichever is less.
 bench() {
-    say "2/3 qpert bench ($MODEL_CONFIG config, $PRECISION, $1 attention, $IMAGES images, k = $K, $DEVICE, warm-up run first)"
-    timeout "$QPERT_TIMEOUT" "$BIN" bench --model-config "$MODEL_CONFIG" --device "$DEVICE" --precision "$PRECISION" \
-        --attention "$1" --images "$IMAGES" --k "$K" --warmup --json "$OUT/qpert-bench.json" 2>&1 | tee "$OUT/qpert-bench-$1.txt"
+    local limit=$(( 480 - ($(date +%s) - start) ))
+    [ "$limit" -gt "$QPERT_TIMEOUT" ] && limit=$QPERT_TIMEOUT
+    if [ "$limit" -lt 60 ]; then
+        say "2/3 no time left for qpert bench with $1 attention in $2 (${limit} s)"
+        return 124
+    fi
+    say "2/3 qpert bench ($MODEL_CONFIG config, $2, $1 attention, $IMAGES images, k = $K, $DEVICE, warm-up run first, ${limit} s)"
+    timeout "$limit" "$BIN" bench --model-config "$MODEL_CONFIG" --device "$DEVICE" --precision "$2" \
+        --attention "$1" --images "$IMAGES" --k "$K" --warmup --json "$OUT/qpert-bench.json" 2>&1 | tee "$OUT/qpert-bench-$1-$2.txt"
     local status=${PIPESTATUS[0]}
     say "qpert exit $status"
     return "$status"
 }
-# An aligned or fused run that fails fast (not a timeout) is retried with the explicit attention.
-bench "$ATTENTION" || { status=$?; [ "$ATTENTION" != explicit ] && [ "$status" -ne 124 ] && bench explicit; }
+# A run that fails fast (not a timeout) is retried with the plainest kernels: the explicit
+# attention, then f16 (the half-precision path that `make test-cubecl` checks on lavapipe) and f32,
+# so that one device run yields numbers even if a bf16 kernel does not compile on this GPU.
+fallbacks=("$ATTENTION $PRECISION" "explicit $PRECISION")
+[ "$PRECISION" = bf16 ] && fallbacks+=("explicit f16")
+[ "$PRECISION" != f32 ] && fallbacks+=("explicit f32")
+tried=""
+for run in "${fallbacks[@]}"; do
+    case " $tried " in *" ${run/ /:} "*) continue ;; esac # the same pair twice (ATTENTION=explicit)
+    tried="$tried ${run/ /:}"
+    # shellcheck disable=SC2086 # "attention precision"
+    bench $run && break
+    [ $? -eq 124 ] && break # a timeout is not retried: the next run would not fit either
+done
 
 say "3/3 ratios"
 if [ -f "$OUT/torch.json" ] && [ -f "$OUT/qpert-bench.json" ]; then
