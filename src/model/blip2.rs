@@ -14,7 +14,7 @@ use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 
 use super::config::Blip2Config;
 use super::linear;
-use super::qformer::{CrossKv, QFormerModel};
+use super::qformer::{BeforeCrossAttention, CrossKv, QFormerModel};
 use super::vision::VisionModel;
 use super::weights::{Checkpoint, load_module, save_module};
 use super::{AttentionKernel, MASKED_SCORE};
@@ -48,6 +48,49 @@ pub struct ItmImages {
     perturbation: Option<Tensor<5>>,
     /// b_img.
     images: usize,
+}
+
+/// A batch of texts prepared for ITM ([`Blip2Model::itm_texts`]): the first Q-Former layer up to
+/// its cross-attention, which depends on the text alone, computed once for all of a text's pairs.
+#[derive(Debug, Clone)]
+pub struct ItmTexts {
+    /// The query rows after the first layer's self-attention, [n,q,dq], and the text rows after
+    /// the first layer, [n,l,dq] (none when the first layer is the last: ITM reads query rows).
+    first: BeforeCrossAttention,
+    /// The attention bias of [queries; text], [n,1,1,q+l].
+    mask_bias: Tensor<4>,
+}
+
+impl ItmTexts {
+    /// The texts of `parts`, in order. Shapes: every part [n_i,...] with the same length l.
+    pub fn cat(parts: Vec<Self>) -> Self {
+        let join = |tensors: Vec<Option<Tensor<3>>>| tensors.into_iter().collect::<Option<Vec<_>>>().map(|t| Tensor::cat(t, 0));
+        let (mut queries, mut text, mut mask_bias) = (Vec::new(), Vec::new(), Vec::new());
+        for part in parts {
+            queries.push(part.first.queries);
+            text.push(part.first.text);
+            mask_bias.push(part.mask_bias);
+        }
+        let first = BeforeCrossAttention { queries: join(queries), text: join(text) };
+        Self { first, mask_bias: Tensor::cat(mask_bias, 0) }
+    }
+
+    /// The number of texts.
+    pub fn len(&self) -> usize {
+        self.mask_bias.dims()[0]
+    }
+
+    /// Whether there are no texts.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The rows of `indices`, on the device. Shapes: [n,...] -> [p,...].
+    fn select(&self, indices: Tensor<1, Int>) -> Self {
+        let rows = |x: &Option<Tensor<3>>| x.clone().map(|x| x.select(0, indices.clone()));
+        let first = BeforeCrossAttention { queries: rows(&self.first.queries), text: rows(&self.first.text) };
+        Self { first, mask_bias: self.mask_bias.clone().select(0, indices) }
+    }
 }
 
 /// BLIP-2 for image-text retrieval (`Blip2ForImageTextRetrieval`), in f32, bf16 or f16.
@@ -372,9 +415,12 @@ impl Blip2Model {
             attention_mask: mask.into_iter().map(|m| m as u8).collect(),
             len: input_ids.dims()[1],
         };
+        let device = input_ids.device();
         let images = self.itm_images(z, perturbation)?;
+        let texts = self.itm_texts(&tokens, &device)?;
         let indices: Vec<usize> = indices.iter().map(|&i| usize::try_from(i).unwrap_or(usize::MAX)).collect();
-        self.itm_pair_logits(&images, &indices, &tokens, &input_ids.device())
+        let pair_text: Vec<usize> = (0..indices.len()).collect();
+        self.itm_pair_logits(&images, &indices, &texts, &pair_text, &device)
     }
 
     /// What ITM needs of a batch of images, computed once for all their pairs: the keys and values
@@ -391,20 +437,14 @@ impl Blip2Model {
         })
     }
 
-    /// ITM logits of pairs (image `pair_image[i]` of `images`, text i): the mean over the Q query
-    /// rows of `itm_head(out)[1]` for the joint pass [queries; text] against that image's keys and
-    /// values (gathered per pair, as is Pi). Indices and tokens come from the host and are checked
-    /// there, so nothing is read back from the device and the host never waits for it.
-    /// Shapes: pair_image p indices into the batch, tokens [p,l] -> [p].
-    pub fn itm_pair_logits(
-        &self,
-        images: &ItmImages,
-        pair_image: &[usize],
-        tokens: &TokenBatch,
-        device: &Device,
-    ) -> Result<Tensor<1>> {
-        let (p, l) = (tokens.n(), tokens.len);
-        if tokens.input_ids.len() != p * l || tokens.attention_mask.len() != p * l {
+    /// What ITM needs of a batch of texts, computed once for all their pairs: the first Q-Former
+    /// layer of the joint [queries; text] pass up to its cross-attention, which depends on the text
+    /// alone (the query rows start as the same learned tokens in every pair). Tokens come from the
+    /// host and are checked there.
+    /// Shapes: tokens [n,l] -> [`ItmTexts`] of n texts of length l.
+    pub fn itm_texts(&self, tokens: &TokenBatch, device: &Device) -> Result<ItmTexts> {
+        let (n, l) = (tokens.n(), tokens.len);
+        if tokens.input_ids.len() != n * l || tokens.attention_mask.len() != n * l {
             let (ids, mask) = (tokens.input_ids.len(), tokens.attention_mask.len());
             return Err(bad_input("input_ids", format!("{ids} ids and {mask} mask values are not rows of length {l}")));
         }
@@ -412,23 +452,51 @@ impl Blip2Model {
         let ids: Vec<i64> = tokens.input_ids.iter().map(|&id| i64::from(id)).collect();
         let mask: Vec<i64> = tokens.attention_mask.iter().map(|&m| i64::from(m)).collect();
         self.check_token_values(ids.iter().copied(), mask.iter().copied())?;
+        let input_ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [n, l]), device);
+        let attention_mask = Tensor::<2, Int>::from_data(TensorData::new(mask, [n, l]), device);
+        let [_, q, dq] = self.query_tokens.dims();
+        let queries = self.query_tokens.val().expand([n, q, dq]);
+        let embeddings = Tensor::cat(vec![queries, self.embeddings.forward(input_ids)], 1);
+        let mask = Tensor::cat(vec![Tensor::<2, Int>::ones([n, q], device), attention_mask], 1);
+        let mask_bias = mask_bias(mask, self.dtype);
+        // ITM reads the query rows: a one-layer Q-Former keeps only those.
+        let first = self.qformer.first_layer_before_cross_attention(embeddings, Some(mask_bias.clone()), q, q);
+        Ok(ItmTexts { first, mask_bias })
+    }
+
+    /// ITM logits of pairs (image `pair_image[i]` of `images`, text `pair_text[i]` of `texts`): the
+    /// mean over the Q query rows of `itm_head(out)[1]` for the joint pass [queries; text] against
+    /// that image's keys and values (gathered per pair, as are Pi and the text's first layer).
+    /// Indices come from the host and are checked there, so nothing is read back from the device
+    /// and the host never waits for it.
+    /// Shapes: pair_image and pair_text p indices -> [p].
+    pub fn itm_pair_logits(
+        &self,
+        images: &ItmImages,
+        pair_image: &[usize],
+        texts: &ItmTexts,
+        pair_text: &[usize],
+        device: &Device,
+    ) -> Result<Tensor<1>> {
+        let p = pair_text.len();
         if pair_image.len() != p {
             return Err(bad_input("pair_image", format!("expected {p} indices, found {}", pair_image.len())));
         }
         if let Some(bad) = pair_image.iter().find(|&&i| i >= images.images) {
             return Err(bad_input("pair_image", format!("index {bad} is outside 0..{}", images.images)));
         }
-        let pair_image =
-            Tensor::<1, Int>::from_data(TensorData::new(pair_image.iter().map(|&i| i as i64).collect(), [p]), device);
-        let input_ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [p, l]), device);
-        let attention_mask = Tensor::<2, Int>::from_data(TensorData::new(mask, [p, l]), device);
+        if let Some(bad) = pair_text.iter().find(|&&i| i >= texts.len()) {
+            return Err(bad_input("pair_text", format!("index {bad} is outside 0..{}", texts.len())));
+        }
+        let indices = |rows: &[usize]| {
+            Tensor::<1, Int>::from_data(TensorData::new(rows.iter().map(|&i| i as i64).collect(), [p]), device)
+        };
+        let pair_image = indices(pair_image);
         let cross: Vec<CrossKv> = images.cross.iter().map(|kv| kv.select(pair_image.clone())).collect();
         let perturbation = images.perturbation.clone().map(|pi| pi.select(0, pair_image));
-        let [_, q, dq] = self.query_tokens.dims();
-        let queries = self.query_tokens.val().expand([p, q, dq]);
-        let embeddings = Tensor::cat(vec![queries, self.embeddings.forward(input_ids)], 1);
-        let mask = Tensor::cat(vec![Tensor::<2, Int>::ones([p, q], device), attention_mask], 1);
-        let out = self.qformer.forward(embeddings, Some(mask_bias(mask, self.dtype)), q, &cross, perturbation, q);
+        let texts = texts.select(indices(pair_text));
+        let q = self.config.num_query_tokens;
+        let out = self.qformer.forward_from_first_layer(texts.first, Some(texts.mask_bias), q, &cross, perturbation, q);
         let logits = f32s(self.itm_head.forward(out)); // [p, q, 2]
         Ok(logits.narrow(2, 1, 1).mean_dim(1).reshape([p]))
     }

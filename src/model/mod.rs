@@ -23,7 +23,7 @@ pub mod qformer;
 pub mod vision;
 pub mod weights;
 
-pub use blip2::{Blip2Model, ItmImages};
+pub use blip2::{Blip2Model, ItmImages, ItmTexts};
 pub use config::{Blip2Config, QFormerConfig, VisionConfig};
 pub use weights::{Checkpoint, fuse_qkv_bias};
 

@@ -153,6 +153,17 @@ pub struct QFormerLayer {
     pub output_query: QFormerOutput,
 }
 
+/// A layer's rows once its self-attention block and its text rows' feed-forward have run: what
+/// the layer computes before it needs the image. The query rows still have to cross-attend and run
+/// their own feed-forward ([`QFormerLayer::finish`]); the text rows are done.
+#[derive(Debug, Clone)]
+pub(crate) struct BeforeCrossAttention {
+    /// [b,query_len,dq]; `None` for a text-only pass.
+    pub queries: Option<Tensor<3>>,
+    /// [b,rows-query_len,dq]; `None` when only query rows are kept.
+    pub text: Option<Tensor<3>>,
+}
+
 impl QFormerLayer {
     /// The layer's output for the first `keep` rows (keys and values come from all n rows; rows
     /// are independent after the self-attention, so the others need not be computed when unused).
@@ -167,6 +178,19 @@ impl QFormerLayer {
         cross: Option<(&CrossKv, Option<Tensor<4>>)>,
         keep: usize,
     ) -> Tensor<3> {
+        self.finish(self.before_cross_attention(hidden, mask_bias, query_len, keep), cross)
+    }
+
+    /// The self-attention block for the first `keep` rows, then the text rows' feed-forward.
+    /// Shapes: hidden [b,n,dq], mask_bias [b,1,1,n] -> queries [b,query_len,dq], text
+    /// [b,keep-query_len,dq].
+    fn before_cross_attention(
+        &self,
+        hidden: Tensor<3>,
+        mask_bias: Option<Tensor<4>>,
+        query_len: usize,
+        keep: usize,
+    ) -> BeforeCrossAttention {
         let [_, n, _] = hidden.dims();
         let keep = keep.min(n);
         let this = &self.attention;
@@ -175,25 +199,35 @@ impl QFormerLayer {
         let rows = if keep < n { hidden.narrow(1, 0, keep) } else { hidden };
         let context = this.attention.forward(rows.clone(), keys, values, mask_bias, None);
         let attended = this.output.forward(context, rows);
-        if query_len == 0 {
-            return self.text_ffn(attended);
+        let text_ffn = |x: Tensor<3>| self.output.forward(self.intermediate.forward(x.clone()), x);
+        match query_len {
+            0 => BeforeCrossAttention { queries: None, text: Some(text_ffn(attended)) },
+            _ if keep == query_len => BeforeCrossAttention { queries: Some(attended), text: None },
+            _ => BeforeCrossAttention {
+                queries: Some(attended.clone().narrow(1, 0, query_len)),
+                text: Some(text_ffn(attended.narrow(1, query_len, keep - query_len))),
+            },
         }
-        let mut queries = attended.clone().narrow(1, 0, query_len);
-        if let (Some(block), Some((kv, perturbation))) = (&self.crossattention, cross) {
-            let (keys, values) = (kv.keys.clone(), kv.values.clone());
-            let context = block.attention.forward(queries.clone(), keys, values, kv.key_bias.clone(), perturbation);
-            queries = block.output.forward(context, queries);
-        }
-        let queries = self.output_query.forward(self.intermediate_query.forward(queries.clone()), queries);
-        if keep == query_len {
-            return queries;
-        }
-        let text = self.text_ffn(attended.narrow(1, query_len, keep - query_len));
-        Tensor::cat(vec![queries, text], 1)
     }
 
-    fn text_ffn(&self, x: Tensor<3>) -> Tensor<3> {
-        self.output.forward(self.intermediate.forward(x.clone()), x)
+    /// The query rows' cross-attention to the image (in a layer that has one, when `cross` is given)
+    /// and their feed-forward, joined with the text rows: the layer's output.
+    /// Shapes: [b,q,dq] and [b,l,dq] -> [b,q+l,dq].
+    fn finish(&self, rows: BeforeCrossAttention, cross: Option<(&CrossKv, Option<Tensor<4>>)>) -> Tensor<3> {
+        let queries = rows.queries.map(|mut queries| {
+            if let (Some(block), Some((kv, perturbation))) = (&self.crossattention, cross) {
+                let (keys, values) = (kv.keys.clone(), kv.values.clone());
+                let context =
+                    block.attention.forward(queries.clone(), keys, values, kv.key_bias.clone(), perturbation);
+                queries = block.output.forward(context, queries);
+            }
+            self.output_query.forward(self.intermediate_query.forward(queries.clone()), queries)
+        });
+        let mut parts: Vec<Tensor<3>> = queries.into_iter().chain(rows.text).collect();
+        match parts.len() {
+            1 => parts.remove(0),
+            _ => Tensor::cat(parts, 1),
+        }
     }
 }
 
@@ -251,24 +285,59 @@ impl QFormerModel {
         perturbation: Option<Tensor<5>>,
         keep: usize,
     ) -> Tensor<3> {
-        let mut hidden = self.layernorm.forward(embeddings);
+        let first = self.first_layer_before_cross_attention(embeddings, mask_bias.clone(), query_len, keep);
+        self.forward_from_first_layer(first, mask_bias, query_len, cross, perturbation, keep)
+    }
+
+    /// The pass up to the first layer's cross-attention: the input LayerNorm, the first layer's
+    /// self-attention and its text rows' feed-forward. The query rows start as the same learned
+    /// tokens in every ITM pair, so there this depends on the text alone and runs once per text
+    /// (`Blip2Model::itm_texts`). All n rows are kept unless the first layer is the last.
+    /// Shapes: embeddings [b,n,dq], mask_bias [b,1,1,n] -> queries [b,query_len,dq], text rows.
+    pub(crate) fn first_layer_before_cross_attention(
+        &self,
+        embeddings: Tensor<3>,
+        mask_bias: Option<Tensor<4>>,
+        query_len: usize,
+        keep: usize,
+    ) -> BeforeCrossAttention {
+        let hidden = self.layernorm.forward(embeddings);
         let [_, n, _] = hidden.dims();
-        let last = self.encoder.layer.len().saturating_sub(1);
+        let rows = if self.encoder.layer.len() == 1 { keep } else { n };
+        self.encoder.layer[0].before_cross_attention(hidden, mask_bias, query_len, rows)
+    }
+
+    /// The rest of the pass from [`QFormerModel::first_layer_before_cross_attention`]: the first
+    /// layer's query rows, then the other layers, returning the first `keep` rows.
+    /// Shapes: as [`QFormerModel::forward`].
+    pub(crate) fn forward_from_first_layer(
+        &self,
+        first: BeforeCrossAttention,
+        mask_bias: Option<Tensor<4>>,
+        query_len: usize,
+        cross: &[CrossKv],
+        perturbation: Option<Tensor<5>>,
+        keep: usize,
+    ) -> Tensor<3> {
+        // The cross-attention inputs of each layer that has a cross-attention block, in order.
         let mut c = 0;
-        for (j, layer) in self.encoder.layer.iter().enumerate() {
-            let layer_cross = match (&layer.crossattention, cross.get(c)) {
-                (Some(_), Some(kv)) if query_len > 0 => {
-                    let pi = perturbation.as_ref().map(|pi| {
-                        let [b, _, h, d, _] = pi.dims();
-                        pi.clone().narrow(1, c, 1).reshape([b, h, d, d])
-                    });
-                    c += 1;
-                    Some((kv, pi))
-                }
-                _ => None,
-            };
-            let rows = if j == last { keep } else { n };
-            hidden = layer.forward(hidden, mask_bias.clone(), query_len, layer_cross, rows);
+        let mut cross_of = |layer: &QFormerLayer| match (&layer.crossattention, cross.get(c)) {
+            (Some(_), Some(kv)) if query_len > 0 => {
+                let pi = perturbation.as_ref().map(|pi| {
+                    let [b, _, h, d, _] = pi.dims();
+                    pi.clone().narrow(1, c, 1).reshape([b, h, d, d])
+                });
+                c += 1;
+                Some((kv, pi))
+            }
+            _ => None,
+        };
+        let (first_layer, rest) = self.encoder.layer.split_first().expect("validated: at least one Q-Former layer");
+        let mut hidden = first_layer.finish(first, cross_of(first_layer));
+        let [_, n, _] = hidden.dims();
+        for (j, layer) in rest.iter().enumerate() {
+            let rows = if j + 1 == rest.len() { keep } else { n };
+            hidden = layer.forward(hidden, mask_bias.clone(), query_len, cross_of(layer), rows);
         }
         hidden
     }

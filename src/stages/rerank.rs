@@ -18,6 +18,7 @@ use super::vision_cache::VisionCache;
 use super::{Context, Outcome, Stage};
 use crate::config::Config;
 use crate::data::tokenizer::{MAX_LEN, TokenBatch};
+use crate::model::{Blip2Model, ItmTexts};
 use crate::error::{Error, Result};
 use crate::store::columns::{Table, record_batch};
 use crate::store::{Fingerprint, Shard};
@@ -72,6 +73,10 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
     let pairs_in_shard: usize = candidates[range.clone()].iter().map(BTreeMap::len).sum();
     let bar = ctx.reporter.bar(pairs_in_shard as u64, &format!("rerank {shard}"));
     let pair_batch = ctx.config.model.pair_batch;
+    let texts = ITM_TIME.time(|| {
+        let shard_texts = candidates[range.clone()].iter().flat_map(BTreeMap::keys).copied();
+        PreparedTexts::new(&model, shard_texts, (&ids, &mask), &itm_lengths, pair_batch, &device)
+    })?;
     let mut out = ScoredPairs::default();
     let mut score_batch = |batch: VisionBatch| -> Result<()> {
         // (slot in the batch, image, text, candidate) in image then text order.
@@ -100,15 +105,10 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
                 let padding = std::iter::repeat_n(chunk[chunk.len() - 1], pair_batch - chunk.len());
                 let padded: Vec<&(usize, usize, u32, Candidate)> =
                     chunk.iter().copied().chain(padding).map(|i| &pairs[i]).collect();
-                let len = itm_lengths[padded[0].2 as usize];
                 let slots: Vec<usize> = padded.iter().map(|&&(slot, ..)| slot).collect();
-                let rows = |t: u32| t as usize * MAX_LEN..t as usize * MAX_LEN + len;
-                let tokens = TokenBatch {
-                    input_ids: padded.iter().flat_map(|&&(_, _, t, _)| ids[rows(t)].iter().copied()).collect(),
-                    attention_mask: padded.iter().flat_map(|&&(_, _, t, _)| mask[rows(t)].iter().copied()).collect(),
-                    len,
-                };
-                logits.push(model.itm_pair_logits(&images, &slots, &tokens, &device)?.narrow(0, 0, chunk.len()));
+                let (prepared, rows) = texts.rows(padded.iter().map(|&&(_, _, text, _)| text));
+                let chunk_logits = model.itm_pair_logits(&images, &slots, prepared, &rows, &device)?;
+                logits.push(chunk_logits.narrow(0, 0, chunk.len()));
             }
             // One read-back per image batch: the device runs all its chunks without waiting for the host.
             let sorted = runtime::host(Tensor::cat(logits, 0), "an ITM batch", knob)?;
@@ -204,6 +204,62 @@ fn read_candidates(ctx: &Context, n_images: usize) -> Result<Vec<BTreeMap<u32, C
         }
     }
     Ok(candidates)
+}
+
+/// The ITM texts of a shard ([`Blip2Model::itm_texts`]: each text's first Q-Former layer, computed
+/// once for all its pairs), one batch per ITM length.
+struct PreparedTexts {
+    /// Per ITM length, the texts of that length.
+    by_length: BTreeMap<usize, ItmTexts>,
+    /// Per text index, its ITM length and its row in `by_length` (`None` for texts of no pair).
+    rows: Vec<Option<(usize, usize)>>,
+}
+
+impl PreparedTexts {
+    /// Prepares `texts` (indices into the `text` stage's `tokens`: ids and masks, row-major [texts,
+    /// MAX_LEN]) on their ITM lengths, in batches of `batch` texts padded by repeating the last one,
+    /// so that the device sees the ITM chunks' shapes.
+    fn new(
+        model: &Blip2Model,
+        texts: impl IntoIterator<Item = u32>,
+        (ids, mask): (&[i32], &[u8]),
+        itm_lengths: &[usize],
+        batch: usize,
+        device: &burn::tensor::Device,
+    ) -> Result<Self> {
+        let mut of_length: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+        for text in texts.into_iter().collect::<std::collections::BTreeSet<u32>>() {
+            of_length.entry(itm_lengths[text as usize]).or_default().push(text);
+        }
+        let mut rows = vec![None; itm_lengths.len()];
+        let mut by_length = BTreeMap::new();
+        for (len, texts) in of_length {
+            let mut parts = Vec::new();
+            for chunk in texts.chunks(batch) {
+                let padded = chunk.iter().chain(std::iter::repeat_n(&chunk[chunk.len() - 1], batch - chunk.len()));
+                let token_rows = |t: &u32| *t as usize * MAX_LEN..*t as usize * MAX_LEN + len;
+                let tokens = TokenBatch {
+                    input_ids: padded.clone().flat_map(|t| ids[token_rows(t)].iter().copied()).collect(),
+                    attention_mask: padded.flat_map(|t| mask[token_rows(t)].iter().copied()).collect(),
+                    len,
+                };
+                parts.push(model.itm_texts(&tokens, device)?);
+            }
+            for (row, &text) in texts.iter().enumerate() {
+                rows[text as usize] = Some((len, row));
+            }
+            by_length.insert(len, ItmTexts::cat(parts));
+        }
+        Ok(Self { by_length, rows })
+    }
+
+    /// The prepared texts of one ITM length and the rows of `texts` in them (all of that length).
+    fn rows(&self, texts: impl Iterator<Item = u32>) -> (&ItmTexts, Vec<usize>) {
+        let located: Vec<(usize, usize)> =
+            texts.map(|t| self.rows[t as usize].expect("every text of a pair is prepared")).collect();
+        let len = located[0].0;
+        (&self.by_length[&len], located.into_iter().map(|(_, row)| row).collect())
+    }
 }
 
 /// ITM runs a chunk of pairs on the first `len` tokens of their texts: the longest text of the
