@@ -64,7 +64,9 @@ pub struct ItmTexts {
 impl ItmTexts {
     /// The texts of `parts`, in order. Shapes: every part [n_i,...] with the same length l.
     pub fn cat(parts: Vec<Self>) -> Self {
-        let join = |tensors: Vec<Option<Tensor<3>>>| tensors.into_iter().collect::<Option<Vec<_>>>().map(|t| Tensor::cat(t, 0));
+        let join = |tensors: Vec<Option<Tensor<3>>>| {
+            tensors.into_iter().collect::<Option<Vec<_>>>().map(|t| Tensor::cat(t, 0))
+        };
         let (mut queries, mut text, mut mask_bias) = (Vec::new(), Vec::new(), Vec::new());
         for part in parts {
             queries.push(part.first.queries);
@@ -76,13 +78,8 @@ impl ItmTexts {
     }
 
     /// The number of texts.
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.mask_bias.dims()[0]
-    }
-
-    /// Whether there are no texts.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// The rows of `indices`, on the device. Shapes: [n,...] -> [p,...].

@@ -217,8 +217,7 @@ impl QFormerLayer {
         let queries = rows.queries.map(|mut queries| {
             if let (Some(block), Some((kv, perturbation))) = (&self.crossattention, cross) {
                 let (keys, values) = (kv.keys.clone(), kv.values.clone());
-                let context =
-                    block.attention.forward(queries.clone(), keys, values, kv.key_bias.clone(), perturbation);
+                let context = block.attention.forward(queries.clone(), keys, values, kv.key_bias.clone(), perturbation);
                 queries = block.output.forward(context, queries);
             }
             self.output_query.forward(self.intermediate_query.forward(queries.clone()), queries)
