@@ -12,7 +12,9 @@
 #   1. the PyTorch reference (scripts/torch_baseline.py, blip2-itm-vit-g-coco with random weights):
 #      the released loop's per-image unit and a batched pipeline, f32 and bf16;
 #   2. `qpert bench` on the same config in $PRECISION (default bf16, the issue's target setting), 64
-#      synthetic images, k = 16, with a warm-up run so JIT compilation + autotuning is measured;
+#      synthetic images, k = 64 (as Flickr30K: with 64 images every text pairs with every image, so
+#      an image's ITM pairs come in long runs, as in Flickr30K), with a warm-up run so JIT
+#      compilation + autotuning is measured;
 #   3. the ratio table (qpert against the reference, same GPU, same run);
 #   4. with the time left (up to 530 s in all), the whole mini pipeline on the GPU (configs/mini.toml,
 #      principal projector) and its metrics against the Python reference's (mini.txt).
@@ -21,7 +23,7 @@
 # cache/cubecl/ here and carry that folder too (run tool: carry ["target/gpu-bench", "cache/cubecl"])
 # so that the next device run starts warm; the script points CubeCL at cache/cubecl through a
 # cubecl.toml in its run folder.
-# Knobs (environment): IMAGES (64), K (16), PRECISION (bf16 | f16 | f32), ATTENTION (aligned | fused |
+# Knobs (environment): IMAGES (64), K (64), PRECISION (bf16 | f16 | f32), ATTENTION (aligned | fused |
 # explicit: `model.attention`; a run that fails fast is retried with the explicit attention, then in
 # f16 and f32; the bench times the vision tower with all three kernels and ITM with both
 # cross-attention layouts in any case), CUBECL_AUTOTUNE_LEVEL (minimal: bounds the autotuning time;
@@ -34,7 +36,7 @@ set -uo pipefail
 
 OUT="${OUT:-/tmp/gpu-bench}"
 IMAGES="${IMAGES:-64}"
-K="${K:-16}"
+K="${K:-64}"
 PRECISION="${PRECISION:-bf16}"
 ATTENTION="${ATTENTION:-aligned}"
 DEVICE="${DEVICE:-cuda}"

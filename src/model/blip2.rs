@@ -14,7 +14,7 @@ use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 
 use super::config::Blip2Config;
 use super::linear;
-use super::qformer::{BeforeCrossAttention, CrossKv, QFormerModel};
+use super::qformer::{BeforeCrossAttention, CrossInputs, CrossKv, ImageRows, QFormerModel};
 use super::vision::VisionModel;
 use super::weights::{Checkpoint, load_module, save_module};
 use super::{AttentionKernel, MASKED_SCORE};
@@ -463,9 +463,10 @@ impl Blip2Model {
 
     /// ITM logits of pairs (image `pair_image[i]` of `images`, text `pair_text[i]` of `texts`): the
     /// mean over the Q query rows of `itm_head(out)[1]` for the joint pass [queries; text] against
-    /// that image's keys and values (gathered per pair, as are Pi and the text's first layer).
-    /// Indices come from the host and are checked there, so nothing is read back from the device
-    /// and the host never waits for it.
+    /// that image's keys and values, from the text's prepared first layer (gathered per pair).
+    /// Consecutive pairs of one image cross-attend to it as one sequence, so pass them grouped by
+    /// image: any order is right, grouped is fast. Indices come from the host and are checked
+    /// there, so nothing is read back from the device and the host never waits for it.
     /// Shapes: pair_image and pair_text p indices -> [p].
     pub fn itm_pair_logits(
         &self,
@@ -485,15 +486,15 @@ impl Blip2Model {
         if let Some(bad) = pair_text.iter().find(|&&i| i >= texts.len()) {
             return Err(bad_input("pair_text", format!("index {bad} is outside 0..{}", texts.len())));
         }
-        let indices = |rows: &[usize]| {
-            Tensor::<1, Int>::from_data(TensorData::new(rows.iter().map(|&i| i as i64).collect(), [p]), device)
-        };
-        let pair_image = indices(pair_image);
-        let cross: Vec<CrossKv> = images.cross.iter().map(|kv| kv.select(pair_image.clone())).collect();
-        let perturbation = images.perturbation.clone().map(|pi| pi.select(0, pair_image));
-        let texts = texts.select(indices(pair_text));
+        let pair_text =
+            Tensor::<1, Int>::from_data(TensorData::new(pair_text.iter().map(|&i| i as i64).collect(), [p]), device);
+        let texts = texts.select(pair_text);
+        // Consecutive pairs of one image cross-attend to it together (rerank groups them so).
+        let runs: Vec<(usize, usize)> = pair_image.chunk_by(|a, b| a == b).map(|run| (run[0], run.len())).collect();
+        let cross =
+            CrossInputs { kv: &images.cross, perturbation: images.perturbation.clone(), rows: ImageRows::Runs(&runs) };
         let q = self.config.num_query_tokens;
-        let out = self.qformer.forward_from_first_layer(texts.first, Some(texts.mask_bias), q, &cross, perturbation, q);
+        let out = self.qformer.forward_from_first_layer(texts.first, Some(texts.mask_bias), q, cross, q);
         let logits = f32s(self.itm_head.forward(out)); // [p, q, 2]
         Ok(logits.narrow(2, 1, 1).mean_dim(1).reshape([p]))
     }

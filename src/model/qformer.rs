@@ -124,16 +124,71 @@ pub struct CrossKv {
     pub key_bias: Option<Tensor<4>>,
 }
 
+/// Which image's keys and values the query rows of each batch row attend to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ImageRows<'a> {
+    /// Row i attends to image i: the ITC pass, one row per image.
+    OnePerImage,
+    /// Consecutive runs of rows, `(image, rows)` each: an ITM chunk, whose pairs come grouped by
+    /// image. A run's query rows attend to their image as one sequence (rows are independent in
+    /// the cross-attention), so each image's keys, values and Pi are read once per run instead of
+    /// being gathered per pair.
+    Runs(&'a [(usize, usize)]),
+}
+
 impl CrossKv {
-    /// The same keys and values gathered per pair (`indices` into the batch).
-    /// Shapes: [b,h,m,d] -> [p,h,m,d].
-    pub fn select(&self, indices: burn::tensor::Tensor<1, burn::tensor::Int>) -> Self {
-        Self {
-            keys: self.keys.clone().select(0, indices.clone()),
-            values: self.values.clone().select(0, indices),
-            key_bias: self.key_bias.clone(),
+    /// The cross-attention context of `queries` through `attention`, each row attending to its
+    /// image as `images` says, with the query heads perturbed by Pi when given.
+    /// Shapes: queries [b,q,dq], keys/values [b_img,h,m,d], perturbation [b_img,h,d,d] -> [b,q,dq].
+    fn attend(
+        &self,
+        attention: &QFormerMultiHeadAttention,
+        queries: Tensor<3>,
+        perturbation: Option<Tensor<4>>,
+        images: ImageRows,
+    ) -> Tensor<3> {
+        let (keys, values, bias) = (self.keys.clone(), self.values.clone(), self.key_bias.clone());
+        let ImageRows::Runs(runs) = images else {
+            return attention.forward(queries, keys, values, bias, perturbation);
+        };
+        let [_, q, dq] = queries.dims();
+        let mut start = 0;
+        let mut contexts: Vec<Tensor<3>> = runs
+            .iter()
+            .map(|&(image, rows)| {
+                let run = queries.clone().narrow(0, start, rows).reshape([1, rows * q, dq]);
+                start += rows;
+                let of_image = |x: Tensor<4>| x.narrow(0, image, 1);
+                let pi = perturbation.clone().map(of_image);
+                attention
+                    .forward(run, of_image(keys.clone()), of_image(values.clone()), bias.clone(), pi)
+                    .reshape([rows, q, dq])
+            })
+            .collect();
+        match contexts.len() {
+            1 => contexts.remove(0),
+            _ => Tensor::cat(contexts, 0),
         }
     }
+}
+
+/// What the query rows cross-attend to: the images' keys and values per cross-attention layer,
+/// their Pi and which image each batch row attends to.
+/// Shapes: kv n_cross x [b_img,h,m,d], perturbation [b_img,n_cross,h,d,d].
+#[derive(Debug, Clone)]
+pub(crate) struct CrossInputs<'a> {
+    pub kv: &'a [CrossKv],
+    pub perturbation: Option<Tensor<5>>,
+    pub rows: ImageRows<'a>,
+}
+
+/// One layer's cross-attention inputs: the image keys and values, Pi [b_img,h,d,d] and which image
+/// each row attends to.
+#[derive(Debug, Clone)]
+struct LayerCross<'a> {
+    kv: &'a CrossKv,
+    perturbation: Option<Tensor<4>>,
+    images: ImageRows<'a>,
 }
 
 /// One Q-Former layer (`qformer.encoder.layer.j`).
@@ -175,7 +230,7 @@ impl QFormerLayer {
         hidden: Tensor<3>,
         mask_bias: Option<Tensor<4>>,
         query_len: usize,
-        cross: Option<(&CrossKv, Option<Tensor<4>>)>,
+        cross: Option<LayerCross>,
         keep: usize,
     ) -> Tensor<3> {
         self.finish(self.before_cross_attention(hidden, mask_bias, query_len, keep), cross)
@@ -213,11 +268,10 @@ impl QFormerLayer {
     /// The query rows' cross-attention to the image (in a layer that has one, when `cross` is given)
     /// and their feed-forward, joined with the text rows: the layer's output.
     /// Shapes: [b,q,dq] and [b,l,dq] -> [b,q+l,dq].
-    fn finish(&self, rows: BeforeCrossAttention, cross: Option<(&CrossKv, Option<Tensor<4>>)>) -> Tensor<3> {
+    fn finish(&self, rows: BeforeCrossAttention, cross: Option<LayerCross>) -> Tensor<3> {
         let queries = rows.queries.map(|mut queries| {
-            if let (Some(block), Some((kv, perturbation))) = (&self.crossattention, cross) {
-                let (keys, values) = (kv.keys.clone(), kv.values.clone());
-                let context = block.attention.forward(queries.clone(), keys, values, kv.key_bias.clone(), perturbation);
+            if let (Some(block), Some(cross)) = (&self.crossattention, cross) {
+                let context = cross.kv.attend(&block.attention, queries.clone(), cross.perturbation, cross.images);
                 queries = block.output.forward(context, queries);
             }
             self.output_query.forward(self.intermediate_query.forward(queries.clone()), queries)
@@ -285,7 +339,8 @@ impl QFormerModel {
         keep: usize,
     ) -> Tensor<3> {
         let first = self.first_layer_before_cross_attention(embeddings, mask_bias.clone(), query_len, keep);
-        self.forward_from_first_layer(first, mask_bias, query_len, cross, perturbation, keep)
+        let images = CrossInputs { kv: cross, perturbation, rows: ImageRows::OnePerImage };
+        self.forward_from_first_layer(first, mask_bias, query_len, images, keep)
     }
 
     /// The pass up to the first layer's cross-attention: the input LayerNorm, the first layer's
@@ -307,27 +362,27 @@ impl QFormerModel {
     }
 
     /// The rest of the pass from [`QFormerModel::first_layer_before_cross_attention`]: the first
-    /// layer's query rows, then the other layers, returning the first `keep` rows.
+    /// layer's query rows, then the other layers, returning the first `keep` rows; the query rows
+    /// of each batch row cross-attend to the image `images` says.
     /// Shapes: as [`QFormerModel::forward`].
     pub(crate) fn forward_from_first_layer(
         &self,
         first: BeforeCrossAttention,
         mask_bias: Option<Tensor<4>>,
         query_len: usize,
-        cross: &[CrossKv],
-        perturbation: Option<Tensor<5>>,
+        images: CrossInputs,
         keep: usize,
     ) -> Tensor<3> {
         // The cross-attention inputs of each layer that has a cross-attention block, in order.
         let mut c = 0;
-        let mut cross_of = |layer: &QFormerLayer| match (&layer.crossattention, cross.get(c)) {
+        let mut cross_of = |layer: &QFormerLayer| match (&layer.crossattention, images.kv.get(c)) {
             (Some(_), Some(kv)) if query_len > 0 => {
-                let pi = perturbation.as_ref().map(|pi| {
+                let perturbation = images.perturbation.as_ref().map(|pi| {
                     let [b, _, h, d, _] = pi.dims();
                     pi.clone().narrow(1, c, 1).reshape([b, h, d, d])
                 });
                 c += 1;
-                Some((kv, pi))
+                Some(LayerCross { kv, perturbation, images: images.rows })
             }
             _ => None,
         };
