@@ -173,6 +173,9 @@ def ratio_table(torch_report, qpert, out=sys.stdout):
         *[(f"ITM alone (chunks of {pairs}) pairs/s vs bf16 b256", rate,
            bf16.get("itm_pairs_per_s", float("nan")), "torch bf16", False)
           for pairs, rate in [qpert.get("itm_large_chunk") or (0, None)] if rate],
+        *[("ITM alone (runs of 1 pair) pairs/s vs bf16 b256", rate,
+           bf16.get("itm_pairs_per_s", float("nan")), "torch bf16", False)
+          for rate in [qpert.get("itm_short_runs")] if rate],
         *[(f"{name} vs bf16 {batch}", value, bf16.get(key, float("nan")), "torch bf16", False)
           for name, batch, key, value in [
               ("ViT matmuls alone images/s", "b32", "vit_images_per_s", 1e3 / (floor.get("vision_ms_per_image") or float("inf"))),

@@ -103,6 +103,12 @@ fn bench_tiny_reports_every_stage_and_projections() {
     assert_eq!(large[0], 512, "{large}");
     assert!(large[1].as_f64().is_some_and(|v| v > 0.0), "{large}");
     assert!(stdout.contains("ITM alone (f32, explicit attention) on chunks of 512 pairs: "), "{stdout}");
+    // ITM with every pair on another image: the worst layout for the per-image cross-attention.
+    assert!(report["itm_short_runs"].as_f64().is_some_and(|v| v > 0.0), "{}", report["itm_short_runs"]);
+    assert!(
+        stdout.contains("ITM alone (f32, explicit attention) with each pair on another image (runs of 1, not 64): "),
+        "{stdout}"
+    );
     // The same shapes' matrix products alone, with their TFLOP/s from the counted FLOPs.
     let floor = &report["matmul_floor"];
     assert_eq!(floor["vision_attention_len"], 17, "{floor}");

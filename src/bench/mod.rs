@@ -26,6 +26,7 @@ use crate::model::{AttentionKernel, Blip2Config};
 use crate::qpert::perturbation::EIGEN_TIME;
 use crate::qpert::{AlphaWeight, Components, EIGEN_WAIT_TIME, ProjectorKind};
 use crate::stages::{self, Context, DeviceChoice, Reporter, Stage, rerank, runtime, sim};
+use probes::PAIRS_PER_IMAGE;
 use synthetic::{SplitShape, SyntheticDataset};
 
 /// Which model configuration to benchmark.
@@ -235,6 +236,11 @@ pub struct BenchReport {
     /// second or `None` where it failed); `None` until measured. Against the rate above, it shows
     /// how much of a chunk's time is per chunk (kernel launches, host work) rather than per pair.
     pub itm_large_chunk: Option<(usize, Option<f64>)>,
+    /// ITM alone with the run's kernel on one chunk of `--pair-batch` pairs, each pair on another
+    /// image than the one before (runs of one pair, the worst layout for the per-image
+    /// cross-attention): pairs per second, `None` where it failed; outer `None` until measured.
+    /// Against the rate with runs of 64, it shows what short runs cost.
+    pub itm_short_runs: Option<Option<f64>>,
     /// Caching the vision tokens Z between `extract` and `rerank` against recomputing them (`None`
     /// until measured, in the report written right after the stages).
     pub z_cache: Option<z_cache::ZCacheTiming>,
@@ -570,6 +576,7 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
         vision_ms_per_image: Vec::new(),
         itm_pairs_per_s: Vec::new(),
         itm_large_chunk: None,
+        itm_short_runs: None,
         z_cache: None,
         matmul_floor: None,
         projections,
@@ -587,7 +594,7 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
 /// The measurements outside the stages (README, "Benchmark"), each added to `report` and written
 /// to `--json` as soon as it is taken: the Z-cache question, the vision tower alone with each
 /// attention kernel, ITM alone with each cross-attention layout, the matmul floor of both, and ITM
-/// on larger chunks.
+/// on larger chunks and on runs of one pair.
 fn run_probes(
     report: &mut BenchReport,
     options: &BenchOptions,
@@ -631,7 +638,7 @@ fn run_probes(
     for kernel in [AttentionKernel::Explicit, AttentionKernel::Aligned] {
         model = model.with_attention(kernel);
         let rate = probe(reporter, &format!("ITM with {kernel:?} attention"), || {
-            probes::itm_pairs_per_s(&model, batch, options.pair_batch, ITM_PROBE_LEN, burn_device)
+            probes::itm_pairs_per_s(&model, batch, options.pair_batch, PAIRS_PER_IMAGE, ITM_PROBE_LEN, burn_device)
         });
         report.itm_pairs_per_s.push((kernel, rate));
         write_json(report, options.json.as_deref())?;
@@ -655,13 +662,22 @@ fn run_probes(
     let large = 4 * options.pair_batch;
     model = model.with_attention(options.attention);
     let rate = probe(reporter, &format!("ITM on chunks of {large} pairs"), || {
-        probes::itm_pairs_per_s(&model, batch, large, ITM_PROBE_LEN, burn_device)
+        probes::itm_pairs_per_s(&model, batch, large, PAIRS_PER_IMAGE, ITM_PROBE_LEN, burn_device)
     });
     report.itm_large_chunk = Some((large, rate));
     write_json(report, options.json.as_deref())?;
+    let kernel = format!("{:?}", options.attention).to_lowercase();
     reporter.info(&format!(
-        "ITM alone ({precision}, {} attention) on chunks of {large} pairs: {} pairs/s",
-        format!("{:?}", options.attention).to_lowercase(),
+        "ITM alone ({precision}, {kernel} attention) on chunks of {large} pairs: {} pairs/s",
+        optional(rate, 0)
+    ));
+    let rate = probe(reporter, "ITM on runs of one pair", || {
+        probes::itm_pairs_per_s(&model, batch, options.pair_batch, 1, ITM_PROBE_LEN, burn_device)
+    });
+    report.itm_short_runs = Some(rate);
+    write_json(report, options.json.as_deref())?;
+    reporter.info(&format!(
+        "ITM alone ({precision}, {kernel} attention) with each pair on another image (runs of 1, not {PAIRS_PER_IMAGE}): {} pairs/s",
         optional(rate, 0)
     ));
     Ok(())

@@ -36,16 +36,23 @@ pub fn vision_ms_per_image(model: &Blip2Model, images: usize, device: &Device) -
 
 /// ITM pairs per second: one batch of `pairs` pairs over `images` images (random Z, a zero Q-Pert
 /// perturbation so that its product is paid) with texts of `len` tokens, as one `rerank` chunk
-/// runs them: grouped by image, [`PAIRS_PER_IMAGE`] consecutive pairs each. The images' keys and
-/// values and the texts' first layer are computed outside the timing, as `rerank` computes them
-/// once for all the pairs of an image batch and of a text.
-pub fn itm_pairs_per_s(model: &Blip2Model, images: usize, pairs: usize, len: usize, device: &Device) -> Result<f64> {
+/// runs them: grouped by image, `run` consecutive pairs each ([`PAIRS_PER_IMAGE`] as in
+/// Flickr30K). The images' keys and values and the texts' first layer are computed outside the
+/// timing, as `rerank` computes them once for all the pairs of an image batch and of a text.
+pub fn itm_pairs_per_s(
+    model: &Blip2Model,
+    images: usize,
+    pairs: usize,
+    run: usize,
+    len: usize,
+    device: &Device,
+) -> Result<f64> {
     let config = model.config();
     let (v, q) = (&config.vision_config, &config.qformer_config);
     let z = Tensor::<3>::random([images, v.num_tokens(), v.hidden_size], Distribution::Normal(0.0, 1.0), device);
     let pi_shape = [images, q.num_cross_layers(), q.num_attention_heads, q.head_dim(), q.head_dim()];
     let itm = model.itm_images(z, Some(Tensor::<5>::zeros(pi_shape, device)))?;
-    let slots: Vec<usize> = (0..pairs).map(|i| (i / PAIRS_PER_IMAGE) % images).collect();
+    let slots: Vec<usize> = (0..pairs).map(|i| (i / run) % images).collect();
     // Token 1 is in every vocabulary; the texts' content does not change the cost.
     let tokens = TokenBatch { input_ids: vec![1; pairs * len], attention_mask: vec![1; pairs * len], len };
     let texts = model.itm_texts(&tokens, device)?;
@@ -58,7 +65,7 @@ pub fn itm_pairs_per_s(model: &Blip2Model, images: usize, pairs: usize, len: usi
 
 /// How many consecutive pairs of a chunk the ITM probe gives each image: in Flickr30K at k = 64,
 /// each image has its 64 image-to-text candidates and more, so a `rerank` chunk holds few images.
-const PAIRS_PER_IMAGE: usize = 64;
+pub const PAIRS_PER_IMAGE: usize = 64;
 
 /// Seconds for `items` items to run just the matrix products `matmuls` in `dtype`, on random
 /// operands: a weight product as the model's `Linear` runs it (burn's `linear` on [items, m, k]
