@@ -17,6 +17,10 @@ pub struct Matmul {
     /// `None`: a layer's weight [k, n], shared by the items, whose m rows stack into one product;
     /// `Some(h)`: h products of the item's own operands side by side (attention heads).
     pub heads: Option<usize>,
+    /// For head products: how many consecutive items share the right operand and run as one
+    /// product of `group` x m rows (in ITM's cross-attention, the pairs of one image run share its
+    /// keys, values and Pi); 1 otherwise.
+    pub group: usize,
     pub m: usize,
     pub k: usize,
     pub n: usize,
@@ -35,11 +39,16 @@ pub fn total(matmuls: &[Matmul]) -> f64 {
 }
 
 fn weight(count: usize, m: usize, k: usize, n: usize) -> Matmul {
-    Matmul { count, heads: None, m, k, n }
+    Matmul { count, heads: None, group: 1, m, k, n }
 }
 
 fn per_item(count: usize, heads: usize, m: usize, k: usize, n: usize) -> Matmul {
-    Matmul { count, heads: Some(heads), m, k, n }
+    Matmul { count, heads: Some(heads), group: 1, m, k, n }
+}
+
+/// A head product that `run` consecutive items share the right operand of.
+fn per_run(count: usize, heads: usize, m: usize, k: usize, n: usize, run: usize) -> Matmul {
+    Matmul { group: run, ..per_item(count, heads, m, k, n) }
 }
 
 /// The vision tower on one image: the patch embedding (a convolution in the model, a product of
@@ -81,8 +90,15 @@ fn self_attention_and_text_ffn(c: &Blip2Config, queries: usize, text: usize, lay
 /// text's, `Blip2Model::itm_texts`): per layer the self-attention and each block's feed-forward on
 /// its own rows; the query rows also cross-attend, in every cross-attention layer, to `kv_len` key
 /// rows of the image (query and output projections, the Q-Pert product q Pi, and the two attention
-/// products).
-fn qformer_matmuls(c: &Blip2Config, queries: usize, text: usize, kv_len: usize, with_first_layer: bool) -> Vec<Matmul> {
+/// products, the last three per run of `run` items of one image).
+fn qformer_matmuls(
+    c: &Blip2Config,
+    queries: usize,
+    text: usize,
+    kv_len: usize,
+    with_first_layer: bool,
+    run: usize,
+) -> Vec<Matmul> {
     let q = &c.qformer_config;
     let (layers, cross, h, dq, i) =
         (q.num_hidden_layers, q.num_cross_layers(), q.num_attention_heads, q.hidden_size, q.intermediate_size);
@@ -91,9 +107,9 @@ fn qformer_matmuls(c: &Blip2Config, queries: usize, text: usize, kv_len: usize, 
     if queries > 0 {
         matmuls.extend([
             weight(2 * cross, queries, dq, dq),
-            per_item(cross, h, queries, dh, dh),
-            per_item(cross, h, queries, dh, kv_len),
-            per_item(cross, h, queries, kv_len, dh),
+            per_run(cross, h, queries, dh, dh, run),
+            per_run(cross, h, queries, dh, kv_len, run),
+            per_run(cross, h, queries, kv_len, dh, run),
             weight(layers, queries, dq, i),
             weight(layers, queries, i, dq),
         ]);
@@ -103,10 +119,11 @@ fn qformer_matmuls(c: &Blip2Config, queries: usize, text: usize, kv_len: usize, 
 
 /// One ITM pair with a text of `text_len` tokens against `kv_len` key rows, as `rerank` runs it
 /// (K/V and the text's first layer excluded: computed once per image and per text): the joint
-/// [queries; text] pass from the first cross-attention on, and the ITM head on the query rows.
-pub fn itm_matmuls(c: &Blip2Config, text_len: usize, kv_len: usize) -> Vec<Matmul> {
+/// [queries; text] pass from the first cross-attention on, and the ITM head on the query rows;
+/// the cross-attention products per run of `run` pairs of one image.
+pub fn itm_matmuls(c: &Blip2Config, text_len: usize, kv_len: usize, run: usize) -> Vec<Matmul> {
     let q = c.num_query_tokens;
-    let mut matmuls = qformer_matmuls(c, q, text_len, kv_len, false);
+    let mut matmuls = qformer_matmuls(c, q, text_len, kv_len, false, run);
     matmuls.push(weight(1, q, c.qformer_config.hidden_size, 2));
     matmuls
 }
@@ -141,14 +158,14 @@ pub fn box_gram(c: &Blip2Config) -> f64 {
 /// then the ITC projection.
 pub fn image_features(c: &Blip2Config) -> f64 {
     let q = c.num_query_tokens;
-    let mut matmuls = qformer_matmuls(c, q, 0, c.vision_config.num_tokens(), true);
+    let mut matmuls = qformer_matmuls(c, q, 0, c.vision_config.num_tokens(), true, 1);
     matmuls.push(weight(1, q, c.qformer_config.hidden_size, c.image_text_hidden_size));
     total(&matmuls)
 }
 
 /// The ITC text features of one caption (35 tokens): a text-only Q-Former pass and the projection.
 pub fn text_features(c: &Blip2Config) -> f64 {
-    let mut matmuls = qformer_matmuls(c, 0, MAX_LEN, 0, true);
+    let mut matmuls = qformer_matmuls(c, 0, MAX_LEN, 0, true, 1);
     matmuls.push(weight(1, 1, c.qformer_config.hidden_size, c.image_text_hidden_size));
     total(&matmuls)
 }
@@ -156,7 +173,7 @@ pub fn text_features(c: &Blip2Config) -> f64 {
 /// One ITM pair at the full caption length, unpadded keys, its text's first layer included: the
 /// issue's per-pair floor, which the bench's rerank TFLOP/s is counted against.
 pub fn itm_pair(c: &Blip2Config) -> f64 {
-    total(&itm_matmuls(c, MAX_LEN, c.vision_config.num_tokens())) + total(&itm_text_matmuls(c, MAX_LEN))
+    total(&itm_matmuls(c, MAX_LEN, c.vision_config.num_tokens(), 1)) + total(&itm_text_matmuls(c, MAX_LEN))
 }
 
 /// The ITC scores of `images` x `texts` pairs: every query row against every text.
@@ -205,7 +222,9 @@ mod tests {
         let extra = v.num_hidden_layers as f64 * 4.0 * (704.0 * 704.0 - t * t) * d;
         assert!((padded - vision(&c) - extra).abs() < 1.0);
         // Shorter texts cost less.
-        assert!(total(&itm_matmuls(&c, 24, 677)) < total(&itm_matmuls(&c, MAX_LEN, 677)));
+        assert!(total(&itm_matmuls(&c, 24, 677, 1)) < total(&itm_matmuls(&c, MAX_LEN, 677, 1)));
+        // Runs change the products' shapes, not their FLOPs.
+        assert_eq!(total(&itm_matmuls(&c, 24, 677, 64)), total(&itm_matmuls(&c, 24, 677, 1)));
         // The text's first layer, run once per text: one layer's self-attention and text FFN.
         let first_layer = 8.0 * n * dq * dq + 4.0 * n * n * dq + 4.0 * l * dq * iq;
         assert!((total(&itm_text_matmuls(&c, MAX_LEN)) - first_layer).abs() < 1.0);

@@ -696,7 +696,7 @@ fn matmul_floor(
     let tokens = config.vision_config.num_tokens();
     let attention_len = options.attention.cross_attention_len(tokens);
     let vision = flops::vision_matmuls(config, attention_len);
-    let itm = flops::itm_matmuls(config, ITM_PROBE_LEN, attention_len);
+    let itm = flops::itm_matmuls(config, ITM_PROBE_LEN, attention_len, PAIRS_PER_IMAGE);
     let vision_s =
         probe(reporter, "the vision tower's matmuls", || probes::matmul_seconds(&vision, batch, dtype, device));
     let pairs = options.pair_batch;

@@ -70,13 +70,17 @@ pub const PAIRS_PER_IMAGE: usize = 64;
 /// Seconds for `items` items to run just the matrix products `matmuls` in `dtype`, on random
 /// operands: a weight product as the model's `Linear` runs it (burn's `linear` on [items, m, k]
 /// with a weight stored [n, k], PyTorch's layout, used transposed), an attention product as a
-/// batched matmul over [items, h]. It is the floor the forward would reach if everything between
+/// batched matmul over [items, h], or over [items / group, h] with group x m rows each when
+/// `group` items share its right operand. It is the floor the forward would reach if everything between
 /// its products (softmax, LayerNorm, GELU, bias, casts, gathers) were free. Each shape runs once
 /// to pay compilation and autotuning, then up to [`MATMUL_REPEATS`] times timed, scaled to its
 /// count.
 pub fn matmul_seconds(matmuls: &[Matmul], items: usize, dtype: FloatDType, device: &Device) -> Result<f64> {
     let mut seconds = 0.0;
     for mm in matmuls {
+        // Grouped head products cover whole groups: time them for as many items as they hold.
+        let groups = items.div_ceil(mm.group);
+        let covered = if mm.heads.is_some() { groups * mm.group } else { items };
         let product: Box<dyn Fn() -> Tensor<4>> = match mm.heads {
             None => {
                 let input = random([items, mm.m, mm.k], dtype, device);
@@ -84,8 +88,8 @@ pub fn matmul_seconds(matmuls: &[Matmul], items: usize, dtype: FloatDType, devic
                 Box::new(move || linear(input.clone(), weight.clone(), None).unsqueeze())
             }
             Some(h) => {
-                let lhs = random([items, h, mm.m, mm.k], dtype, device);
-                let rhs = random([items, h, mm.k, mm.n], dtype, device);
+                let lhs = random([groups, h, mm.group * mm.m, mm.k], dtype, device);
+                let rhs = random([groups, h, mm.k, mm.n], dtype, device);
                 Box::new(move || lhs.clone().matmul(rhs.clone()))
             }
         };
@@ -95,7 +99,7 @@ pub fn matmul_seconds(matmuls: &[Matmul], items: usize, dtype: FloatDType, devic
         // Every product is kept until the last is read back, so none can be skipped.
         let products: Vec<Tensor<4>> = (0..repeats).map(|_| product()).collect();
         sync(products[repeats - 1].clone())?;
-        seconds += start.elapsed().as_secs_f64() * mm.count as f64 / repeats as f64;
+        seconds += start.elapsed().as_secs_f64() * mm.count as f64 / repeats as f64 * items as f64 / covered as f64;
     }
     Ok(seconds)
 }
