@@ -74,7 +74,8 @@ impl LayerNorm {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AttentionKernel {
-    /// Two matmuls and a softmax in f32: the reference computation, exact on every backend.
+    /// Two matmuls and a softmax in f32: the reference computation, exact on every backend. Its
+    /// keys are padded to a multiple of [`KEY_ROW_MULTIPLE`] and masked, as in every attention.
     #[default]
     Explicit,
     /// The explicit computation on vision tokens padded to a multiple of
@@ -94,11 +95,12 @@ impl AttentionKernel {
     /// Every kernel, in the order the benchmark reports them.
     pub const ALL: [AttentionKernel; 3] = [Self::Explicit, Self::Aligned, Self::Fused];
 
-    /// The number of key rows the Q-Former's cross-attention runs `t` vision tokens at: `t` for
-    /// the explicit kernel, else `t` padded to a multiple of [`ALIGNED_SEQUENCE_TILE`].
+    /// The number of key rows the Q-Former's cross-attention runs `t` vision tokens at: `t` padded
+    /// to a multiple of [`KEY_ROW_MULTIPLE`] for the explicit kernel, else of
+    /// [`ALIGNED_SEQUENCE_TILE`].
     pub fn cross_attention_len(self, t: usize) -> usize {
         match self {
-            Self::Explicit => t,
+            Self::Explicit => t.next_multiple_of(KEY_ROW_MULTIPLE),
             Self::Aligned | Self::Fused => t.next_multiple_of(ALIGNED_SEQUENCE_TILE),
         }
     }
@@ -114,16 +116,52 @@ fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, kernel: AttentionKernel) 
     }
 }
 
-/// Two matmuls and a softmax in f32, with `key_bias` ([1,1,1,t] f32) added to the scores.
+/// Two matmuls and a softmax in f32, with `key_bias` ([1,1,1,t] f32) added to the scores; the keys
+/// padded as [`pad_keys`] says.
 fn explicit_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, key_bias: Option<Tensor<4>>) -> Tensor<4> {
     let d = q.dims()[3];
     let dtype = FloatDType::from(q.dtype());
+    let (k, v, key_bias) = pad_keys(k, v, key_bias, FloatDType::F32);
     let scores = (q.matmul(k.swap_dims(2, 3)) * (d as f64).powf(-0.5)).cast(FloatDType::F32);
     let scores = match key_bias {
         Some(bias) => scores + bias,
         None => scores,
     };
     burn::tensor::activation::softmax(scores, 3).cast(dtype).matmul(v)
+}
+
+/// Every attention's key count is padded to a multiple of this ([`pad_keys`]): 8 elements are 16
+/// bytes in f16/bf16, the row alignment that CubeCL's TMA matmuls need on a GPU. CubeCL's autotune
+/// keys a matmul by its sizes rounded to a bucket, so a bucket tuned on aligned rows (32 queries)
+/// would replay a TMA kernel on unaligned ones (35 text tokens, 677 vision tokens) and fail
+/// ("Should run when selected by autotune"; found by `scripts/cuda-preflight.sh`). With every key
+/// count a multiple of 8, no matmul of the model has rows of unaligned length.
+pub const KEY_ROW_MULTIPLE: usize = 8;
+
+/// `keys` and `values` with zero rows appended up to a multiple of [`KEY_ROW_MULTIPLE`], and the
+/// score bias extended (or created, in `bias_dtype`) to mask them: the attention is unchanged.
+/// Shapes: keys/values [b,h,m,d], bias [b or 1,1,1,m] -> [b,h,m_pad,d], [b or 1,1,1,m_pad].
+fn pad_keys(
+    keys: Tensor<4>,
+    values: Tensor<4>,
+    bias: Option<Tensor<4>>,
+    bias_dtype: FloatDType,
+) -> (Tensor<4>, Tensor<4>, Option<Tensor<4>>) {
+    let m = keys.dims()[2];
+    let m_pad = m.next_multiple_of(KEY_ROW_MULTIPLE);
+    if m_pad == m {
+        return (keys, values, bias);
+    }
+    let device = keys.device();
+    let bias = match bias {
+        Some(bias) => {
+            let [b, ..] = bias.dims();
+            let masked = Tensor::<4>::full([b, 1, 1, m_pad - m], MASKED_SCORE, &device).cast(FloatDType::from(bias.dtype()));
+            Tensor::cat(vec![bias, masked], 3)
+        }
+        None => padded_key_bias(m, m_pad, bias_dtype, &device),
+    };
+    (pad_tokens(keys, m_pad), pad_tokens(values, m_pad), Some(bias))
 }
 
 /// The sequence multiple of [`AttentionKernel::Aligned`]: 64 tokens, a whole tile of the GPU

@@ -11,7 +11,7 @@ use burn::tensor::activation::gelu;
 use burn::tensor::{Device, FloatDType, Tensor};
 
 use super::config::QFormerConfig;
-use super::{AttentionKernel, LayerNorm, linear, pad_tokens, padded_key_bias, softmax};
+use super::{AttentionKernel, LayerNorm, linear, pad_keys, pad_tokens, padded_key_bias, softmax};
 
 /// Query, key and value projections of one attention block (`attention.attention` or
 /// `crossattention.attention`).
@@ -45,8 +45,9 @@ impl QFormerMultiHeadAttention {
         self.split_heads(self.value.forward(x))
     }
 
-    /// Scaled dot-product attention of `hidden`'s queries to given keys and values. The optional
-    /// perturbation Pi turns every query head q into q + q Pi before the scores.
+    /// Scaled dot-product attention of `hidden`'s queries to given keys and values, padded as
+    /// [`pad_keys`] says. The optional perturbation Pi turns every query head q into q + q Pi
+    /// before the scores.
     /// Shapes: hidden [b,n,dq], keys/values [b,h,m,d], mask_bias [b or 1,1,1,m] (0 or `MASKED_SCORE`),
     /// perturbation [b,h,d,d] -> context [b,n,dq].
     pub fn forward(
@@ -59,6 +60,7 @@ impl QFormerMultiHeadAttention {
     ) -> Tensor<3> {
         let [b, n, dq] = hidden.dims();
         let [_, _, _, d] = keys.dims();
+        let (keys, values, mask_bias) = pad_keys(keys, values, mask_bias, FloatDType::from(hidden.dtype()));
         let q = self.split_heads(self.query.forward(hidden));
         let q = match perturbation {
             Some(pi) => q.clone() + q.matmul(pi),
