@@ -4,7 +4,7 @@
 
 CARGO ?= cargo
 
-.PHONY: test test-cubecl test-slurm build demo reproduce-flickr reproduce-coco gpu-bench
+.PHONY: test test-cubecl test-slurm build demo reproduce-flickr reproduce-coco gpu-bench cuda-preflight
 
 test:
 	$(CARGO) test
@@ -42,6 +42,13 @@ gpu-bench:
 	git describe --always --dirty > target/gpu-bench/commit
 	@ls -l target/gpu-bench/
 	@echo "gpu-bench: carry target/gpu-bench and run: bash scripts/gpu-bench.sh"
+
+# The carried CUDA binaries run here without a GPU, against a stand-in driver that compiles and
+# checks every kernel for an H100 (scripts/cuda-preflight.sh); leaves cache/cubecl/ptx-sm90.db.xz,
+# the compiled kernels that the device run starts from. Needs pip (installs NVIDIA's CUDA 13.0
+# NVRTC/nvJitLink/header wheels under target/fake-cuda on first use).
+cuda-preflight:
+	bash scripts/cuda-preflight.sh
 
 # The whole pipeline on the committed mini dataset with a tiny random BLIP-2, on CPU (seconds).
 demo:

@@ -19,10 +19,11 @@
 #   4. with the time left (up to 530 s in all), the whole mini pipeline on the GPU (configs/mini.toml,
 #      principal projector) and its metrics against the Python reference's (mini.txt).
 # Everything lands in $OUT (default /tmp/gpu-bench): *.txt logs, *.json reports, gpu.txt, and
-# cubecl/<gpu>.db: CubeCL's autotune results and compiled kernels for this GPU model. Copy it to
-# cache/cubecl/ here and carry that folder too (run tool: carry ["target/gpu-bench", "cache/cubecl"])
-# so that the next device run starts warm; the script points CubeCL at cache/cubecl through a
-# cubecl.toml in its run folder.
+# cubecl/<gpu>.db.xz: CubeCL's autotune results and compiled kernels for this GPU model. Decompress
+# it into cache/cubecl/ here and carry that folder too (run tool: carry ["target/gpu-bench",
+# "cache/cubecl"]) so that the next device run starts warm; the script points CubeCL at
+# cache/cubecl through a cubecl.toml in its run folder. A cold run starts from the kernels that
+# scripts/cuda-preflight.sh compiled here (cache/cubecl/ptx-sm90.db.xz), so it skips NVRTC.
 # Knobs (environment): IMAGES (64), K (64), PRECISION (bf16 | f16 | f32), ATTENTION (aligned | fused |
 # explicit: `model.attention`; a run that fails fast is retried with the explicit attention, then in
 # f16 and f32; the bench times the vision tower with all three kernels and ITM with both
@@ -97,7 +98,24 @@ path = { directory = "$REPO/cache/cubecl" }
 [compilation]
 cache = true
 TOML
-say "CubeCL environment: $REPO/cache/cubecl/${GPU_MODEL:-gpu}.db ($( [ -f "$REPO/cache/cubecl/${GPU_MODEL:-gpu}.db" ] && echo "carried in, warm" || echo "new, cold" ))"
+DB="$REPO/cache/cubecl/${GPU_MODEL:-gpu}.db"
+say "CubeCL environment: $DB ($( [ -f "$DB" ] && echo "carried in, warm" || echo "new, cold" ))"
+# A cold environment starts from the PTX that scripts/cuda-preflight.sh compiled on the build
+# machine (cache/cubecl/ptx-sm90.db.xz: CubeCL's compilation cache only), so NVRTC need not run
+# here for those kernels. Only on compute capability 9.0 (the PTX targets sm_90a) and a driver at
+# least as new as the NVRTC that wrote it (else it could not load the PTX).
+SEED="$REPO/cache/cubecl/ptx-sm90.db.xz"
+if [ ! -f "$DB" ] && [ -f "$SEED" ]; then
+    cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)"
+    driver_cuda="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9.]*\).*/\1/p' | head -1)"
+    nvrtc="$(cat "$REPO/cache/cubecl/ptx-sm90.nvrtc" 2>/dev/null || echo 99)"
+    if [ "$cap" = 9.0 ] && [ -n "$driver_cuda" ] \
+        && [ "$(printf '%s\n%s\n' "$nvrtc" "$driver_cuda" | sort -V | head -1)" = "$nvrtc" ]; then
+        xz -dc "$SEED" > "$DB" && say "seeded it with the precompiled PTX of $(cat "$REPO/cache/cubecl/ptx-sm90.commit" 2>/dev/null || echo '?') ($(du -h "$SEED" | cut -f1), NVRTC $nvrtc; driver CUDA $driver_cuda)"
+    else
+        say "not seeded with ptx-sm90.db.xz: compute capability '${cap:-?}', driver CUDA '${driver_cuda:-?}', PTX from NVRTC $nvrtc"
+    fi
+fi
 cd "$RUN_DIR" || exit 1
 
 say "0 CUDA parity (tests/parity.rs --ignored)"
@@ -158,8 +176,9 @@ if [ -f "$OUT/torch.json" ] && [ -f "$OUT/qpert-bench.json" ]; then
 else
     say "no ratio table: a report is missing (see torch.txt / qpert-bench-*.txt)"
 fi
-mkdir -p "$OUT/cubecl" && cp "$REPO"/cache/cubecl/*.db "$OUT/cubecl/" 2>/dev/null \
-    && say "CubeCL cache for the next run: $OUT/cubecl/ ($(du -sh "$OUT/cubecl" | cut -f1)); copy it to cache/cubecl/ and carry it next time"
+# xz-compressed: files come back from the device at 16 MiB at most, and the kernels make it larger.
+mkdir -p "$OUT/cubecl" && [ -f "$DB" ] && xz -6 -T0 -c "$DB" > "$OUT/cubecl/$(basename "$DB").xz" \
+    && say "CubeCL cache for the next run: $OUT/cubecl/ ($(du -sh "$OUT/cubecl" | cut -f1)); xz -d it into cache/cubecl/ and carry that folder next time"
 say "4 the mini pipeline on $DEVICE against the Python reference"
 left=$(( 530 - ($(date +%s) - start) ))
 if [ "$left" -gt 20 ]; then

@@ -261,3 +261,50 @@ fn softmax<const D: usize>(x: Tensor<D>, dim: usize) -> Tensor<D> {
     let dtype = FloatDType::from(x.dtype());
     burn::tensor::activation::softmax(x.cast(FloatDType::F32), dim).cast(dtype)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    /// 35 text keys (the text stage's length) become 40: zero rows, masked by the extended bias;
+    /// and the attention over them equals the one over the 35 keys.
+    #[test]
+    fn pad_keys_pads_to_a_multiple_of_8_and_masks_the_padding() {
+        let device = Device::flex();
+        let [b, h, m, d] = [2, 3, 35, 4];
+        let ramp = |n: usize, scale: f32| (0..n).map(|i| ((i % 13) as f32 - 6.0) * scale).collect::<Vec<_>>();
+        let keys = Tensor::<4>::from_data(TensorData::new(ramp(b * h * m * d, 0.1), [b, h, m, d]), &device);
+        let values = Tensor::<4>::from_data(TensorData::new(ramp(b * h * m * d, 0.3), [b, h, m, d]), &device);
+        let q = Tensor::<4>::from_data(TensorData::new(ramp(b * h * 5 * d, 0.2), [b, h, 5, d]), &device);
+        // A text mask: the last 3 keys of the second text are padding.
+        let mask: Vec<f32> = (0..b * m).map(|i| if i >= 2 * m - 3 { MASKED_SCORE as f32 } else { 0.0 }).collect();
+        let bias = Tensor::<4>::from_data(TensorData::new(mask, [b, 1, 1, m]), &device);
+
+        let (padded_keys, padded_values, padded_bias) = pad_keys(keys.clone(), values.clone(), Some(bias.clone()), FloatDType::F32);
+        assert_eq!(padded_keys.dims(), [b, h, 40, d]);
+        assert_eq!(padded_values.dims(), [b, h, 40, d]);
+        let padded_bias = padded_bias.unwrap();
+        assert_eq!(padded_bias.dims(), [b, 1, 1, 40]);
+        let values_of = |t: Tensor<4>| t.into_data().try_to_vec::<f32>().unwrap();
+        assert!(values_of(padded_keys.clone().narrow(2, m, 5)).iter().all(|&x| x == 0.0));
+        assert!(values_of(padded_values.clone().narrow(2, m, 5)).iter().all(|&x| x == 0.0));
+        let tail = values_of(padded_bias.clone().narrow(3, m, 5));
+        assert!(tail.iter().all(|&x| x == MASKED_SCORE as f32), "{tail:?}");
+
+        let attend = |k: Tensor<4>, v: Tensor<4>, bias: Tensor<4>| {
+            let scores = q.clone().matmul(k.swap_dims(2, 3)) + bias;
+            burn::tensor::activation::softmax(scores, 3).matmul(v)
+        };
+        let padded = values_of(attend(padded_keys, padded_values, padded_bias));
+        let plain = values_of(attend(keys.clone(), values.clone(), bias));
+        let difference = padded.iter().zip(&plain).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(difference < 1e-6, "{difference}");
+
+        // A count that is already a multiple of 8 is left as it is, without a bias.
+        let keys_32 = keys.narrow(2, 0, 32);
+        let (same, _, no_bias) = pad_keys(keys_32.clone(), values.narrow(2, 0, 32), None, FloatDType::F32);
+        assert_eq!(same.dims(), keys_32.dims());
+        assert!(no_bias.is_none());
+    }
+}

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# The CUDA path of the carried gpu-bench binaries, run here without a GPU (issue 6): a stand-in
+# CUDA driver (scripts/fake_cuda/libcuda.c) answers as an H100, JIT-compiles every kernel's PTX
+# for sm_90a with nvJitLink and checks every launch against the card's limits; kernels do not
+# execute, so every number printed is meaningless. What it shows, before a scarce GPU session:
+#   - that every kernel the device run generates compiles (NVRTC) and loads (PTX -> sm_90a), and
+#     that every launch fits an H100 (threads, registers, shared memory, TMA descriptors);
+#   - how many kernels there are, and how long compiling them takes.
+# It also leaves what it compiled for the device run: cache/cubecl/ptx-sm90.db holds the PTX of
+# every kernel (CubeCL's compilation cache, nothing else: no autotune results, which would be
+# garbage here). scripts/gpu-bench.sh seeds a cold GPU's CubeCL environment with it, so the device
+# run skips NVRTC. Carry it as part of cache/cubecl.
+#
+#   make gpu-bench && bash scripts/cuda-preflight.sh
+#
+# It runs the steps of scripts/gpu-bench.sh with the same settings: the parity binary (its checks
+# fail here, as no kernel runs; it is run for its kernels), `qpert bench` on the coco config with a
+# warm-up, and the mini pipeline. NVRTC, nvJitLink and the CUDA headers are NVIDIA's PyPI wheels of
+# CUDA $CUDA_VERSION, installed into target/fake-cuda/cuda-$CUDA_VERSION on first use (about 340 MB):
+# the lent GPUs' driver is CUDA 13.0 (580.159; KINDS.md of the device tool), which cannot load PTX
+# from a newer NVRTC. Knobs: STEPS ("parity bench mini"), IMAGES (64), K (64), PRECISION (bf16),
+# ATTENTION (aligned), CUDA_VERSION (13.0), PYTHON (python3, with pip). Logs in $OUT (default
+# target/fake-cuda/out).
+set -uo pipefail
+
+REPO="$PWD"
+WORK="$REPO/target/fake-cuda"
+OUT="${OUT:-$WORK/out}"
+STEPS="${STEPS:-parity bench mini}"
+IMAGES="${IMAGES:-64}"
+K="${K:-64}"
+PRECISION="${PRECISION:-bf16}"
+ATTENTION="${ATTENTION:-aligned}"
+export CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}"
+start=$(date +%s)
+mkdir -p "$OUT"
+: > "$OUT/log.txt"
+say() { echo "[cuda-preflight +$(( $(date +%s) - start ))s] $*" | tee -a "$OUT/log.txt"; }
+fail() { echo "cuda-preflight: $*" >&2; exit 2; }
+
+for f in target/gpu-bench/qpert.xz target/gpu-bench/commit; do
+    [ -f "$f" ] || fail "$f is missing: run \`make gpu-bench\` first"
+done
+PY="${PYTHON:-$(command -v python3)}"
+CUDA_VERSION="${CUDA_VERSION:-13.0}"
+WHEELS="$WORK/cuda-$CUDA_VERSION"
+CUDA="$WHEELS/nvidia/cu13"
+if [ ! -f "$CUDA/lib/libnvrtc.so.13" ]; then
+    say "installing NVIDIA's CUDA $CUDA_VERSION wheels (NVRTC, nvJitLink, headers) into $WHEELS"
+    "$PY" -m pip install -q --target "$WHEELS" "nvidia-cuda-nvrtc==$CUDA_VERSION.*" "nvidia-nvjitlink==$CUDA_VERSION.*" \
+        "nvidia-cuda-runtime==$CUDA_VERSION.*" "nvidia-cuda-cccl==$CUDA_VERSION.*" \
+        || fail "pip could not install the CUDA $CUDA_VERSION wheels into $WHEELS"
+fi
+for f in include/cuda.h include/nvJitLink.h lib/libnvJitLink.so.13 lib/libnvrtc.so.13; do
+    [ -e "$CUDA/$f" ] || fail "$CUDA/$f is missing after installing the CUDA $CUDA_VERSION wheels"
+done
+
+mkdir -p "$WORK/lib"
+cc -shared -fPIC -O1 -Wall -Wextra -I"$CUDA/include" -o "$WORK/lib/libcuda.so.1" scripts/fake_cuda/libcuda.c \
+    -L"$CUDA/lib" -l:libnvJitLink.so.13 -Wl,-rpath,"$CUDA/lib" || fail "cannot build scripts/fake_cuda/libcuda.c"
+xz -dc target/gpu-bench/qpert.xz > "$WORK/qpert" && chmod +x "$WORK/qpert" || fail "cannot decompress the qpert binary"
+export LD_LIBRARY_PATH="$WORK/lib:$CUDA/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export CUDA_PATH="$CUDA"
+NVRTC_VERSION="$("$PY" - "$CUDA/lib/libnvrtc.so.13" <<'PY'
+import ctypes, sys
+major, minor = ctypes.c_int(), ctypes.c_int()
+ctypes.CDLL(sys.argv[1]).nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+print(f"{major.value}.{minor.value}")
+PY
+)"
+say "binaries of $(cat target/gpu-bench/commit); NVRTC $NVRTC_VERSION and nvJitLink from $CUDA; autotune level $CUBECL_AUTOTUNE_LEVEL"
+
+# A fresh CubeCL environment with the compilation cache on, as scripts/gpu-bench.sh sets it up.
+ENV_DIR="$WORK/env"
+RUN_DIR="$WORK/run"
+rm -rf "$ENV_DIR" "$RUN_DIR" && mkdir -p "$ENV_DIR" "$RUN_DIR"
+cat > "$RUN_DIR/cubecl.toml" <<TOML
+[environment]
+name = "preflight"
+path = { directory = "$ENV_DIR" }
+
+[compilation]
+cache = true
+TOML
+ln -sfn "$REPO/tests" "$RUN_DIR/tests"
+cd "$RUN_DIR" || exit 1
+
+failed=0
+step() { # $1 name, then the command; its output goes to $OUT/$1.txt
+    local name=$1 t0=$(date +%s)
+    shift
+    "$@" > "$OUT/$name.txt" 2>&1
+    local status=$?
+    local summary
+    summary="$(grep '^fake-cuda: [0-9]* modules' "$OUT/$name.txt" | tail -1)"
+    say "$name: exit $status in $(( $(date +%s) - t0 )) s; ${summary#fake-cuda: }"
+    return $status
+}
+for s in $STEPS; do
+    case $s in
+    parity)
+        xz -dc "$REPO/target/gpu-bench/parity.xz" > "$WORK/parity" && chmod +x "$WORK/parity"
+        built_in="$(cat "$REPO/target/gpu-bench/manifest-dir")"
+        [ -d "$built_in/tests/fixtures" ] || { mkdir -p "$(dirname "$built_in")" && ln -sfn "$REPO" "$built_in"; }
+        # No kernel runs, so the parity checks fail; the kernels they launch are what counts here.
+        step parity "$WORK/parity" --ignored --test-threads 1
+        ;;
+    bench)
+        step bench "$WORK/qpert" bench --model-config coco --device cuda --precision "$PRECISION" \
+            --attention "$ATTENTION" --images "$IMAGES" --k "$K" --warmup || failed=1
+        ;;
+    mini)
+        step mini "$WORK/qpert" run --config "$REPO/configs/mini.toml" --set model.device=cuda \
+            --set qpert.projector=principal --set output.dir="$WORK/mini" || failed=1
+        ;;
+    *) fail "unknown step $s (parity, bench, mini)" ;;
+    esac
+done
+
+problems="$(grep -h '^fake-cuda: ' "$OUT"/*.txt | grep -v ' modules JIT-compiled ' | sort | uniq -c | sort -rn)"
+if [ -n "$problems" ]; then
+    say "what a real H100 would refuse (count, message):"
+    echo "$problems" | tee -a "$OUT/log.txt"
+else
+    say "no kernel was refused"
+fi
+
+# Keep only the compilation cache (PTX by kernel, and by source hash) for the device run,
+# xz-compressed (the device run's carry limit is 64 MiB in all).
+mkdir -p "$REPO/cache/cubecl"
+"$PY" - "$ENV_DIR/preflight.db" "$WORK/ptx-sm90.db" <<'PY' 2>&1 | tee -a "$OUT/log.txt"
+import os, sqlite3, sys
+source, target = sys.argv[1], sys.argv[2]
+if os.path.exists(target):
+    os.remove(target)
+db = sqlite3.connect(target)
+db.execute("attach database ? as run", (source,))
+db.execute("create table meta as select * from run.meta")
+schema = db.execute("select sql from run.sqlite_master where name = 'entries'").fetchone()[0]
+db.execute(schema)
+db.execute("insert into entries select * from run.entries where namespace like 'cuda/%/ptx_sm90' "
+           "or namespace like 'cuda-second-line/%/ptx_sm90'")
+db.commit()
+kernels = db.execute("select count(*) from entries where namespace like 'cuda/%'").fetchone()[0]
+db.execute("detach database run")
+db.execute("vacuum")
+db.close()
+print(f"ptx-sm90.db: {kernels} kernels, {os.path.getsize(target) / 2**20:.1f} MiB")
+PY
+xz -6 -T0 -c "$WORK/ptx-sm90.db" > "$REPO/cache/cubecl/ptx-sm90.db.xz"
+echo "$NVRTC_VERSION" > "$REPO/cache/cubecl/ptx-sm90.nvrtc"
+cp "$REPO/target/gpu-bench/commit" "$REPO/cache/cubecl/ptx-sm90.commit"
+say "done: cache/cubecl/ptx-sm90.db.xz ($(du -h "$REPO/cache/cubecl/ptx-sm90.db.xz" | cut -f1)); carry cache/cubecl, and scripts/gpu-bench.sh seeds a cold GPU's environment with it"
+exit $failed
