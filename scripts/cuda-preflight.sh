@@ -6,12 +6,12 @@
 #   - that every kernel the device run generates compiles (NVRTC) and loads (PTX -> sm_90a), and
 #     that every launch fits an H100 (threads, registers, shared memory, TMA descriptors);
 #   - how many kernels there are, and how long compiling them takes.
-# It also leaves what it compiled for the device run: cache/cubecl/ptx-sm90.db holds the PTX of
+# It also leaves what it compiled for the device run: cache/cubecl/ptx-sm90.db.xz holds the PTX of
 # every kernel (CubeCL's compilation cache, nothing else: no autotune results, which would be
 # garbage here). scripts/gpu-bench.sh seeds a cold GPU's CubeCL environment with it, so the device
 # run skips NVRTC. Carry it as part of cache/cubecl.
 #
-#   make gpu-bench && bash scripts/cuda-preflight.sh
+#   make gpu-bench && make cuda-preflight      (or bash scripts/cuda-preflight.sh)
 #
 # It runs the steps of scripts/gpu-bench.sh with the same settings: the parity binary (its checks
 # fail here, as no kernel runs; it is run for its kernels), `qpert bench` on the coco config with a
