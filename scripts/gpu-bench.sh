@@ -177,6 +177,8 @@ else
     say "no ratio table: a report is missing (see torch.txt / qpert-bench-*.txt)"
 fi
 # xz-compressed: files come back from the device at 16 MiB at most, and the kernels make it larger.
+# SQLite keeps recent writes in a -wal file beside it until a checkpoint folds them in.
+[ -f "$DB" ] && "$PY" -c 'import sqlite3, sys; sqlite3.connect(sys.argv[1]).execute("pragma wal_checkpoint(truncate)")' "$DB"
 mkdir -p "$OUT/cubecl" && [ -f "$DB" ] && xz -6 -T0 -c "$DB" > "$OUT/cubecl/$(basename "$DB").xz" \
     && say "CubeCL cache for the next run: $OUT/cubecl/ ($(du -sh "$OUT/cubecl" | cut -f1)); xz -d it into cache/cubecl/ and carry that folder next time"
 say "4 the mini pipeline on $DEVICE against the Python reference"
