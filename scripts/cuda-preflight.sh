@@ -19,14 +19,16 @@
 # CUDA $CUDA_VERSION, installed into target/fake-cuda/cuda-$CUDA_VERSION on first use (about 340 MB):
 # the lent GPUs' driver is CUDA 13.0 (580.159; KINDS.md of the device tool), which cannot load PTX
 # from a newer NVRTC. Knobs: STEPS ("parity bench mini"), IMAGES (64), K (64), PRECISION (bf16),
-# ATTENTION (aligned), CUDA_VERSION (13.0), PYTHON (python3, with pip). Logs in $OUT (default
-# target/fake-cuda/out).
+# ATTENTION (aligned), CUDA_VERSION (13.0), PYTHON (python3, with pip), REHEARSE (0; 1 also runs
+# scripts/gpu-bench.sh itself against the stand-ins, about 8 min more), TORCH_PYTHON (the Python
+# with PyTorch for the rehearsal's reference step; without it that step fails and the rest runs).
+# Logs in $OUT (default target/fake-cuda/out).
 set -uo pipefail
 
 REPO="$PWD"
 WORK="$REPO/target/fake-cuda"
 OUT="${OUT:-$WORK/out}"
-STEPS="${STEPS:-parity bench mini}"
+STEPS="${STEPS-parity bench mini}"
 IMAGES="${IMAGES:-64}"
 K="${K:-64}"
 PRECISION="${PRECISION:-bf16}"
@@ -37,6 +39,8 @@ mkdir -p "$OUT"
 : > "$OUT/log.txt"
 say() { echo "[cuda-preflight +$(( $(date +%s) - start ))s] $*" | tee -a "$OUT/log.txt"; }
 fail() { echo "cuda-preflight: $*" >&2; exit 2; }
+# The kernels (PTX entries) in a CubeCL database.
+count_kernels() { "$PY" -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("select count(*) from entries where namespace like ?", ("cuda/%",)).fetchone()[0])' "$1"; }
 
 for f in target/gpu-bench/qpert.xz target/gpu-bench/commit; do
     [ -f "$f" ] || fail "$f is missing: run \`make gpu-bench\` first"
@@ -70,11 +74,14 @@ PY
 )"
 say "binaries of $(cat target/gpu-bench/commit); NVRTC $NVRTC_VERSION and nvJitLink from $CUDA; autotune level $CUBECL_AUTOTUNE_LEVEL"
 
-# A fresh CubeCL environment with the compilation cache on, as scripts/gpu-bench.sh sets it up.
-ENV_DIR="$WORK/env"
-RUN_DIR="$WORK/run"
-rm -rf "$ENV_DIR" "$RUN_DIR" && mkdir -p "$ENV_DIR" "$RUN_DIR"
-cat > "$RUN_DIR/cubecl.toml" <<TOML
+# The compile steps (STEPS; none: rehearse with the seed already in cache/cubecl).
+failed=0
+if [ -n "$STEPS" ]; then
+    # A fresh CubeCL environment with the compilation cache on, as scripts/gpu-bench.sh sets it up.
+    ENV_DIR="$WORK/env"
+    RUN_DIR="$WORK/run"
+    rm -rf "$ENV_DIR" "$RUN_DIR" && mkdir -p "$ENV_DIR" "$RUN_DIR"
+    cat > "$RUN_DIR/cubecl.toml" <<TOML
 [environment]
 name = "preflight"
 path = { directory = "$ENV_DIR" }
@@ -82,53 +89,53 @@ path = { directory = "$ENV_DIR" }
 [compilation]
 cache = true
 TOML
-ln -sfn "$REPO/tests" "$RUN_DIR/tests"
-cd "$RUN_DIR" || exit 1
+    ln -sfn "$REPO/tests" "$RUN_DIR/tests"
+    cd "$RUN_DIR" || exit 1
 
-failed=0
-step() { # $1 name, then the command; its output goes to $OUT/$1.txt
-    local name=$1 t0=$(date +%s)
-    shift
-    "$@" > "$OUT/$name.txt" 2>&1
-    local status=$?
-    local summary
-    summary="$(grep '^fake-cuda: [0-9]* modules' "$OUT/$name.txt" | tail -1)"
-    say "$name: exit $status in $(( $(date +%s) - t0 )) s; ${summary#fake-cuda: }"
-    return $status
-}
-for s in $STEPS; do
-    case $s in
-    parity)
-        xz -dc "$REPO/target/gpu-bench/parity.xz" > "$WORK/parity" && chmod +x "$WORK/parity"
-        built_in="$(cat "$REPO/target/gpu-bench/manifest-dir")"
-        [ -d "$built_in/tests/fixtures" ] || { mkdir -p "$(dirname "$built_in")" && ln -sfn "$REPO" "$built_in"; }
-        # No kernel runs, so the parity checks fail; the kernels they launch are what counts here.
-        step parity "$WORK/parity" --ignored --test-threads 1
-        ;;
-    bench)
-        step bench "$WORK/qpert" bench --model-config coco --device cuda --precision "$PRECISION" \
-            --attention "$ATTENTION" --images "$IMAGES" --k "$K" --warmup || failed=1
-        ;;
-    mini)
-        step mini "$WORK/qpert" run --config "$REPO/configs/mini.toml" --set model.device=cuda \
-            --set qpert.projector=principal --set output.dir="$WORK/mini" || failed=1
-        ;;
-    *) fail "unknown step $s (parity, bench, mini)" ;;
-    esac
-done
+    step() { # $1 name, then the command; its output goes to $OUT/$1.txt
+        local name=$1 t0=$(date +%s)
+        shift
+        "$@" > "$OUT/$name.txt" 2>&1
+        local status=$?
+        local summary
+        summary="$(grep '^fake-cuda: [0-9]* modules' "$OUT/$name.txt" | tail -1)"
+        say "$name: exit $status in $(( $(date +%s) - t0 )) s; ${summary#fake-cuda: }"
+        return $status
+    }
+    for s in $STEPS; do
+        case $s in
+        parity)
+            xz -dc "$REPO/target/gpu-bench/parity.xz" > "$WORK/parity" && chmod +x "$WORK/parity"
+            built_in="$(cat "$REPO/target/gpu-bench/manifest-dir")"
+            [ -d "$built_in/tests/fixtures" ] || { mkdir -p "$(dirname "$built_in")" && ln -sfn "$REPO" "$built_in"; }
+            # No kernel runs, so the parity checks fail; the kernels they launch are what counts here.
+            step parity "$WORK/parity" --ignored --test-threads 1
+            ;;
+        bench)
+            step bench "$WORK/qpert" bench --model-config coco --device cuda --precision "$PRECISION" \
+                --attention "$ATTENTION" --images "$IMAGES" --k "$K" --warmup || failed=1
+            ;;
+        mini)
+            rm -rf "$WORK/mini" # a finished run would be skipped as up to date, compiling nothing
+            step mini "$WORK/qpert" run --config "$REPO/configs/mini.toml" --set model.device=cuda \
+                --set qpert.projector=principal --set output.dir="$WORK/mini" || failed=1
+            ;;
+        *) fail "unknown step $s (parity, bench, mini)" ;;
+        esac
+    done
 
-problems="$(grep -h '^fake-cuda: ' "$OUT"/*.txt | grep -v ' modules JIT-compiled ' | sort | uniq -c | sort -rn)"
-if [ -n "$problems" ]; then
-    say "what a real H100 would refuse (count, message):"
-    echo "$problems" | tee -a "$OUT/log.txt"
-else
-    say "no kernel was refused"
-fi
+    problems="$(grep -h '^fake-cuda: ' "$OUT"/*.txt | grep -v ' modules JIT-compiled ' | sort | uniq -c | sort -rn)"
+    if [ -n "$problems" ]; then
+        say "what a real H100 would refuse (count, message):"
+        echo "$problems" | tee -a "$OUT/log.txt"
+    else
+        say "no kernel was refused"
+    fi
 
-# Keep only the compilation cache (PTX by kernel, and by source hash) for the device run,
-# xz-compressed (the device run's carry limit is 64 MiB in all).
-mkdir -p "$REPO/cache/cubecl"
-"$PY" - "$ENV_DIR/preflight.db" "$WORK/ptx-sm90.db" <<'PY' 2>&1 | tee -a "$OUT/log.txt"
+    # Keep only the compilation cache (PTX by kernel, and by source hash) for the device run,
+    # xz-compressed (the device run's carry limit is 64 MiB in all).
+    mkdir -p "$REPO/cache/cubecl"
+    "$PY" - "$ENV_DIR/preflight.db" "$WORK/ptx-sm90.db" <<'PY' 2>&1 | tee -a "$OUT/log.txt"
 import os, sqlite3, sys
 source, target = sys.argv[1], sys.argv[2]
 if os.path.exists(target):
@@ -147,8 +154,33 @@ db.execute("vacuum")
 db.close()
 print(f"ptx-sm90.db: {kernels} kernels, {os.path.getsize(target) / 2**20:.1f} MiB")
 PY
-xz -6 -T0 -c "$WORK/ptx-sm90.db" > "$REPO/cache/cubecl/ptx-sm90.db.xz"
-echo "$NVRTC_VERSION" > "$REPO/cache/cubecl/ptx-sm90.nvrtc"
-cp "$REPO/target/gpu-bench/commit" "$REPO/cache/cubecl/ptx-sm90.commit"
+    kernels_seeded="$(count_kernels "$WORK/ptx-sm90.db")"
+    xz -6 -T0 -c "$WORK/ptx-sm90.db" > "$REPO/cache/cubecl/ptx-sm90.db.xz"
+    echo "$NVRTC_VERSION" > "$REPO/cache/cubecl/ptx-sm90.nvrtc"
+    cp "$REPO/target/gpu-bench/commit" "$REPO/cache/cubecl/ptx-sm90.commit"
+else
+    [ -f "$REPO/cache/cubecl/ptx-sm90.db.xz" ] || fail "STEPS is empty and cache/cubecl/ptx-sm90.db.xz is missing"
+    xz -dc "$REPO/cache/cubecl/ptx-sm90.db.xz" > "$WORK/ptx-sm90.db"
+    kernels_seeded="$(count_kernels "$WORK/ptx-sm90.db")"
+fi
+# The rehearsal (REHEARSE=1): scripts/gpu-bench.sh itself, as the device runs it, against the
+# stand-in driver and a stand-in nvidia-smi, from a scratch copy of the repository's layout, so
+# that the CubeCL database it writes (autotune results measured on no GPU) never lands in
+# cache/cubecl. It checks the script's CUDA path and that the seed is taken and hit.
+if [ "${REHEARSE:-0}" = 1 ]; then
+    SCRATCH="$WORK/rehearsal"
+    rm -rf "$SCRATCH" && mkdir -p "$SCRATCH/target" "$SCRATCH/cache/cubecl" "$WORK/bin"
+    for d in scripts configs tests; do ln -s "$REPO/$d" "$SCRATCH/$d"; done
+    ln -s "$REPO/target/gpu-bench" "$SCRATCH/target/gpu-bench"
+    cp "$REPO"/cache/cubecl/ptx-sm90.* "$SCRATCH/cache/cubecl/"
+    cp "$REPO/scripts/fake_cuda/nvidia-smi" "$WORK/bin/"
+    t0=$(date +%s)
+    (cd "$SCRATCH" && PATH="$WORK/bin:$PATH" OUT="$OUT/rehearsal" TORCH_ARGS="--tiny --device cpu" \
+        PYTHON="${TORCH_PYTHON:-$PY}" bash scripts/gpu-bench.sh) > "$OUT/rehearsal.txt" 2>&1
+    status=$?
+    compiled="$(count_kernels "$(ls "$SCRATCH"/cache/cubecl/*.db | head -1)" 2>/dev/null)"
+    grep -q 'seeded it' "$OUT/rehearsal.txt" && grep -q 'qpert exit 0' "$OUT/rehearsal.txt" || failed=1
+    say "rehearsal of scripts/gpu-bench.sh: exit $status in $(( $(date +%s) - t0 )) s; $(grep -o 'seeded it[^(]*' "$OUT/rehearsal.txt" || echo 'NOT seeded'); $compiled kernels in its CubeCL db after the run ($kernels_seeded seeded); log in $OUT/rehearsal.txt"
+fi
 say "done: cache/cubecl/ptx-sm90.db.xz ($(du -h "$REPO/cache/cubecl/ptx-sm90.db.xz" | cut -f1)); carry cache/cubecl, and scripts/gpu-bench.sh seeds a cold GPU's environment with it"
 exit $failed
