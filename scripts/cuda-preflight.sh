@@ -36,7 +36,7 @@ ATTENTION="${ATTENTION:-aligned}"
 export CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}"
 start=$(date +%s)
 mkdir -p "$OUT"
-: > "$OUT/log.txt"
+rm -f "$OUT"/*.txt # this run's logs only: the refusals are counted over them
 say() { echo "[cuda-preflight +$(( $(date +%s) - start ))s] $*" | tee -a "$OUT/log.txt"; }
 fail() { echo "cuda-preflight: $*" >&2; exit 2; }
 # The kernels (PTX entries) in a CubeCL database.
