@@ -44,9 +44,9 @@ gpu-bench:
 	@echo "gpu-bench: carry target/gpu-bench and run: bash scripts/gpu-bench.sh"
 
 # The carried CUDA binaries run here without a GPU, against a stand-in driver that compiles and
-# checks every kernel for an H100 (scripts/cuda-preflight.sh); leaves cache/cubecl/ptx-sm90.db.xz,
-# the compiled kernels that the device run starts from. Needs pip (installs NVIDIA's CUDA 13.0
-# NVRTC/nvJitLink/header wheels under target/fake-cuda on first use).
+# checks every kernel for an H100 (scripts/cuda-preflight.sh); leaves cache/cubecl/cubin-sm90a.db.xz
+# and ptx-sm90.db.xz, the compiled kernels that the device run starts from. Needs pip (installs
+# NVIDIA's CUDA 13.0 NVRTC/nvJitLink/header wheels and cbor2 under target/fake-cuda on first use).
 cuda-preflight:
 	bash scripts/cuda-preflight.sh
 

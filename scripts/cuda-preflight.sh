@@ -8,8 +8,10 @@
 #   - how many kernels there are, and how long compiling them takes.
 # It also leaves what it compiled for the device run: cache/cubecl/ptx-sm90.db.xz holds the PTX of
 # every kernel (CubeCL's compilation cache, nothing else: no autotune results, which would be
-# garbage here). scripts/gpu-bench.sh seeds a cold GPU's CubeCL environment with it, so the device
-# run skips NVRTC. Carry it as part of cache/cubecl.
+# garbage here), and cache/cubecl/cubin-sm90a.db.xz the same entries compiled on to sm_90a machine
+# code (scripts/cubin_seed.py). scripts/gpu-bench.sh seeds a cold GPU's CubeCL environment with the
+# cubins (or with the PTX, if the card refuses the cubin probe), so the device run skips NVRTC and
+# the driver's PTX JIT. Carry them as part of cache/cubecl.
 #
 #   make gpu-bench && make cuda-preflight      (or bash scripts/cuda-preflight.sh)
 #
@@ -58,6 +60,10 @@ fi
 for f in include/cuda.h include/nvJitLink.h lib/libnvJitLink.so.13 lib/libnvrtc.so.13; do
     [ -e "$CUDA/$f" ] || fail "$CUDA/$f is missing after installing the CUDA $CUDA_VERSION wheels"
 done
+# scripts/cubin_seed.py reads and writes CubeCL's CBOR entries.
+if [ ! -d "$WHEELS/cbor2" ]; then
+    "$PY" -m pip install -q --target "$WHEELS" cbor2 || fail "pip could not install cbor2 into $WHEELS"
+fi
 
 mkdir -p "$WORK/lib"
 cc -shared -fPIC -O1 -Wall -Wextra -I"$CUDA/include" -o "$WORK/lib/libcuda.so.1" scripts/fake_cuda/libcuda.c \
@@ -158,10 +164,19 @@ PY
     xz -6 -T0 -c "$WORK/ptx-sm90.db" > "$REPO/cache/cubecl/ptx-sm90.db.xz"
     echo "$NVRTC_VERSION" > "$REPO/cache/cubecl/ptx-sm90.nvrtc"
     cp "$REPO/target/gpu-bench/commit" "$REPO/cache/cubecl/ptx-sm90.commit"
+    rm -f "$REPO/cache/cubecl/cubin-sm90a."* # made again below from this PTX
 else
     [ -f "$REPO/cache/cubecl/ptx-sm90.db.xz" ] || fail "STEPS is empty and cache/cubecl/ptx-sm90.db.xz is missing"
     xz -dc "$REPO/cache/cubecl/ptx-sm90.db.xz" > "$WORK/ptx-sm90.db"
     kernels_seeded="$(count_kernels "$WORK/ptx-sm90.db")"
+fi
+# The same kernels as sm_90a cubins (scripts/cubin_seed.py), so that the device's driver loads them
+# without JIT-compiling their PTX; the PTX seed stays as the fallback.
+if [ ! -f "$REPO/cache/cubecl/cubin-sm90a.db.xz" ] || [ ! -f "$REPO/cache/cubecl/cubin-sm90a.probe" ]; then
+    PYTHONPATH="$WHEELS" "$PY" "$REPO/scripts/cubin_seed.py" "$WORK/ptx-sm90.db" "$WORK/cubin-sm90a.db" \
+        "$REPO/cache/cubecl/cubin-sm90a.probe" "$CUDA/lib/libnvJitLink.so.13" 2>&1 | tee -a "$OUT/log.txt"
+    [ "${PIPESTATUS[0]}" = 0 ] || fail "scripts/cubin_seed.py failed"
+    xz -6 -T0 -c "$WORK/cubin-sm90a.db" > "$REPO/cache/cubecl/cubin-sm90a.db.xz"
 fi
 # The rehearsal (REHEARSE=1): scripts/gpu-bench.sh itself, as the device runs it, against the
 # stand-in driver and a stand-in nvidia-smi, from a scratch copy of the repository's layout, so
@@ -169,18 +184,18 @@ fi
 # cache/cubecl. It checks the script's CUDA path and that the seed is taken and hit.
 if [ "${REHEARSE:-0}" = 1 ]; then
     SCRATCH="$WORK/rehearsal"
-    rm -rf "$SCRATCH" && mkdir -p "$SCRATCH/target" "$SCRATCH/cache/cubecl" "$WORK/bin"
+    rm -rf "$SCRATCH" "$OUT/rehearsal" && mkdir -p "$SCRATCH/target" "$SCRATCH/cache/cubecl" "$WORK/bin"
     for d in scripts configs tests; do ln -s "$REPO/$d" "$SCRATCH/$d"; done
     ln -s "$REPO/target/gpu-bench" "$SCRATCH/target/gpu-bench"
-    cp "$REPO"/cache/cubecl/ptx-sm90.* "$SCRATCH/cache/cubecl/"
+    cp "$REPO"/cache/cubecl/ptx-sm90.* "$REPO"/cache/cubecl/cubin-sm90a.* "$SCRATCH/cache/cubecl/"
     cp "$REPO/scripts/fake_cuda/nvidia-smi" "$WORK/bin/"
     t0=$(date +%s)
     (cd "$SCRATCH" && PATH="$WORK/bin:$PATH" OUT="$OUT/rehearsal" TORCH_ARGS="--tiny --device cpu" \
         PYTHON="${TORCH_PYTHON:-$PY}" bash scripts/gpu-bench.sh) > "$OUT/rehearsal.txt" 2>&1
     status=$?
     compiled="$(count_kernels "$(ls "$SCRATCH"/cache/cubecl/*.db | head -1)" 2>/dev/null)"
-    grep -q 'seeded it' "$OUT/rehearsal.txt" && grep -q 'qpert exit 0' "$OUT/rehearsal.txt" || failed=1
+    grep -q 'seeded it with the precompiled sm_90a cubins' "$OUT/rehearsal.txt" && grep -q 'qpert exit 0' "$OUT/rehearsal.txt" || failed=1
     say "rehearsal of scripts/gpu-bench.sh: exit $status in $(( $(date +%s) - t0 )) s; $(grep -o 'seeded it[^(]*' "$OUT/rehearsal.txt" || echo 'NOT seeded'); $compiled kernels in its CubeCL db after the run ($kernels_seeded seeded); log in $OUT/rehearsal.txt"
 fi
-say "done: cache/cubecl/ptx-sm90.db.xz ($(du -h "$REPO/cache/cubecl/ptx-sm90.db.xz" | cut -f1)); carry cache/cubecl, and scripts/gpu-bench.sh seeds a cold GPU's environment with it"
+say "done: cache/cubecl/cubin-sm90a.db.xz ($(du -h "$REPO/cache/cubecl/cubin-sm90a.db.xz" | cut -f1)) and ptx-sm90.db.xz ($(du -h "$REPO/cache/cubecl/ptx-sm90.db.xz" | cut -f1)); carry cache/cubecl, and scripts/gpu-bench.sh seeds a cold GPU's environment with them"
 exit $failed

@@ -23,7 +23,8 @@
 # it into cache/cubecl/ here and carry that folder too (run tool: carry ["target/gpu-bench",
 # "cache/cubecl"]) so that the next device run starts warm; the script points CubeCL at
 # cache/cubecl through a cubecl.toml in its run folder. A cold run starts from the kernels that
-# scripts/cuda-preflight.sh compiled here (cache/cubecl/ptx-sm90.db.xz), so it skips NVRTC.
+# scripts/cuda-preflight.sh compiled here (cache/cubecl/cubin-sm90a.db.xz, ptx-sm90.db.xz), so it
+# skips NVRTC and the driver's PTX JIT.
 # Knobs (environment): IMAGES (64), K (64), PRECISION (bf16 | f16 | f32), ATTENTION (aligned | fused |
 # explicit: `model.attention`; a run that fails fast is retried with the explicit attention, then in
 # f16 and f32; the bench times the vision tower with all three kernels and ITM with both
@@ -100,18 +101,42 @@ cache = true
 TOML
 DB="$REPO/cache/cubecl/${GPU_MODEL:-gpu}.db"
 say "CubeCL environment: $DB ($( [ -f "$DB" ] && echo "carried in, warm" || echo "new, cold" ))"
-# A cold environment starts from the PTX that scripts/cuda-preflight.sh compiled on the build
-# machine (cache/cubecl/ptx-sm90.db.xz: CubeCL's compilation cache only), so NVRTC need not run
-# here for those kernels. Only on compute capability 9.0 (the PTX targets sm_90a) and a driver at
-# least as new as the NVRTC that wrote it (else it could not load the PTX).
+# A cold environment starts from the kernels that scripts/cuda-preflight.sh compiled on the build
+# machine (CubeCL's compilation cache only), so NVRTC need not run here for them: as sm_90a cubins
+# (cache/cubecl/cubin-sm90a.db.xz), which the driver loads as they are, else as PTX
+# (ptx-sm90.db.xz), which it JIT-compiles on each load. Only on compute capability 9.0 and a driver
+# at least as new as the CUDA compilers that made them (else it could not load them); the cubins
+# only if the driver loads their probe (one of them) in a throwaway context first.
 SEED="$REPO/cache/cubecl/ptx-sm90.db.xz"
+CUBIN_SEED="$REPO/cache/cubecl/cubin-sm90a.db.xz"
 if [ ! -f "$DB" ] && [ -f "$SEED" ]; then
     cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)"
     driver_cuda="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9.]*\).*/\1/p' | head -1)"
     nvrtc="$(cat "$REPO/cache/cubecl/ptx-sm90.nvrtc" 2>/dev/null || echo 99)"
+    seeded_from="$(cat "$REPO/cache/cubecl/ptx-sm90.commit" 2>/dev/null || echo '?')"
     if [ "$cap" = 9.0 ] && [ -n "$driver_cuda" ] \
         && [ "$(printf '%s\n%s\n' "$nvrtc" "$driver_cuda" | sort -V | head -1)" = "$nvrtc" ]; then
-        xz -dc "$SEED" > "$DB" && say "seeded it with the precompiled PTX of $(cat "$REPO/cache/cubecl/ptx-sm90.commit" 2>/dev/null || echo '?') ($(du -h "$SEED" | cut -f1), NVRTC $nvrtc; driver CUDA $driver_cuda)"
+        probe="$( [ -f "$CUBIN_SEED" ] && "$PY" - "$REPO/cache/cubecl/cubin-sm90a.probe" <<'PY' 2>&1
+import ctypes, sys
+cuda = ctypes.CDLL("libcuda.so.1")
+device, context, module = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_void_p()
+image = open(sys.argv[1], "rb").read()
+for name, call in [("cuInit", lambda: cuda.cuInit(0)),
+                   ("cuDeviceGet", lambda: cuda.cuDeviceGet(ctypes.byref(device), 0)),
+                   ("cuDevicePrimaryCtxRetain", lambda: cuda.cuDevicePrimaryCtxRetain(ctypes.byref(context), device)),
+                   ("cuCtxSetCurrent", lambda: cuda.cuCtxSetCurrent(context)),
+                   ("cuModuleLoadData", lambda: cuda.cuModuleLoadData(ctypes.byref(module), image))]:
+    status = call()
+    if status != 0:
+        sys.exit(f"{name} returned CUDA error {status}")
+print("loaded")
+PY
+)"
+        if echo "$probe" | grep -qx loaded; then
+            xz -dc "$CUBIN_SEED" > "$DB" && say "seeded it with the precompiled sm_90a cubins of $seeded_from ($(du -h "$CUBIN_SEED" | cut -f1), nvJitLink $nvrtc; driver CUDA $driver_cuda)"
+        else
+            xz -dc "$SEED" > "$DB" && say "seeded it with the precompiled PTX of $seeded_from ($(du -h "$SEED" | cut -f1), NVRTC $nvrtc; driver CUDA $driver_cuda; cubin probe: $(echo "${probe:-no cubin seed}" | tail -1))"
+        fi
     else
         say "not seeded with ptx-sm90.db.xz: compute capability '${cap:-?}', driver CUDA '${driver_cuda:-?}', PTX from NVRTC $nvrtc"
     fi

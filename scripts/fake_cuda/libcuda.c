@@ -12,6 +12,7 @@
 #include <cuda.h>
 #include <nvJitLink.h>
 
+#include <elf.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,7 +28,7 @@
 #define REGISTERS_PER_BLOCK 65536
 #define TOTAL_MEMORY (80ULL << 30)
 
-static int problems, kernels_loaded, launches;
+static int problems, kernels_loaded, cubins_loaded, launches;
 static double jit_seconds;
 
 static void problem(const char *fmt, ...) {
@@ -42,8 +43,8 @@ static void problem(const char *fmt, ...) {
 
 __attribute__((destructor)) static void summary(void) {
     fprintf(stderr,
-            "fake-cuda: %d modules JIT-compiled to sm_90a in %.1f s, %d launches checked, %d problems\n",
-            kernels_loaded, jit_seconds, launches, problems);
+            "fake-cuda: %d modules JIT-compiled to sm_90a in %.1f s, %d cubins loaded, %d launches checked, %d problems\n",
+            kernels_loaded, jit_seconds, cubins_loaded, launches, problems);
 }
 
 static double now(void) {
@@ -291,13 +292,59 @@ static void read_info_log(const char *log, Kernel *k) {
     }
 }
 
+// A loaded module: PTX and the JIT's info log, or a cubin (scripts/cubin_seed.py makes them).
 typedef struct {
     char *ptx;
     char *info;
+    unsigned char *cubin;
 } Module;
 
+// A cubin's size: its ELF headers say where its section and program header tables end.
+static size_t elf_size(const unsigned char *image) {
+    const Elf64_Ehdr *h = (const Elf64_Ehdr *)image;
+    size_t sections = h->e_shoff + (size_t)h->e_shnum * h->e_shentsize;
+    size_t program = h->e_phoff + (size_t)h->e_phnum * h->e_phentsize;
+    return sections > program ? sections : program;
+}
+
+static const Elf64_Shdr *elf_section(const unsigned char *image, const char *name) {
+    const Elf64_Ehdr *h = (const Elf64_Ehdr *)image;
+    const Elf64_Shdr *sections = (const Elf64_Shdr *)(image + h->e_shoff);
+    const char *names = (const char *)image + sections[h->e_shstrndx].sh_offset;
+    for (int i = 0; i < h->e_shnum; i++)
+        if (strcmp(names + sections[i].sh_name, name) == 0) return &sections[i];
+    return NULL;
+}
+
+// What the JIT's info log says for PTX, read from a cubin: the kernel's register count is an
+// EIATTR_REGCOUNT record (0x2f: symbol, count) in .nv.info, keyed by the symbol that its
+// .text.NAME section names in sh_info; its static shared memory is the size of .nv.shared.NAME.
+static int read_cubin(const unsigned char *image, const char *name, int *registers, int *static_shared) {
+    char section[600];
+    snprintf(section, sizeof section, ".text.%s", name);
+    const Elf64_Shdr *text = elf_section(image, section);
+    if (!text) return 0;
+    snprintf(section, sizeof section, ".nv.shared.%s", name);
+    const Elf64_Shdr *shared = elf_section(image, section);
+    *static_shared = shared ? (int)shared->sh_size : 0;
+    const Elf64_Shdr *info = elf_section(image, ".nv.info");
+    for (size_t at = 0; info && at + 4 <= info->sh_size;) {
+        const unsigned char *record = image + info->sh_offset + at;
+        unsigned format = record[0], attribute = record[1], size = record[2] | record[3] << 8;
+        if (format == 4) { // a value with a size: (symbol, count) for 0x2f
+            unsigned symbol, count;
+            memcpy(&symbol, record + 4, 4);
+            memcpy(&count, record + 8, 4);
+            if (attribute == 0x2f && symbol == text->sh_info) *registers = (int)count;
+            at += 4 + size;
+        } else {
+            at += format == 1 ? 2 : 4;
+        }
+    }
+    return 1;
+}
+
 CUresult cuModuleLoadData(CUmodule *module, const void *image) {
-    const char *ptx = image;
     double t0 = now();
     nvJitLinkHandle handle;
     const char *options[] = {"-arch=sm_90a", "-verbose"};
@@ -307,25 +354,45 @@ CUresult cuModuleLoadData(CUmodule *module, const void *image) {
         problem("nvJitLinkCreate failed");
         return CUDA_ERROR_JIT_COMPILER_NOT_FOUND;
     }
-    if (nvJitLinkAddData(handle, NVJITLINK_INPUT_PTX, ptx, strlen(ptx) + 1, "kernel") != NVJITLINK_SUCCESS ||
-        nvJitLinkComplete(handle) != NVJITLINK_SUCCESS) {
-        size_t n = 0;
-        nvJitLinkGetErrorLogSize(handle, &n);
-        char *log = calloc(n + 1, 1);
-        nvJitLinkGetErrorLog(handle, log);
-        const char *entry = strstr(ptx, ".entry ");
-        problem("PTX does not compile for sm_90a (%.80s...): %s", entry ? entry + 7 : "?", log);
-        free(log);
-        result = CUDA_ERROR_INVALID_PTX;
-    }
     Module *m = calloc(1, sizeof *m);
-    m->ptx = strdup(ptx);
-    nvJitLinkGetInfoLogSize(handle, &info_size);
-    m->info = calloc(info_size + 1, 1);
-    nvJitLinkGetInfoLog(handle, m->info);
+    if (memcmp(image, ELFMAG, SELFMAG) == 0) {
+        // A cubin: CUDA machine code (e_machine EM_CUDA) for SM 90 (bits 8-15 of e_flags; a
+        // cubin runs only on its own major version), and linkable, as the driver would check.
+        const Elf64_Ehdr *header = image;
+        size_t size = elf_size(image);
+        unsigned sm = header->e_flags >> 8 & 0xff;
+        if (header->e_machine != EM_CUDA || sm != 90) {
+            problem("a cubin for machine %u, SM %u, does not load on an H100 (SM 90)", header->e_machine, sm);
+            result = CUDA_ERROR_NO_BINARY_FOR_GPU;
+        } else if (nvJitLinkAddData(handle, NVJITLINK_INPUT_CUBIN, image, size, "kernel") != NVJITLINK_SUCCESS ||
+                   nvJitLinkComplete(handle) != NVJITLINK_SUCCESS) {
+            problem("a cubin does not link for sm_90a");
+            result = CUDA_ERROR_INVALID_IMAGE;
+        }
+        m->cubin = malloc(size);
+        memcpy(m->cubin, image, size);
+        cubins_loaded++;
+    } else {
+        const char *ptx = image;
+        if (nvJitLinkAddData(handle, NVJITLINK_INPUT_PTX, ptx, strlen(ptx) + 1, "kernel") != NVJITLINK_SUCCESS ||
+            nvJitLinkComplete(handle) != NVJITLINK_SUCCESS) {
+            size_t n = 0;
+            nvJitLinkGetErrorLogSize(handle, &n);
+            char *log = calloc(n + 1, 1);
+            nvJitLinkGetErrorLog(handle, log);
+            const char *entry = strstr(ptx, ".entry ");
+            problem("PTX does not compile for sm_90a (%.80s...): %s", entry ? entry + 7 : "?", log);
+            free(log);
+            result = CUDA_ERROR_INVALID_PTX;
+        }
+        m->ptx = strdup(ptx);
+        nvJitLinkGetInfoLogSize(handle, &info_size);
+        m->info = calloc(info_size + 1, 1);
+        nvJitLinkGetInfoLog(handle, m->info);
+        kernels_loaded++;
+    }
     nvJitLinkDestroy(&handle);
     jit_seconds += now() - t0;
-    kernels_loaded++;
     *module = (CUmodule)m;
     return result;
 }
@@ -335,24 +402,33 @@ CUresult cuModuleLoadDataEx(CUmodule *module, const void *image, unsigned int n,
 }
 CUresult cuModuleUnload(CUmodule module) {
     Module *m = (Module *)module;
-    free(m->ptx); free(m->info); free(m);
+    free(m->ptx); free(m->info); free(m->cubin); free(m);
     return CUDA_SUCCESS;
 }
 CUresult cuModuleGetFunction(CUfunction *function, CUmodule module, const char *name) {
     Module *m = (Module *)module;
-    char entry[600];
-    snprintf(entry, sizeof entry, ".entry %s(", name);
-    if (!strstr(m->ptx, entry)) {
-        snprintf(entry, sizeof entry, ".entry %s", name);
-        if (!strstr(m->ptx, entry)) {
-            problem("kernel %s is not in its module", name);
-            return CUDA_ERROR_NOT_FOUND;
-        }
-    }
     Kernel *k = calloc(1, sizeof *k);
     snprintf(k->name, sizeof k->name, "%s", name);
     k->dynamic_limit = DEFAULT_SHARED;
-    read_info_log(m->info, k);
+    if (m->cubin) {
+        if (!read_cubin(m->cubin, name, &k->registers, &k->static_shared)) {
+            problem("kernel %s is not in its cubin", name);
+            free(k);
+            return CUDA_ERROR_NOT_FOUND;
+        }
+    } else {
+        char entry[600];
+        snprintf(entry, sizeof entry, ".entry %s(", name);
+        if (!strstr(m->ptx, entry)) {
+            snprintf(entry, sizeof entry, ".entry %s", name);
+            if (!strstr(m->ptx, entry)) {
+                problem("kernel %s is not in its module", name);
+                free(k);
+                return CUDA_ERROR_NOT_FOUND;
+            }
+        }
+        read_info_log(m->info, k);
+    }
     if (k->spills > 0 && getenv("FAKE_CUDA_VERBOSE"))
         fprintf(stderr, "fake-cuda: %s spills %d bytes (%d registers)\n", name, k->spills, k->registers);
     *function = (CUfunction)k;
