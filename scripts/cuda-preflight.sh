@@ -17,10 +17,11 @@
 #
 # It runs the steps of scripts/gpu-bench.sh with the same settings: the parity binary (its checks
 # fail here, as no kernel runs; it is run for its kernels), `qpert bench` on the coco config with a
-# warm-up, and the mini pipeline. NVRTC, nvJitLink and the CUDA headers are NVIDIA's PyPI wheels of
+# warm-up, and the mini pipeline; then (oom) the mini pipeline and the bench on a stand-in card with
+# too little memory, which must fail with qpert's one-line device errors. NVRTC, nvJitLink and the CUDA headers are NVIDIA's PyPI wheels of
 # CUDA $CUDA_VERSION, installed into target/fake-cuda/cuda-$CUDA_VERSION on first use (about 340 MB):
 # the lent GPUs' driver is CUDA 13.0 (580.159; KINDS.md of the device tool), which cannot load PTX
-# from a newer NVRTC. Knobs: STEPS ("parity bench mini"), IMAGES (64), K (64), PRECISION (bf16),
+# from a newer NVRTC. Knobs: STEPS ("parity bench mini oom"), IMAGES (64), K (64), PRECISION (bf16),
 # ATTENTION (aligned), CUDA_VERSION (13.0), PYTHON (python3, with pip), REHEARSE (0; 1 also runs
 # scripts/gpu-bench.sh itself against the stand-ins, about 8 min more), TORCH_PYTHON (the Python
 # with PyTorch for the rehearsal's reference step; without it that step fails and the rest runs).
@@ -30,7 +31,7 @@ set -uo pipefail
 REPO="$PWD"
 WORK="$REPO/target/fake-cuda"
 OUT="${OUT:-$WORK/out}"
-STEPS="${STEPS-parity bench mini}"
+STEPS="${STEPS-parity bench mini oom}"
 IMAGES="${IMAGES:-64}"
 K="${K:-64}"
 PRECISION="${PRECISION:-bf16}"
@@ -126,7 +127,33 @@ TOML
             step mini "$WORK/qpert" run --config "$REPO/configs/mini.toml" --set model.device=cuda \
                 --set qpert.projector=principal --set output.dir="$WORK/mini" || failed=1
             ;;
-        *) fail "unknown step $s (parity, bench, mini)" ;;
+        oom)
+            # A card with too little memory (the stand-in's FAKE_CUDA_MEMORY_GIB): the weights do not
+            # fit (the mini pipeline in 30 MiB), or they fit and a batch does not (the coco bench in
+            # 5 GiB). Each must end with exit 1 and a one-line device error saying what to change,
+            # after one warning line, with no panic reported as a bug.
+            oom_case() { # $1 name, $2 GiB, $3 what the error must say, then the command
+                local name=$1 gib=$2 expected=$3
+                shift 3
+                rm -rf "$WORK/mini"
+                FAKE_CUDA_MEMORY_GIB=$gib step "$name" "$@"
+                local status=$?
+                local errors
+                errors="$(grep '^qpert: ' "$OUT/$name.txt" | grep -v 'reaches outside')"
+                if [ "$status" = 1 ] && echo "$errors" | tail -1 | grep -q "^qpert: device: .*$expected" \
+                    && [ "$(echo "$errors" | wc -l)" = 2 ] && ! grep -q 'internal error' "$OUT/$name.txt"; then
+                    say "$name: as expected: $(echo "$errors" | tail -1 | cut -c1-160)..."
+                else
+                    say "$name: NOT as expected (exit $status): $(echo "$errors" | tr '\n' ' ' | cut -c1-400)"
+                    failed=1
+                fi
+            }
+            oom_case oom-weights 0.03 "the model does not fit" "$WORK/qpert" run --config "$REPO/configs/mini.toml" \
+                --set model.device=cuda --set output.dir="$WORK/mini"
+            oom_case oom-batch 5 "lower the batch sizes" "$WORK/qpert" bench --model-config coco --device cuda \
+                --precision "$PRECISION" --images 16 --k 16
+            ;;
+        *) fail "unknown step $s (parity, bench, mini, oom)" ;;
         esac
     done
 
@@ -137,9 +164,13 @@ TOML
     else
         say "no kernel was refused"
     fi
+fi
 
-    # Keep only the compilation cache (PTX by kernel, and by source hash) for the device run,
-    # xz-compressed (the device run's carry limit is 64 MiB in all).
+# Keep only the compilation cache (PTX by kernel, and by source hash) for the device run,
+# xz-compressed (the device run's carry limit is 64 MiB in all); only after the steps that compile
+# every kernel of the device run, else the seed there stays.
+ran() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
+if ran parity && ran bench && ran mini; then
     mkdir -p "$REPO/cache/cubecl"
     "$PY" - "$ENV_DIR/preflight.db" "$WORK/ptx-sm90.db" <<'PY' 2>&1 | tee -a "$OUT/log.txt"
 import os, sqlite3, sys
@@ -166,7 +197,7 @@ PY
     cp "$REPO/target/gpu-bench/commit" "$REPO/cache/cubecl/ptx-sm90.commit"
     rm -f "$REPO/cache/cubecl/cubin-sm90a."* # made again below from this PTX
 else
-    [ -f "$REPO/cache/cubecl/ptx-sm90.db.xz" ] || fail "STEPS is empty and cache/cubecl/ptx-sm90.db.xz is missing"
+    [ -f "$REPO/cache/cubecl/ptx-sm90.db.xz" ] || fail "cache/cubecl/ptx-sm90.db.xz is missing: run every step once (STEPS unset)"
     xz -dc "$REPO/cache/cubecl/ptx-sm90.db.xz" > "$WORK/ptx-sm90.db"
     kernels_seeded="$(count_kernels "$WORK/ptx-sm90.db")"
 fi

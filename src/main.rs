@@ -2,6 +2,7 @@
 //! (`qpert: <file>: <problem>`) and its exit code (2 usage/config, 1 data/runtime). Never a backtrace.
 
 use qpert::cli::{self, Parsed};
+use qpert::error::Error;
 
 /// mimalloc keeps freed memory for reuse: glibc's malloc maps and unmaps every large tensor buffer,
 /// and the page faults that follow cost 20-35% of the CPU stages (README, "Benchmark").
@@ -9,13 +10,15 @@ use qpert::cli::{self, Parsed};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    std::panic::set_hook(Box::new(|info| eprintln!("qpert: internal error (a bug): {info}")));
+    qpert::error::install_panic_hook();
     let outcome = cli::parse().and_then(|parsed| match parsed {
         Parsed::Info(text) => {
             print!("{text}");
             Ok(())
         }
-        Parsed::Args(args) => cli::run(args),
+        Parsed::Args(args) => {
+            qpert::error::catch_device_panics(|| cli::run(args), |reason| Error::device_failed("the run", reason, None))
+        }
     });
     if let Err(e) = outcome {
         eprintln!("qpert: {}", e.to_string().replace('\n', " "));

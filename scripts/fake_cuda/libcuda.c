@@ -26,7 +26,6 @@
 #define MAX_SHARED_OPTIN 232448 // 227 KiB per block with the opt-in attribute
 #define DEFAULT_SHARED 49152    // without it
 #define REGISTERS_PER_BLOCK 65536
-#define TOTAL_MEMORY (80ULL << 30)
 
 static int problems, kernels_loaded, cubins_loaded, launches;
 static double jit_seconds;
@@ -45,6 +44,12 @@ __attribute__((destructor)) static void summary(void) {
     fprintf(stderr,
             "fake-cuda: %d modules JIT-compiled to sm_90a in %.1f s, %d cubins loaded, %d launches checked, %d problems\n",
             kernels_loaded, jit_seconds, cubins_loaded, launches, problems);
+}
+
+// The card's memory: 80 GiB, or FAKE_CUDA_MEMORY_GIB (to see what qpert does when it runs out).
+static size_t total_memory(void) {
+    const char *gib = getenv("FAKE_CUDA_MEMORY_GIB");
+    return gib ? (size_t)(atof(gib) * (1ULL << 30)) : 80ULL << 30;
 }
 
 static double now(void) {
@@ -68,7 +73,7 @@ CUresult cuDeviceGetName(char *name, int len, CUdevice device) {
     snprintf(name, len, "qpert fake CUDA device (H100 limits)");
     return CUDA_SUCCESS;
 }
-CUresult cuDeviceTotalMem(size_t *bytes, CUdevice device) { (void)device; *bytes = TOTAL_MEMORY; return CUDA_SUCCESS; }
+CUresult cuDeviceTotalMem(size_t *bytes, CUdevice device) { (void)device; *bytes = total_memory(); return CUDA_SUCCESS; }
 CUresult cuDeviceGetUuid(CUuuid *uuid, CUdevice device) { (void)device; memset(uuid, 7, sizeof *uuid); return CUDA_SUCCESS; }
 
 CUresult cuDeviceGetAttribute(int *value, CUdevice_attribute attribute, CUdevice device) {
@@ -155,6 +160,7 @@ static size_t slot_len[SLOTS];
 static size_t allocated;
 
 static CUresult allocate(CUdeviceptr *ptr, size_t bytes) {
+    if (allocated + bytes > total_memory()) return CUDA_ERROR_OUT_OF_MEMORY;
     void *p = map(bytes);
     if (!p) return CUDA_ERROR_OUT_OF_MEMORY;
     *ptr = (CUdeviceptr)p;
@@ -191,8 +197,8 @@ CUresult cuMemAllocHost(void **ptr, size_t bytes) { *ptr = map(bytes); return *p
 CUresult cuMemHostAlloc(void **ptr, size_t bytes, unsigned int flags) { (void)flags; return cuMemAllocHost(ptr, bytes); }
 CUresult cuMemFreeHost(void *ptr) { (void)ptr; return CUDA_SUCCESS; } // leaked: its size is unknown here
 CUresult cuMemGetInfo(size_t *free_bytes, size_t *total) {
-    *total = TOTAL_MEMORY;
-    *free_bytes = allocated < TOTAL_MEMORY ? TOTAL_MEMORY - allocated : 0;
+    *total = total_memory();
+    *free_bytes = allocated < *total ? *total - allocated : 0;
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyHtoD(CUdeviceptr dst, const void *src, size_t n) { memcpy((void *)dst, src, n); return CUDA_SUCCESS; }

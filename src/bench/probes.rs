@@ -9,14 +9,14 @@ use burn::tensor::module::linear;
 use burn::tensor::{Device, Distribution, FloatDType, Tensor, TensorData};
 
 use crate::data::tokenizer::TokenBatch;
-use crate::error::{Error, Result};
-use crate::model::Blip2Model;
+use crate::error::Result;
+use crate::model::{Blip2Model, read_back};
 
 use super::flops::Matmul;
 
 /// Waits for `x` and reads it back: where device work is synchronised and its failures surface.
 pub fn sync<const D: usize>(x: Tensor<D>) -> Result<TensorData> {
-    x.try_into_data().map_err(|e| Error::device_failed("a bench measurement", e, None))
+    read_back(x, "a bench measurement", None)
 }
 
 /// `images` black images of the model's input size.

@@ -194,7 +194,10 @@ impl Blip2Model {
         }
         let config = Blip2Config::from_model_dir(model_dir)?;
         let checkpoint = Checkpoint::open(model_dir)?;
-        let mut model = load_module(config.init(device), &checkpoint, device, dtype)?;
+        let what = format!("the weights of {}", model_dir.display());
+        let in_f32 = dtype == FloatDType::F32;
+        let mut model =
+            on_device(&what, in_f32, device, || load_module(config.init(device), &checkpoint, device, dtype))?;
         model.dtype = dtype;
         Ok(model)
     }
@@ -203,9 +206,11 @@ impl Blip2Model {
     pub fn init_random(config: &Blip2Config, seed: u64, device: &Device) -> Result<Self> {
         config.validate().map_err(|msg| Error::weights("config.json", msg))?;
         device.seed(seed);
-        let model = config.init(device);
-        model.visit(&mut Materialize);
-        Ok(model)
+        on_device("the random weights", false, device, || {
+            let model = config.init(device);
+            model.visit(&mut Materialize);
+            Ok(model)
+        })
     }
 
     /// Writes the weights to `path` as an f32 `model.safetensors` under the HF names, so that
@@ -497,5 +502,23 @@ impl Blip2Model {
         let out = self.qformer.forward_from_first_layer(texts.first, Some(texts.mask_bias), q, cross, q);
         let logits = f32s(self.itm_head.forward(out)); // [p, q, 2]
         Ok(logits.narrow(2, 1, 1).mean_dim(1).reshape([p]))
+    }
+}
+
+/// Runs `put`, which puts the model's weights (`what`, f32 or not) on `device`, and waits for the
+/// device: weights that do not fit fail here, as [`Error::weights_do_not_fit`], rather than at the
+/// first batch (burn also unwraps some device errors while it puts a parameter on the device: those
+/// panics become the same error).
+fn on_device(
+    what: &str,
+    in_f32: bool,
+    device: &Device,
+    put: impl FnOnce() -> Result<Blip2Model>,
+) -> Result<Blip2Model> {
+    let model = crate::error::catch_device_panics(put, |reason| Error::weights_do_not_fit(what, in_f32, reason))?;
+    device.sync().map_err(|e| Error::weights_do_not_fit(what, in_f32, e))?;
+    match crate::error::device_panic() {
+        Some(reason) => Err(Error::weights_do_not_fit(what, in_f32, reason)),
+        None => Ok(model),
     }
 }

@@ -29,7 +29,24 @@ pub use weights::{Checkpoint, fuse_qkv_bias};
 
 use burn::module::{Initializer, Module, Param};
 use burn::nn::{Linear, LinearConfig, LinearLayout};
-use burn::tensor::{Device, FloatDType, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
+
+use crate::error::{Error, Result, device_panic};
+
+/// Waits for `tensor` and reads it back to the host: where device work is synchronised and its
+/// failures surface (most often a GPU out of memory). burn hands back device memory lazily, so the
+/// bytes are read here too; a failure of either step becomes an error saying what `work` failed
+/// and which config `knob` (name, value) sizes it. So does a read that succeeds after the device
+/// runtime panicked: CubeCL fails only the tasks that panicked and carries on, so what follows may
+/// have read memory that was never written.
+pub fn read_back<const D: usize>(tensor: Tensor<D>, work: &str, knob: Option<(&str, usize)>) -> Result<TensorData> {
+    let data = tensor.try_into_data().map_err(|e| Error::device_failed(work, e, knob))?;
+    data.bytes.read(Default::default()).map_err(|e| Error::device_failed(work, e, knob))?;
+    match device_panic() {
+        Some(reason) => Err(Error::device_failed(work, reason, knob)),
+        None => Ok(data),
+    }
+}
 
 /// A Linear whose weight parameter has PyTorch's `[out, in]` shape (`LinearLayout::Col`), so HF
 /// weights load without a transposition step.
@@ -156,7 +173,8 @@ fn pad_keys(
     let bias = match bias {
         Some(bias) => {
             let [b, ..] = bias.dims();
-            let masked = Tensor::<4>::full([b, 1, 1, m_pad - m], MASKED_SCORE, &device).cast(FloatDType::from(bias.dtype()));
+            let masked =
+                Tensor::<4>::full([b, 1, 1, m_pad - m], MASKED_SCORE, &device).cast(FloatDType::from(bias.dtype()));
             Tensor::cat(vec![bias, masked], 3)
         }
         None => padded_key_bias(m, m_pad, bias_dtype, &device),
@@ -281,7 +299,8 @@ mod tests {
         let mask: Vec<f32> = (0..b * m).map(|i| if i >= 2 * m - 3 { MASKED_SCORE as f32 } else { 0.0 }).collect();
         let bias = Tensor::<4>::from_data(TensorData::new(mask, [b, 1, 1, m]), &device);
 
-        let (padded_keys, padded_values, padded_bias) = pad_keys(keys.clone(), values.clone(), Some(bias.clone()), FloatDType::F32);
+        let (padded_keys, padded_values, padded_bias) =
+            pad_keys(keys.clone(), values.clone(), Some(bias.clone()), FloatDType::F32);
         assert_eq!(padded_keys.dims(), [b, h, 40, d]);
         assert_eq!(padded_values.dims(), [b, h, 40, d]);
         let padded_bias = padded_bias.unwrap();

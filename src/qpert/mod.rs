@@ -11,7 +11,7 @@ pub mod subspace;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::timing::TimeCounter;
 
 pub use boxes::{ObjectBox, PatchGrid, patch_weights};
@@ -87,7 +87,7 @@ pub fn start_query_perturbation(
     let image_index: Vec<i64> = boxes.image.iter().map(|&i| i as i64).collect();
     let image_index = Tensor::<1, Int>::from_data(TensorData::new(image_index, [n]), &device);
     let grams = gram::gram_matrices(keys, weights, image_index);
-    let grams = grams.try_into_data().map_err(|e| Error::device_failed("the Q-Pert Gram matrices", e, None))?;
+    let grams = crate::model::read_back(grams, "the Q-Pert Gram matrices", None)?;
     let grams: Vec<f64> = grams.try_into_vec_as::<f64>().expect("f64 gram matrices");
     let layers = keys.len();
     let (box_image, box_area, settings) = (boxes.image.clone(), boxes.area.clone(), *settings);

@@ -14,7 +14,7 @@ use super::index::IndexTables;
 use crate::config::Config;
 use crate::data::image::preprocess_batch;
 use crate::error::{Error, Result};
-use crate::model::Blip2Model;
+use crate::model::{Blip2Model, read_back};
 use crate::qpert::{BatchBoxes, PatchGrid, PendingPerturbation, start_query_perturbation};
 use crate::store::Fingerprint;
 use crate::timing::TimeCounter;
@@ -103,7 +103,7 @@ pub fn ints<const D: usize>(values: Vec<i64>, shape: [usize; D], device: &Device
 /// A float tensor's values on the host, row-major. This is where device failures surface: one
 /// becomes an error saying what `work` failed and which config `knob` (name, value) sizes it.
 pub fn host<const D: usize>(tensor: Tensor<D>, work: &str, knob: Option<(&str, usize)>) -> Result<Vec<f32>> {
-    let data = tensor.try_into_data().map_err(|e| Error::device_failed(work, e, knob))?;
+    let data = read_back(tensor, work, knob)?;
     Ok(data.try_into_vec_as::<f32>().expect("model outputs are float tensors"))
 }
 

@@ -27,6 +27,7 @@ use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 
 use super::runtime::VisionBatch;
 use crate::error::{Error, Result};
+use crate::model::read_back;
 use crate::store::commit::write_atomically;
 
 const FINGERPRINT_KEY: &str = "qpert.extract_fingerprint";
@@ -56,7 +57,7 @@ impl VisionCache {
     pub fn write(&self, batch: &VisionBatch, dtype: FloatDType) -> Result<()> {
         let path = self.path(batch.images[0]);
         let artifact = |e: &dyn std::fmt::Display| Error::artifact(&path, e.to_string());
-        let read = |t: Tensor<3>| t.try_into_data().map_err(|e| Error::device_failed("the vision cache", e, None));
+        let read = |t: Tensor<3>| read_back(t, "the vision cache", None);
         let b = batch.images.len();
         let [_, t, dv] = batch.z.dims();
         let z = read(batch.z.clone().narrow(0, 0, b).cast(dtype))?;
@@ -65,7 +66,7 @@ impl VisionCache {
         let pi: Vec<Option<Vec<u8>>> = match &batch.perturbation {
             Some(pi) => {
                 pi_shape = pi.dims()[1..].to_vec();
-                let data = pi.clone().try_into_data().map_err(|e| Error::device_failed("the vision cache", e, None))?;
+                let data = read_back(pi.clone(), "the vision cache", None)?;
                 let row = data.bytes.len() / pi.dims()[0];
                 (0..b).map(|i| batch.perturbed[i].then(|| data.bytes[i * row..(i + 1) * row].to_vec())).collect()
             }
