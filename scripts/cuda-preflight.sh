@@ -129,28 +129,38 @@ TOML
             ;;
         oom)
             # A card with too little memory (the stand-in's FAKE_CUDA_MEMORY_GIB): the weights do not
-            # fit (the mini pipeline in 30 MiB), or they fit and a batch does not (the coco bench in
-            # 5 GiB). Each must end with exit 1 and a one-line device error saying what to change,
-            # after one warning line, with no panic reported as a bug.
-            oom_case() { # $1 name, $2 GiB, $3 what the error must say, then the command
-                local name=$1 gib=$2 expected=$3
-                shift 3
+            # fit (the mini pipeline in 30 MiB: exit 1 and a one-line device error saying so), or they
+            # fit and later work does not (the coco bench in 5 GiB: where the memory runs out depends
+            # on what the pools hold, so either a stage fails, exit 1 with a one-line device error,
+            # or a bench probe does, reported as failed, exit 0). Always one warning line first, and
+            # no panic reported as a bug.
+            oom_case() { # $1 name, $2 GiB, $3 what a device error must say, $4 exit 0 allowed, then the command
+                local name=$1 gib=$2 expected=$3 probes_may_fail=$4
+                shift 4
                 rm -rf "$WORK/mini"
                 FAKE_CUDA_MEMORY_GIB=$gib step "$name" "$@"
                 local status=$?
-                local errors
-                errors="$(grep '^qpert: ' "$OUT/$name.txt" | grep -v 'reaches outside')"
-                if [ "$status" = 1 ] && echo "$errors" | tail -1 | grep -q "^qpert: device: .*$expected" \
-                    && [ "$(echo "$errors" | wc -l)" = 2 ] && ! grep -q 'internal error' "$OUT/$name.txt"; then
-                    say "$name: as expected: $(echo "$errors" | tail -1 | cut -c1-160)..."
+                local lines warnings
+                lines="$(grep '^qpert: ' "$OUT/$name.txt" | grep -v 'reaches outside')"
+                warnings="$(echo "$lines" | grep -c '^qpert: warning: the device runtime failed: ')"
+                if grep -q 'internal error' "$OUT/$name.txt" || [ "$warnings" != 1 ]; then
+                    status=bad
+                elif [ "$status" = 1 ] && [ "$(echo "$lines" | wc -l)" = 2 ] \
+                    && echo "$lines" | tail -1 | grep -q "^qpert: device: .*$expected"; then
+                    status=ok
+                elif [ "$status" = 0 ] && [ "$probes_may_fail" = 1 ] && grep -q '^bench: .* failed: device: ' "$OUT/$name.txt"; then
+                    status=ok
+                fi
+                if [ "$status" = ok ]; then
+                    say "$name: as expected: $(grep -h '^qpert: device: \|^bench: .* failed: device: ' "$OUT/$name.txt" | head -1 | cut -c1-160)..."
                 else
-                    say "$name: NOT as expected (exit $status): $(echo "$errors" | tr '\n' ' ' | cut -c1-400)"
+                    say "$name: NOT as expected: $(echo "$lines" | tr '\n' ' ' | cut -c1-400)"
                     failed=1
                 fi
             }
-            oom_case oom-weights 0.03 "the model does not fit" "$WORK/qpert" run --config "$REPO/configs/mini.toml" \
+            oom_case oom-weights 0.03 "the model does not fit" 0 "$WORK/qpert" run --config "$REPO/configs/mini.toml" \
                 --set model.device=cuda --set output.dir="$WORK/mini"
-            oom_case oom-batch 5 "lower the batch sizes" "$WORK/qpert" bench --model-config coco --device cuda \
+            oom_case oom-batch 5 "lower the batch sizes" 1 "$WORK/qpert" bench --model-config coco --device cuda \
                 --precision "$PRECISION" --images 16 --k 16
             ;;
         *) fail "unknown step $s (parity, bench, mini, oom)" ;;

@@ -114,6 +114,10 @@ if [ ! -f "$DB" ] && [ -f "$SEED" ]; then
     driver_cuda="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9.]*\).*/\1/p' | head -1)"
     nvrtc="$(cat "$REPO/cache/cubecl/ptx-sm90.nvrtc" 2>/dev/null || echo 99)"
     seeded_from="$(cat "$REPO/cache/cubecl/ptx-sm90.commit" 2>/dev/null || echo '?')"
+    binaries_from="$(cat "$REPO/target/gpu-bench/commit" 2>/dev/null || echo '?')"
+    # Fused kernels change with the code around them: a seed of other binaries misses some.
+    [ "$seeded_from" = "$binaries_from" ] \
+        || say "warning: the seed holds the kernels of $seeded_from's binaries, these are $binaries_from's (run make cuda-preflight): the kernels that differ compile here"
     if [ "$cap" = 9.0 ] && [ -n "$driver_cuda" ] \
         && [ "$(printf '%s\n%s\n' "$nvrtc" "$driver_cuda" | sort -V | head -1)" = "$nvrtc" ]; then
         probe="$( [ -f "$CUBIN_SEED" ] && "$PY" - "$REPO/cache/cubecl/cubin-sm90a.probe" <<'PY' 2>&1
