@@ -160,7 +160,7 @@ TOML
             }
             oom_case oom-weights 0.03 "the model does not fit" 0 "$WORK/qpert" run --config "$REPO/configs/mini.toml" \
                 --set model.device=cuda --set output.dir="$WORK/mini"
-            oom_case oom-batch 5 "lower the batch sizes" 1 "$WORK/qpert" bench --model-config coco --device cuda \
+            oom_case oom-batch 5 'lower \(the batch sizes\|model\.[a-z]*_batch\)' 1 "$WORK/qpert" bench --model-config coco --device cuda \
                 --precision "$PRECISION" --images 16 --k 16
             ;;
         *) fail "unknown step $s (parity, bench, mini, oom)" ;;

@@ -87,7 +87,9 @@ pub fn start_query_perturbation(
     let image_index: Vec<i64> = boxes.image.iter().map(|&i| i as i64).collect();
     let image_index = Tensor::<1, Int>::from_data(TensorData::new(image_index, [n]), &device);
     let grams = gram::gram_matrices(keys, weights, image_index);
-    let grams = crate::model::read_back(grams, "the Q-Pert Gram matrices", None)?;
+    // The boxes, and so the Gram matrices, grow with the image batch (the stages pad every batch
+    // to `model.image_batch` images): that is the knob to turn when they do not fit.
+    let grams = crate::model::read_back(grams, "the Q-Pert Gram matrices", Some(("model.image_batch", images)))?;
     let grams: Vec<f64> = grams.try_into_vec_as::<f64>().expect("f64 gram matrices");
     let layers = keys.len();
     let (box_image, box_area, settings) = (boxes.image.clone(), boxes.area.clone(), *settings);
