@@ -71,6 +71,12 @@ cc -shared -fPIC -O1 -Wall -Wextra -I"$CUDA/include" -o "$WORK/lib/libcuda.so.1"
     -L"$CUDA/lib" -l:libnvJitLink.so.13 -Wl,-rpath,"$CUDA/lib" || fail "cannot build scripts/fake_cuda/libcuda.c"
 xz -dc target/gpu-bench/qpert.xz > "$WORK/qpert" && chmod +x "$WORK/qpert" || fail "cannot decompress the qpert binary"
 export LD_LIBRARY_PATH="$WORK/lib:$CUDA/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# A stand-in nvidia-smi too: scripts/gpu-bench.sh asks it about the card, and `qpert bench` samples
+# its memory.used, here what the stand-in driver has allocated (so the bench's `GPU GiB` column is
+# CubeCL's real device allocations, even though no kernel runs).
+mkdir -p "$WORK/bin" && cp scripts/fake_cuda/nvidia-smi "$WORK/bin/"
+export PATH="$WORK/bin:$PATH"
+export FAKE_CUDA_USED_FILE="$WORK/device-memory-used"
 export CUDA_PATH="$CUDA"
 NVRTC_VERSION="$("$PY" - "$CUDA/lib/libnvrtc.so.13" <<'PY'
 import ctypes, sys
@@ -225,13 +231,12 @@ fi
 # cache/cubecl. It checks the script's CUDA path and that the seed is taken and hit.
 if [ "${REHEARSE:-0}" = 1 ]; then
     SCRATCH="$WORK/rehearsal"
-    rm -rf "$SCRATCH" "$OUT/rehearsal" && mkdir -p "$SCRATCH/target" "$SCRATCH/cache/cubecl" "$WORK/bin"
+    rm -rf "$SCRATCH" "$OUT/rehearsal" && mkdir -p "$SCRATCH/target" "$SCRATCH/cache/cubecl"
     for d in scripts configs tests; do ln -s "$REPO/$d" "$SCRATCH/$d"; done
     ln -s "$REPO/target/gpu-bench" "$SCRATCH/target/gpu-bench"
     cp "$REPO"/cache/cubecl/ptx-sm90.* "$REPO"/cache/cubecl/cubin-sm90a.* "$SCRATCH/cache/cubecl/"
-    cp "$REPO/scripts/fake_cuda/nvidia-smi" "$WORK/bin/"
     t0=$(date +%s)
-    (cd "$SCRATCH" && PATH="$WORK/bin:$PATH" OUT="$OUT/rehearsal" TORCH_ARGS="--tiny --device cpu" \
+    (cd "$SCRATCH" && OUT="$OUT/rehearsal" TORCH_ARGS="--tiny --device cpu" \
         PYTHON="${TORCH_PYTHON:-$PY}" bash scripts/gpu-bench.sh) > "$OUT/rehearsal.txt" 2>&1
     status=$?
     compiled="$(count_kernels "$(ls "$SCRATCH"/cache/cubecl/*.db | head -1)" 2>/dev/null)"

@@ -8,17 +8,21 @@
 //
 // Build: cc -shared -fPIC -O1 -I$CUDA/include -o libcuda.so.1 libcuda.c -L$CUDA/lib -l:libnvJitLink.so.13
 // Report: a summary on stderr at exit, and one line per problem as it happens ("fake-cuda: ...").
+// FAKE_CUDA_MEMORY_GIB sets the card's memory (default 80 GiB); FAKE_CUDA_USED_FILE names a file
+// kept at the MiB allocated, which the stand-in nvidia-smi reports as memory.used.
 
 #include <cuda.h>
 #include <nvJitLink.h>
 
 #include <elf.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 // H100 SXM limits (compute capability 9.0).
 #define SM_COUNT 132
@@ -159,6 +163,22 @@ static unsigned long long slot_ptr[SLOTS];
 static size_t slot_len[SLOTS];
 static size_t allocated;
 
+// Writes the MiB allocated to FAKE_CUDA_USED_FILE, if set, in place and at a fixed width, so that a
+// reader (the stand-in nvidia-smi, polled by `qpert bench`) never sees a half-written number.
+static void publish_allocated(void) {
+    static int fd = -2;
+    if (fd == -2) {
+        const char *path = getenv("FAKE_CUDA_USED_FILE");
+        fd = path ? open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644) : -1;
+    }
+    if (fd < 0) return;
+    char line[24];
+    int n = snprintf(line, sizeof line, "%-20zu\n", allocated >> 20);
+    if (pwrite(fd, line, n, 0) != n) problem("cannot write FAKE_CUDA_USED_FILE");
+}
+// A new process starts from nothing allocated, not from what the last one left in the file.
+__attribute__((constructor)) static void publish_nothing_allocated(void) { publish_allocated(); }
+
 static CUresult allocate(CUdeviceptr *ptr, size_t bytes) {
     if (allocated + bytes > total_memory()) return CUDA_ERROR_OUT_OF_MEMORY;
     void *p = map(bytes);
@@ -167,6 +187,7 @@ static CUresult allocate(CUdeviceptr *ptr, size_t bytes) {
     for (size_t i = ((unsigned long long)p >> 12) % SLOTS;; i = (i + 1) % SLOTS)
         if (!slot_ptr[i]) { slot_ptr[i] = *ptr; slot_len[i] = bytes; break; }
     allocated += bytes;
+    publish_allocated();
     return CUDA_SUCCESS;
 }
 static CUresult release(CUdeviceptr ptr) {
@@ -175,6 +196,7 @@ static CUresult release(CUdeviceptr ptr) {
         if (slot_ptr[i] == ptr) {
             munmap((void *)ptr, slot_len[i] ? slot_len[i] : 1);
             allocated -= slot_len[i];
+            publish_allocated();
             slot_ptr[i] = 0; // linear probing: a freed slot may break later chains, so re-insert them
             for (size_t j = (i + 1) % SLOTS; slot_ptr[j]; j = (j + 1) % SLOTS) {
                 unsigned long long p = slot_ptr[j]; size_t l = slot_len[j];

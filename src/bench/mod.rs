@@ -325,6 +325,14 @@ impl Drop for GpuMemory {
     }
 }
 
+/// Hands the device's free pool pages back to the driver and waits until they are. CubeCL keeps
+/// freed memory in its pools, so without this a stage's `GPU GiB` (whole-device `nvidia-smi`) would
+/// include what the work before it left there. A no-op on CPU.
+fn release_pool_memory(device: &Device) -> Result<()> {
+    device.memory_cleanup();
+    device.sync().map_err(|e| Error::device_failed("releasing unused device memory", e, None))
+}
+
 /// Resets the process's peak resident memory (Linux `clear_refs` 5); best effort.
 fn reset_host_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -424,9 +432,7 @@ fn run_stages(ctx: &Context, model: &Blip2Config, sizes: Sizes, gpu: &GpuMemory)
     runtime::forget_loaded_model();
     let device = ctx.device.require()?;
     for stage in STAGES {
-        // CubeCL keeps freed memory in its pools: without this, a stage's peak would include what
-        // the stages before it left there.
-        device.memory_cleanup();
+        release_pool_memory(device)?;
         reset_host_peak();
         gpu.take_peak_gib();
         let before = Counters::read();
@@ -526,9 +532,8 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
     let data = synthetic::write_dataset(&scratch.0.join("data"), &shape)?;
     let model_dir = scratch.0.join("model");
     synthetic::write_model(&model_dir, &model, options.seed, &burn_device)?;
-    // The random weights were built in f32 on the device (4.6 GB for coco): give their pool pages
-    // back, or every stage's `GPU GiB` would count them.
-    burn_device.memory_cleanup();
+    // The random weights were built in f32 on the device (4.6 GB for coco).
+    release_pool_memory(&burn_device)?;
     let setup_s = setup.elapsed().as_secs_f64();
     reporter.info(&format!(
         "bench: model {} in {} ({} attention), {} images x {} captions, {} boxes per image, k = {}, on {} (setup {setup_s:.1} s)",
