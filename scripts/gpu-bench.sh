@@ -30,7 +30,7 @@
 # f16 and f32; the bench times the vision tower with all three kernels and ITM with both
 # cross-attention layouts in any case), CUBECL_AUTOTUNE_LEVEL (minimal: bounds the autotuning time;
 # set balanced for the default search), PARITY_TIMEOUT (90 s), TORCH_TIMEOUT (150 s), QPERT_TIMEOUT
-# (270 s, and the bench runs end by 480 s; all fits the run tool's 540 s), PYTHON (python3: the one
+# (330 s, and the bench runs end by 480 s; all fits the run tool's 540 s), PYTHON (python3: the one
 # with PyTorch + transformers).
 # A CPU dry run of the script's logic (any qpert binary in target/gpu-bench/qpert.xz):
 #   DEVICE=cpu MODEL_CONFIG=tiny IMAGES=4 TORCH_ARGS="--tiny --device cpu" bash scripts/gpu-bench.sh
@@ -46,7 +46,7 @@ MODEL_CONFIG="${MODEL_CONFIG:-coco}"
 TORCH_ARGS="${TORCH_ARGS:-}"
 PARITY_TIMEOUT="${PARITY_TIMEOUT:-90}"
 TORCH_TIMEOUT="${TORCH_TIMEOUT:-150}"
-QPERT_TIMEOUT="${QPERT_TIMEOUT:-270}"
+QPERT_TIMEOUT="${QPERT_TIMEOUT:-330}"
 export CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}"
 mkdir -p "$OUT"
 start=$(date +%s)
@@ -57,10 +57,19 @@ if [ ! -f "$BIN_XZ" ]; then
     echo "gpu-bench: $BIN_XZ is missing: run \`make gpu-bench\` first and carry target/gpu-bench" >&2
     exit 2
 fi
-BIN="${TMPDIR:-/tmp}/qpert-gpu"
-xz -dc "$BIN_XZ" > "$BIN" && chmod +x "$BIN" || { echo "gpu-bench: cannot decompress $BIN_XZ" >&2; exit 1; }
-
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
+# The device image may have no xz command: Python's lzma reads and writes the same format.
+unxz_to() { # archive output
+    if command -v xz > /dev/null; then xz -dc "$1" > "$2"
+    else "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"; fi
+}
+xz_to() { # file archive
+    if command -v xz > /dev/null; then xz -6 -T0 -c "$1" > "$2"
+    else "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(open(sys.argv[1], "rb"), lzma.open(sys.argv[2], "wb", preset=6))' "$1" "$2"; fi
+}
+BIN="${TMPDIR:-/tmp}/qpert-gpu"
+unxz_to "$BIN_XZ" "$BIN" && chmod +x "$BIN" || { echo "gpu-bench: cannot decompress $BIN_XZ" >&2; exit 1; }
+
 # NVRTC ships inside the PyTorch installation (site-packages/nvidia/cu13/lib); burn-cuda needs it.
 NVLIB="$("$PY" - <<'PY' 2>/dev/null
 import glob, os
@@ -137,9 +146,9 @@ print("loaded")
 PY
 )"
         if echo "$probe" | grep -qx loaded; then
-            xz -dc "$CUBIN_SEED" > "$DB" && say "seeded it with the precompiled sm_90a cubins of $seeded_from ($(du -h "$CUBIN_SEED" | cut -f1), nvJitLink $nvrtc; driver CUDA $driver_cuda)"
+            unxz_to "$CUBIN_SEED" "$DB" && say "seeded it with the precompiled sm_90a cubins of $seeded_from ($(du -h "$CUBIN_SEED" | cut -f1), nvJitLink $nvrtc; driver CUDA $driver_cuda)"
         else
-            xz -dc "$SEED" > "$DB" && say "seeded it with the precompiled PTX of $seeded_from ($(du -h "$SEED" | cut -f1), NVRTC $nvrtc; driver CUDA $driver_cuda; cubin probe: $(echo "${probe:-no cubin seed}" | tail -1))"
+            unxz_to "$SEED" "$DB" && say "seeded it with the precompiled PTX of $seeded_from ($(du -h "$SEED" | cut -f1), NVRTC $nvrtc; driver CUDA $driver_cuda; cubin probe: $(echo "${probe:-no cubin seed}" | tail -1))"
         fi
     else
         say "not seeded with ptx-sm90.db.xz: compute capability '${cap:-?}', driver CUDA '${driver_cuda:-?}', PTX from NVRTC $nvrtc"
@@ -149,7 +158,7 @@ cd "$RUN_DIR" || exit 1
 
 say "0 CUDA parity (tests/parity.rs --ignored)"
 if [ -f "$REPO/target/gpu-bench/parity.xz" ]; then
-    xz -dc "$REPO/target/gpu-bench/parity.xz" > "$RUN_DIR/parity" && chmod +x "$RUN_DIR/parity"
+    unxz_to "$REPO/target/gpu-bench/parity.xz" "$RUN_DIR/parity" && chmod +x "$RUN_DIR/parity"
     # The test binary finds tests/fixtures under the repository path it was built in (recorded by
     # make gpu-bench): link that path to this copy of the repository.
     built_in="$(cat "$REPO/target/gpu-bench/manifest-dir" 2>/dev/null || true)"
@@ -208,7 +217,7 @@ fi
 # xz-compressed: files come back from the device at 16 MiB at most, and the kernels make it larger.
 # SQLite keeps recent writes in a -wal file beside it until a checkpoint folds them in.
 [ -f "$DB" ] && "$PY" -c 'import sqlite3, sys; sqlite3.connect(sys.argv[1]).execute("pragma wal_checkpoint(truncate)")' "$DB"
-mkdir -p "$OUT/cubecl" && [ -f "$DB" ] && xz -6 -T0 -c "$DB" > "$OUT/cubecl/$(basename "$DB").xz" \
+mkdir -p "$OUT/cubecl" && [ -f "$DB" ] && xz_to "$DB" "$OUT/cubecl/$(basename "$DB").xz" \
     && say "CubeCL cache for the next run: $OUT/cubecl/ ($(du -sh "$OUT/cubecl" | cut -f1)); xz -d it into cache/cubecl/ and carry that folder next time"
 say "4 the mini pipeline on $DEVICE against the Python reference"
 left=$(( 530 - ($(date +%s) - start) ))
