@@ -189,7 +189,8 @@ extract_job=$(awk '$1 == "extract" {print $2}' "$work/jobs2.txt")
 for _ in $(seq 120); do [ -e "$work/slow-started" ] && break; sleep 1; done
 [ -e "$work/slow-started" ] || fail "extract task 2 never started"
 status=$(q status)
-echo "$status" | grep -q "^extract  partial: .*running \[2: host " || fail "status does not show shard 2 running: $status"
+# Shard 1 may still be running beside it ("running [1: host ...; 2: host ...]").
+echo "$status" | grep -Eq "^extract  partial: .*running \[([^]]*; )?2: host " || fail "status does not show shard 2 running: $status"
 touch "$work/cancelled"
 scancel "${extract_job}_2"
 wait_jobs "${extract_job}" 60
@@ -202,7 +203,7 @@ echo "$status" | grep -q "Slurm: sbatch --array=2 " || fail "status prints no Sl
 echo "$status" | grep -E '^extract  |^extract: to finish|^  ' | sed 's/^/  | /'
 # The dependents can never start (afterok on a cancelled task): drop them, resubmit index 2 alone,
 # then the stages after extract depending on it.
-scancel $(awk '$1 != "index" && $1 != "extract" && $1 != "text" {print $2}' "$work/jobs2.txt")
+scancel $(awk '$2 ~ /^[0-9]+$/ && $1 != "index" && $1 != "extract" && $1 != "text" {print $2}' "$work/jobs2.txt")
 again=$(sbatch --parsable $QPERT_SBATCH --job-name=qpert-extract --array=2 pipelines/slurm/reproduce-flickr.sbatch extract 3) \
     || fail "resubmitting extract index 2 failed"
 pipelines/slurm/submit-flickr.sh --shards 3 --text-shards 3 --from sim --after "$again" --until "$last" >"$work/jobs3.txt" || fail "sbatch failed"
