@@ -95,7 +95,7 @@ impl Coverage {
         format!(
             "index: {} images, {} captions; {} images with Entities annotations ({} without); \
              boxes: {} kept, {} dropped (chain not mentioned){duplicates}, {} outside their image; \
-             {} annotated images without a kept box",
+             annotated images without a kept box: {}",
             self.images,
             self.captions,
             self.images_with_annotation,
