@@ -194,7 +194,14 @@ fn a_truncated_upstream_part_is_named_and_nothing_downstream_is_written() {
     let part = ws.path().join("out/extract/part-00001-of-00001.parquet");
     let bytes = fs::read(&part).unwrap();
     fs::write(&part, &bytes[..bytes.len() / 2]).unwrap();
-    assert_fails(&stage(&ws, "sim"), 1, &["part-00001-of-00001.parquet", "not a readable Parquet file"]);
+    assert_fails(
+        &stage(&ws, "sim"),
+        1,
+        &[
+            "out/extract: damaged (part-00001-of-00001.parquet: not a readable Parquet file",
+            "rerun `qpert stage extract`",
+        ],
+    );
     assert!(!ws.path().join("out/sim").exists());
 }
 
@@ -205,7 +212,13 @@ fn a_part_rewritten_by_another_configuration_is_not_read() {
     let part = ws.path().join("out/text/part-00001-of-00001.parquet");
     // A part from another run (here: the extract part) under the text stage's name.
     fs::copy(ws.path().join("out/extract/part-00001-of-00001.parquet"), &part).unwrap();
-    assert_fails(&stage(&ws, "sim"), 1, &["out/text/part-00001-of-00001.parquet", "fingerprint does not match"]);
+    assert_fails(
+        &stage(&ws, "sim"),
+        1,
+        &[
+            "out/text: damaged (part-00001-of-00001.parquet: fingerprint does not match the manifest (rewritten since?))",
+        ],
+    );
 }
 
 #[test]

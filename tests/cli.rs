@@ -228,6 +228,41 @@ fn run_goes_through_every_stage_and_then_finds_everything_up_to_date() {
 }
 
 #[test]
+fn damaged_artifacts_are_reported_and_only_their_stages_recomputed() {
+    let ws = Workspace::new(LAVIS);
+    assert!(ws.qpert(&["run", "--config", "{config}"]).status.success());
+    let out = ws.path().join("out");
+    let metrics = std::fs::read(out.join("report/metrics.json")).unwrap();
+    let ranks = ws.table("sim", "t2i_ranks");
+    std::fs::remove_file(out.join("sim/t2i_ranks.parquet")).unwrap();
+    let part = out.join("extract/part-00001-of-00001.parquet");
+    let bytes = std::fs::read(&part).unwrap();
+    std::fs::write(&part, &bytes[..bytes.len() / 2]).unwrap();
+
+    let status = stdout(&ws.qpert(&["status", "--config", "{config}"]));
+    assert!(status.contains("extract  damaged (part-00001-of-00001.parquet: not a readable Parquet file"), "{status}");
+    assert!(status.contains("sim      damaged (t2i_ranks.parquet: missing)"), "{status}");
+    assert!(status.contains("rerank   done"), "{status}");
+    assert_fails(
+        &ws.qpert(&["stage", "report", "--config", "{config}", "--force"]),
+        1,
+        &["out/sim: damaged (t2i_ranks.parquet: missing); rerun `qpert stage sim`"],
+    );
+
+    let run = stdout(&ws.qpert(&["run", "--config", "{config}"]));
+    for stage in ["index", "text", "rerank", "report"] {
+        assert!(run.contains(&format!("{stage}: up to date, skipped")), "{run}");
+    }
+    for stage in ["extract", "sim"] {
+        assert!(!run.contains(&format!("{stage}: up to date")), "{stage} must be recomputed: {run}");
+    }
+    let status = stdout(&ws.qpert(&["status", "--config", "{config}"]));
+    assert_eq!(status.matches(" done (").count(), 6, "{status}");
+    assert_eq!(ws.table("sim", "t2i_ranks"), ranks);
+    assert_eq!(std::fs::read(out.join("report/metrics.json")).unwrap(), metrics);
+}
+
+#[test]
 fn help_has_examples() {
     let ws = Workspace::new(LAVIS);
     for verb in ["stage", "run", "status"] {

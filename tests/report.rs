@@ -272,7 +272,7 @@ fn hand_checked_report_with_rerank() {
     let size: Vec<f32> =
         pq.column_by_name("object_size").unwrap().as_any().downcast_ref::<Float32Array>().unwrap().values().to_vec();
     assert_eq!(size, [0.05, 0.35, -1.0, 0.05, 0.05, 0.35, 0.35, -1.0, -1.0]);
-    let meta = qpert::store::parquet::read_key_value_metadata(&dir.join("per_query.parquet")).unwrap();
+    let meta = qpert::store::parquet::read_footer(&dir.join("per_query.parquet")).unwrap().metadata;
     assert_eq!(meta["qpert.stage"], "report");
 
     let md = fs::read_to_string(dir.join("report.md")).unwrap();

@@ -97,7 +97,8 @@ pub fn shard_table(stage: Stage, config: &Config) -> Result<Option<ShardTable>> 
     let Ok(fingerprint) = stage.fingerprint(config) else { return Ok(None) };
     let dir = stage.dir(config, fingerprint);
     match dir.state()? {
-        StageState::Partial(_) | StageState::Missing => ShardTable::read(stage, &dir),
+        // A damaged stage's table names the parts to recompute (missing, or unreadable: stale).
+        StageState::Partial(_) | StageState::Missing | StageState::Damaged(_) => ShardTable::read(stage, &dir),
         StageState::Done(_) | StageState::Stale(_) => Ok(None),
     }
 }

@@ -250,8 +250,8 @@ pub fn run_pipeline(ctx: &Context) -> Result<()> {
 }
 
 /// One line of `qpert status` per stage: `index    done (3 files, fingerprint 1a2b3c4d5e6f)`,
-/// `stale (dataset.box_origin: 1 -> 0)`, `partial: 2 of 4 shards done [1, 3]; running [2: host vm pid
-/// 12 since ...]; missing [4]`, `missing`.
+/// `stale (dataset.box_origin: 1 -> 0)`, `damaged (t2i_ranks.parquet: missing)`, `partial: 2 of 4
+/// shards done [1, 3]; running [2: host vm pid 12 since ...]; missing [4]`, `missing`.
 pub fn status(config: &Config) -> Result<Vec<String>> {
     Stage::ALL.iter().map(|&stage| Ok(format!("{:<8} {}", stage.name(), describe(stage, config)?))).collect()
 }
@@ -269,6 +269,7 @@ fn describe(stage: Stage, config: &Config) -> Result<String> {
             format!("done ({} files, {} shard(s), fingerprint {})", m.files.len(), m.shards, &digest[..12])
         }
         StageState::Stale(changes) => format!("stale ({})", changes.join("; ")),
+        StageState::Damaged(problems) => format!("damaged ({})", problems.join("; ")),
         // Parts, or only locks of workers that have not written their part yet.
         StageState::Partial(_) | StageState::Missing => {
             cluster::ShardTable::read(stage, &dir)?.map_or_else(|| "missing".to_string(), |t| t.describe())

@@ -45,6 +45,9 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// File name of the lock held while a sharded stage's manifest is written.
 pub const MANIFEST_LOCK_FILE: &str = "manifest.lock";
 
+/// The problem of a file that carries another fingerprint than its stage's manifest.
+const REWRITTEN: &str = "fingerprint does not match the manifest (rewritten since?)";
+
 /// A shard claimed by this worker ([`StageDir::claim`]): its lock is released when this is dropped.
 #[derive(Debug)]
 #[must_use = "the shard is released when the claim is dropped: hold it until the part is written"]
@@ -76,6 +79,10 @@ pub enum StageState {
     Done(Manifest),
     /// A manifest exists but was made from other inputs; the changed fingerprint entries.
     Stale(Vec<String>),
+    /// A current manifest, but files it lists are missing, unreadable, rewritten or cut short
+    /// (deleted by hand, a damaged disk): what is wrong with each, `<file>: <problem>`. `run`
+    /// recomputes the stage (a sharded stage's intact parts are kept) and readers refuse it.
+    Damaged(Vec<String>),
     /// No current manifest, but some parts exist: which shards are fresh and which stale.
     Partial(Vec<PartState>),
     /// Nothing written yet.
@@ -128,7 +135,12 @@ impl StageDir {
     pub fn state(&self) -> Result<StageState> {
         if let Some(manifest) = Manifest::read(&self.manifest_path())? {
             if manifest.fingerprint == self.fingerprint.digest() {
-                return Ok(StageState::Done(manifest));
+                let problems = self.damaged_files(&manifest);
+                return Ok(if problems.is_empty() {
+                    StageState::Done(manifest)
+                } else {
+                    StageState::Damaged(problems)
+                });
             }
             let changes = self.fingerprint.changes_since(&manifest.fingerprint());
             return Ok(StageState::Stale(changes));
@@ -137,11 +149,41 @@ impl StageDir {
         Ok(if parts.is_empty() { StageState::Missing } else { StageState::Partial(parts) })
     }
 
+    /// What is wrong with the files `manifest` lists, from their footers only (no data is read):
+    /// each must exist, and a Parquet file must be readable, carry the current fingerprint and
+    /// hold the rows the manifest says. Empty when all are intact.
+    fn damaged_files(&self, manifest: &Manifest) -> Vec<String> {
+        let digest = self.fingerprint.digest();
+        let check = |file: &FileEntry| {
+            let path = self.dir.join(&file.name);
+            if !path.is_file() {
+                return Some("missing".to_string());
+            }
+            if !file.name.ends_with(".parquet") {
+                return None;
+            }
+            match parquet::read_footer(&path) {
+                Err(Error::Artifact { msg, .. }) => Some(msg),
+                Err(e) => Some(e.to_string()),
+                Ok(footer) if footer.fingerprint() != Some(digest.as_str()) => Some(REWRITTEN.to_string()),
+                Ok(footer) if footer.rows != file.rows => {
+                    Some(format!("holds {} rows, the manifest says {}", footer.rows, file.rows))
+                }
+                Ok(_) => None,
+            }
+        };
+        manifest
+            .files
+            .iter()
+            .filter_map(|file| check(file).map(|problem| format!("{}: {problem}", file.name)))
+            .collect()
+    }
+
     /// The part files present, sorted by shard count then index, with their freshness.
     pub fn part_states(&self) -> Result<Vec<PartState>> {
         let mut parts = Vec::new();
         for shard in self.parts_on_disk()? {
-            let fresh = self.file_is_fresh(&self.dir.join(shard.part_file_name()))?;
+            let fresh = self.file_is_fresh(&self.dir.join(shard.part_file_name()));
             parts.push(PartState { shard, fresh });
         }
         parts.sort_by_key(|p| (p.shard.count(), p.shard.index()));
@@ -160,22 +202,22 @@ impl StageDir {
             .collect())
     }
 
-    fn file_is_fresh(&self, path: &Path) -> Result<bool> {
-        let meta = parquet::read_key_value_metadata(path)?;
-        Ok(meta.get(parquet::FINGERPRINT_KEY) == Some(&self.fingerprint.digest()))
+    /// Whether `path` is a readable Parquet file with the current fingerprint (an unreadable one,
+    /// cut short by a full disk say, is not: it is recomputed).
+    fn file_is_fresh(&self, path: &Path) -> bool {
+        parquet::read_footer(path).is_ok_and(|footer| footer.fingerprint() == Some(self.fingerprint.digest().as_str()))
     }
 
     /// Whether `shard`'s part exists with the current fingerprint (a resumed run skips it).
-    pub fn part_is_fresh(&self, shard: Shard) -> Result<bool> {
-        let path = self.dir.join(shard.part_file_name());
-        Ok(path.exists() && self.file_is_fresh(&path)?)
+    pub fn part_is_fresh(&self, shard: Shard) -> bool {
+        self.file_is_fresh(&self.dir.join(shard.part_file_name()))
     }
 
     /// Prepares the folder for writing: creates it and removes a manifest that no longer matches,
     /// so the stage reads as in progress rather than stale or done while it is recomputed.
     pub fn begin(&self) -> Result<()> {
         fs::create_dir_all(&self.dir).map_err(|e| Error::artifact(&self.dir, e))?;
-        if let StageState::Stale(_) = self.state()? {
+        if let StageState::Stale(_) | StageState::Damaged(_) = self.state()? {
             // Several workers starting at once may race here: the file being gone already is fine.
             match fs::remove_file(self.manifest_path()) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -245,11 +287,11 @@ impl StageDir {
     fn parts_ready(&self, count: u32) -> Result<Option<Vec<FileEntry>>> {
         let mut files = Vec::new();
         for shard in Shard::all_of(count)? {
-            if !self.part_is_fresh(shard)? {
+            if !self.part_is_fresh(shard) {
                 return Ok(None);
             }
             let path = self.dir.join(shard.part_file_name());
-            files.push(FileEntry { name: shard.part_file_name(), rows: parquet::read_row_count(&path)? });
+            files.push(FileEntry { name: shard.part_file_name(), rows: parquet::read_footer(&path)?.rows });
         }
         Ok(Some(files))
     }
@@ -301,7 +343,7 @@ impl StageDir {
     /// part is written). A shard a live worker holds is an error naming that worker (exit 1): two
     /// workers never compute one shard. A stale lock (its owner died) is taken over.
     pub fn claim(&self, shard: Shard, force: bool) -> Result<Option<ShardClaim>> {
-        if !force && self.part_is_fresh(shard)? {
+        if !force && self.part_is_fresh(shard) {
             return Ok(None);
         }
         self.begin()?;
@@ -319,7 +361,7 @@ impl StageDir {
                 ),
             )),
             // Re-check under the lock: the previous holder may have just finished this part.
-            lock::Acquired::Held(_) if !force && self.part_is_fresh(shard)? => Ok(None),
+            lock::Acquired::Held(_) if !force && self.part_is_fresh(shard) => Ok(None),
             lock::Acquired::Held(lock) => Ok(Some(ShardClaim { _lock: lock })),
         }
     }
@@ -377,6 +419,10 @@ impl StageDir {
             StageState::Stale(changes) => {
                 Err(Error::artifact(&self.dir, format!("stale ({}); rerun `qpert stage {stage}`", changes.join("; "))))
             }
+            StageState::Damaged(problems) => Err(Error::artifact(
+                &self.dir,
+                format!("damaged ({}); rerun `qpert stage {stage}`", problems.join("; ")),
+            )),
             StageState::Partial(_) | StageState::Missing => {
                 Err(Error::artifact(&self.dir, format!("incomplete; run `qpert stage {stage}`")))
             }
@@ -397,10 +443,12 @@ impl StageDir {
         arrow::compute::concat_batches(&first.schema(), &batches).map_err(|e| Error::artifact(&self.dir, e))
     }
 
+    /// Reads a file of the stage, checking its fingerprint again: it may have been rewritten
+    /// since the manifest was checked.
     fn read_checked(&self, name: &str) -> Result<RecordBatch> {
         let path = self.dir.join(name);
-        if !self.file_is_fresh(&path)? {
-            return Err(Error::artifact(&path, "fingerprint does not match the manifest (rewritten since?)"));
+        if parquet::read_footer(&path)?.fingerprint() != Some(self.fingerprint.digest().as_str()) {
+            return Err(Error::artifact(&path, REWRITTEN));
         }
         parquet::read_parquet(&path)
     }
@@ -472,13 +520,43 @@ mod tests {
     }
 
     #[test]
+    fn a_done_stage_whose_files_are_damaged_is_not_done_and_is_recomputed() {
+        let out = tempfile::tempdir().unwrap();
+        let stage = StageDir::open(out.path(), "sim", Fingerprint::new("sim").with("k", 1));
+        let (schema, batch) = table(vec![1, 2, 3]);
+        let a = stage.write_table("a", &schema, std::slice::from_ref(&batch)).unwrap();
+        let b = stage.write_table("b", &schema, std::slice::from_ref(&batch)).unwrap();
+        fs::write(stage.path().join("c.md"), "text").unwrap();
+        let c = FileEntry { name: "c.md".into(), rows: 0 };
+        // The manifest says b has 4 rows where the file holds 3 (a file swapped for another of this run).
+        let b = FileEntry { rows: 4, ..b };
+        stage.finish(vec![a, b, c], serde_json::Value::Null, Notes::default()).unwrap();
+        fs::remove_file(stage.path().join("c.md")).unwrap();
+        let bytes = fs::read(stage.path().join("a.parquet")).unwrap();
+        fs::write(stage.path().join("a.parquet"), &bytes[..bytes.len() - 8]).unwrap();
+
+        let StageState::Damaged(problems) = stage.state().unwrap() else { panic!("expected damaged") };
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].starts_with("a.parquet: not a readable Parquet file"), "{problems:?}");
+        assert_eq!(problems[1..], ["b.parquet: holds 3 rows, the manifest says 4", "c.md: missing"]);
+        let err = stage.read_table("b").unwrap_err().to_string();
+        assert!(
+            err.contains("damaged (a.parquet: not a readable") && err.ends_with("rerun `qpert stage sim`"),
+            "{err}"
+        );
+        // Recomputing starts by dropping the manifest, so the stage reads as in progress.
+        stage.begin().unwrap();
+        assert_eq!(stage.state().unwrap(), StageState::Missing);
+    }
+
+    #[test]
     fn a_stale_part_is_reported_and_not_reused() {
         let out = tempfile::tempdir().unwrap();
         let items: Vec<u32> = (0..4).collect();
         let old = StageDir::open(out.path(), "text", Fingerprint::new("text").with("k", 1));
         write_shard(&old, Shard::new(1, 2).unwrap(), &items);
         let new = StageDir::open(out.path(), "text", Fingerprint::new("text").with("k", 2));
-        assert!(!new.part_is_fresh(Shard::new(1, 2).unwrap()).unwrap());
+        assert!(!new.part_is_fresh(Shard::new(1, 2).unwrap()));
         write_shard(&new, Shard::new(2, 2).unwrap(), &items);
         assert!(new.finish_parts(2, serde_json::Value::Null).unwrap().is_none());
         let StageState::Partial(parts) = new.state().unwrap() else { panic!("expected partial") };

@@ -85,19 +85,33 @@ pub fn read_parquet(path: &Path) -> Result<RecordBatch> {
     arrow::compute::concat_batches(&schema, &batches).map_err(|e| Error::artifact(path, e))
 }
 
-/// Reads only the footer's key-value metadata of a Parquet file.
-pub fn read_key_value_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
-    let reader = SerializedFileReader::new(open(path)?)
-        .map_err(|e| Error::artifact(path, format!("not a readable Parquet file: {e}")))?;
-    let kv = reader.metadata().file_metadata().key_value_metadata().cloned().unwrap_or_default();
-    Ok(kv.into_iter().filter_map(|KeyValue { key, value }| Some((key, value?))).collect())
+/// What a Parquet file's footer says, read without touching its data pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Footer {
+    /// The key-value metadata (the stage fingerprint and friends for qpert's files).
+    pub metadata: BTreeMap<String, String>,
+    /// The number of rows the file holds.
+    pub rows: u64,
 }
 
-/// The number of rows a Parquet file holds, from its footer.
-pub fn read_row_count(path: &Path) -> Result<u64> {
+impl Footer {
+    /// The fingerprint digest of the stage that wrote the file, if it says.
+    pub fn fingerprint(&self) -> Option<&str> {
+        self.metadata.get(FINGERPRINT_KEY).map(String::as_str)
+    }
+}
+
+/// Reads only the footer of a Parquet file: cheap, so checking that an artifact is intact costs
+/// no data read.
+pub fn read_footer(path: &Path) -> Result<Footer> {
     let reader = SerializedFileReader::new(open(path)?)
         .map_err(|e| Error::artifact(path, format!("not a readable Parquet file: {e}")))?;
-    Ok(reader.metadata().file_metadata().num_rows().max(0) as u64)
+    let file_metadata = reader.metadata().file_metadata();
+    let kv = file_metadata.key_value_metadata().cloned().unwrap_or_default();
+    Ok(Footer {
+        metadata: kv.into_iter().filter_map(|KeyValue { key, value }| Some((key, value?))).collect(),
+        rows: file_metadata.num_rows().max(0) as u64,
+    })
 }
 
 fn open(path: &Path) -> Result<File> {
@@ -135,8 +149,8 @@ mod tests {
         assert_eq!(back.num_rows(), 3);
         assert_eq!(back.schema().fields(), a.schema().fields());
         assert_eq!(back.schema().metadata()[FINGERPRINT_KEY], "abc", "key-value metadata shows in the Arrow schema");
-        assert_eq!(read_key_value_metadata(&path).unwrap()[FINGERPRINT_KEY], "abc");
-        assert_eq!(read_row_count(&path).unwrap(), 3);
+        let footer = read_footer(&path).unwrap();
+        assert_eq!((footer.fingerprint(), footer.rows), (Some("abc"), 3));
     }
 
     #[test]
