@@ -238,11 +238,13 @@ fn damaged_artifacts_are_reported_and_only_their_stages_recomputed() {
     let part = out.join("extract/part-00001-of-00001.parquet");
     let bytes = std::fs::read(&part).unwrap();
     std::fs::write(&part, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(out.join("report/manifest.json"), "{\"stage\": ").unwrap();
 
     let status = stdout(&ws.qpert(&["status", "--config", "{config}"]));
     assert!(status.contains("extract  damaged (part-00001-of-00001.parquet: not a readable Parquet file"), "{status}");
     assert!(status.contains("sim      damaged (t2i_ranks.parquet: missing)"), "{status}");
     assert!(status.contains("rerank   done"), "{status}");
+    assert!(status.contains("report   damaged (manifest.json: corrupt manifest: EOF while parsing"), "{status}");
     assert_fails(
         &ws.qpert(&["stage", "report", "--config", "{config}", "--force"]),
         1,
@@ -250,10 +252,10 @@ fn damaged_artifacts_are_reported_and_only_their_stages_recomputed() {
     );
 
     let run = stdout(&ws.qpert(&["run", "--config", "{config}"]));
-    for stage in ["index", "text", "rerank", "report"] {
+    for stage in ["index", "text", "rerank"] {
         assert!(run.contains(&format!("{stage}: up to date, skipped")), "{run}");
     }
-    for stage in ["extract", "sim"] {
+    for stage in ["extract", "sim", "report"] {
         assert!(!run.contains(&format!("{stage}: up to date")), "{stage} must be recomputed: {run}");
     }
     let status = stdout(&ws.qpert(&["status", "--config", "{config}"]));

@@ -282,6 +282,14 @@ fn three_shards_in_parallel_processes_equal_one_process() {
     }
     // Unsharded stages downstream of sharded ones: the same files, byte for byte.
     assert_eq!(stage_files(&a, "sim"), stage_files(&b, "sim"));
+    // A plain run afterwards finds the sharded stages done: nothing is computed again in one piece.
+    let run = ok(&sharded, &["run"], &[]);
+    for stage in ["index", "extract", "text", "sim", "rerank"] {
+        assert!(run.contains(&format!("{stage}: up to date, skipped")), "{run}");
+    }
+    for stage in ["extract", "text", "rerank"] {
+        assert!(!b.join(stage).join("part-00001-of-00001.parquet").exists(), "{stage}");
+    }
 }
 
 fn read_parts(root: &Path, stage: &str) -> arrow::record_batch::RecordBatch {

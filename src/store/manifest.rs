@@ -201,14 +201,15 @@ impl Manifest {
         Fingerprint { entries: self.fingerprint_entries.clone() }
     }
 
-    /// Reads a manifest; `Ok(None)` when the file does not exist.
-    pub fn read(path: &Path) -> Result<Option<Manifest>> {
+    /// Reads a manifest: `Ok(None)` when the file does not exist, `Ok(Some(Err(why)))` when it
+    /// does not parse (it was damaged after qpert wrote it, atomically: the stage is recomputed).
+    pub fn read(path: &Path) -> Result<Option<std::result::Result<Manifest, String>>> {
         let text = match fs::read_to_string(path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::artifact(path, e)),
         };
-        serde_json::from_str(&text).map(Some).map_err(|e| Error::artifact(path, format!("corrupt manifest: {e}")))
+        Ok(Some(serde_json::from_str(&text).map_err(|e| format!("corrupt manifest: {e}"))))
     }
 
     /// Writes the manifest atomically (pretty JSON, trailing newline).

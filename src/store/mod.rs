@@ -80,7 +80,8 @@ pub enum StageState {
     /// A manifest exists but was made from other inputs; the changed fingerprint entries.
     Stale(Vec<String>),
     /// A current manifest, but files it lists are missing, unreadable, rewritten or cut short
-    /// (deleted by hand, a damaged disk): what is wrong with each, `<file>: <problem>`. `run`
+    /// (deleted by hand, a damaged disk), or a manifest that does not parse: what is wrong with
+    /// each file, `<file>: <problem>`. `run`
     /// recomputes the stage (a sharded stage's intact parts are kept) and readers refuse it.
     Damaged(Vec<String>),
     /// No current manifest, but some parts exist: which shards are fresh and which stale.
@@ -134,6 +135,10 @@ impl StageDir {
     /// The stage's state: done, stale (with what changed), partial (which parts) or missing.
     pub fn state(&self) -> Result<StageState> {
         if let Some(manifest) = Manifest::read(&self.manifest_path())? {
+            let manifest = match manifest {
+                Ok(manifest) => manifest,
+                Err(why) => return Ok(StageState::Damaged(vec![format!("{MANIFEST_FILE}: {why}")])),
+            };
             if manifest.fingerprint == self.fingerprint.digest() {
                 let problems = self.damaged_files(&manifest);
                 return Ok(if problems.is_empty() {
@@ -338,12 +343,13 @@ impl StageDir {
         })
     }
 
-    /// Claims `shard` for computing: `None` when its part is already fresh (and `force` is off);
-    /// otherwise this worker's lock on it, held until the returned claim is dropped (after the
-    /// part is written). A shard a live worker holds is an error naming that worker (exit 1): two
+    /// Claims `shard` for computing: `None` when the stage is done, however it was sharded, or
+    /// the part is already fresh (and `force` is off), so a plain `qpert run` after an 8-way
+    /// sharded `extract` does not compute it again; otherwise this worker's lock on it, held until
+    /// the returned claim is dropped (after the part is written). A shard a live worker holds is an error naming that worker (exit 1): two
     /// workers never compute one shard. A stale lock (its owner died) is taken over.
     pub fn claim(&self, shard: Shard, force: bool) -> Result<Option<ShardClaim>> {
-        if !force && self.part_is_fresh(shard) {
+        if !force && (self.is_complete()? || self.part_is_fresh(shard)) {
             return Ok(None);
         }
         self.begin()?;
@@ -547,6 +553,26 @@ mod tests {
         // Recomputing starts by dropping the manifest, so the stage reads as in progress.
         stage.begin().unwrap();
         assert_eq!(stage.state().unwrap(), StageState::Missing);
+    }
+
+    #[test]
+    fn a_manifest_that_does_not_parse_is_damaged_and_rewritten_from_intact_parts() {
+        let out = tempfile::tempdir().unwrap();
+        let stage = StageDir::open(out.path(), "text", Fingerprint::new("text").with("k", 1));
+        let items: Vec<u32> = (0..4).collect();
+        for i in [1, 2] {
+            write_shard(&stage, Shard::new(i, 2).unwrap(), &items);
+        }
+        assert!(stage.finish_parts(2, serde_json::Value::Null).unwrap().is_some());
+        fs::write(stage.path().join(MANIFEST_FILE), "{\"stage\": \"te").unwrap();
+        let StageState::Damaged(problems) = stage.state().unwrap() else { panic!("expected damaged") };
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].starts_with("manifest.json: corrupt manifest: EOF while parsing"), "{problems:?}");
+        // The parts are intact: a worker finding them fresh only writes the manifest again.
+        assert!(!stage.is_complete().unwrap());
+        assert!(stage.claim(Shard::new(1, 2).unwrap(), false).unwrap().is_none());
+        assert!(stage.finish_parts(2, serde_json::Value::Null).unwrap().is_some());
+        assert_eq!(values(&stage.read_parts().unwrap()), items);
     }
 
     #[test]
