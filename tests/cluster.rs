@@ -1,7 +1,8 @@
 //! The cluster path without a scheduler: `--shard auto` from each environment form (set on the child
 //! process, as Slurm or Kubernetes would), two processes racing for one shard, a stale lock taken
-//! over, `--finalize`, `qpert status` with running/stale/missing shards and the rerun command, and
-//! three shards in parallel processes giving the same artifacts as one process. The real scheduler
+//! over, `--finalize`, `qpert status` with running/stale/missing shards and the rerun command,
+//! three shards in parallel processes giving the same artifacts as one process, and a plain `run`
+//! finishing the shard layout it finds. The real scheduler
 //! test is `tests/slurm/run.sh`.
 
 mod common;
@@ -290,6 +291,35 @@ fn three_shards_in_parallel_processes_equal_one_process() {
     for stage in ["extract", "text", "rerank"] {
         assert!(!b.join(stage).join("part-00001-of-00001.parquet").exists(), "{stage}");
     }
+}
+
+#[test]
+fn a_plain_run_computes_only_the_shards_missing_from_the_layout_it_finds() {
+    let ws = Workspace::new("flickr30k_test.json");
+    ok(&ws, &["stage", "index"], &[]);
+    for shard in ["1/3", "3/3"] {
+        ok(&ws, &["stage", "text", "--shard", shard], &[]);
+    }
+    let run = ok(&ws, &["run"], &[]);
+    assert!(run.contains("text: 2 of 3 shards are done; computing the rest of that layout: 2\n"), "{run}");
+    assert!(run.contains("text 2/3: "), "{run}");
+    assert!(!run.contains("text 1/3: ") && !run.contains("text 3/3: "), "done shards are not recomputed: {run}");
+    let three = ["part-00001-of-00003.parquet", "part-00002-of-00003.parquet", "part-00003-of-00003.parquet"];
+    assert_eq!(parts(&ws, "text"), three);
+    assert!(ws.path().join("out/report/manifest.json").exists());
+
+    // A damaged part is recomputed alone, in the same layout.
+    let part = ws.path().join("out/text/part-00003-of-00003.parquet");
+    let bytes = fs::read(&part).unwrap();
+    fs::write(&part, &bytes[..bytes.len() / 3]).unwrap();
+    let status = ok(&ws, &["status"], &[]);
+    assert!(status.contains("text     damaged (part-00003-of-00003.parquet: not a readable Parquet file"), "{status}");
+    assert!(status.contains("--shard $i/3"), "the rerun command names the layout: {status}");
+    let run = ok(&ws, &["run"], &[]);
+    assert!(run.contains("text: 2 of 3 shards are done; computing the rest of that layout: 3\n"), "{run}");
+    assert!(run.contains("sim: up to date, skipped"), "{run}");
+    assert_eq!(parts(&ws, "text"), three);
+    assert_eq!(ok(&ws, &["status"], &[]).matches(" done (").count(), 6);
 }
 
 fn read_parts(root: &Path, stage: &str) -> arrow::record_batch::RecordBatch {

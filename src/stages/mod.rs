@@ -220,19 +220,53 @@ pub enum Outcome {
     UpToDate,
 }
 
-/// Runs one stage (or one shard of it). Unimplemented stages are a usage error (exit 2).
+/// Runs one stage (or one shard of it). A shard of an unsharded stage is a usage error (exit 2).
 pub fn run_stage(stage: Stage, ctx: &Context, shard: Option<Shard>) -> Result<Outcome> {
     if let Some(shard) = shard.filter(|s| *s != Shard::ALL && !stage.is_sharded()) {
         return Err(Error::Usage(format!("stage {stage} is not sharded; drop --shard {shard}")));
     }
-    match stage {
-        Stage::Index => index::run(ctx),
-        Stage::Extract => extract::run(ctx, shard.unwrap_or(Shard::ALL)),
-        Stage::Text => text::run(ctx, shard.unwrap_or(Shard::ALL)),
-        Stage::Sim => sim::run(ctx),
-        Stage::Rerank => rerank::run(ctx, shard.unwrap_or(Shard::ALL)),
-        Stage::Report => report::run(ctx),
+    let run_shard: fn(&Context, Shard) -> Result<Outcome> = match stage {
+        Stage::Index => return index::run(ctx),
+        Stage::Sim => return sim::run(ctx),
+        Stage::Report => return report::run(ctx),
+        Stage::Extract => extract::run,
+        Stage::Text => text::run,
+        Stage::Rerank => rerank::run,
+    };
+    match shard {
+        Some(shard) => run_shard(ctx, shard),
+        None => run_remaining_shards(stage, ctx, run_shard),
     }
+}
+
+/// A sharded stage run without `--shard`: when earlier sharded runs left fresh parts of N shards,
+/// computes only the shards of that layout that are not done (a plain `run` after 7 of 8 Slurm
+/// tasks, or after a part was damaged, computes the 8th, not the whole stage again); otherwise
+/// (nothing fresh on disk, or `--force`) the whole stage as one shard.
+fn run_remaining_shards(
+    stage: Stage,
+    ctx: &Context,
+    run_shard: fn(&Context, Shard) -> Result<Outcome>,
+) -> Result<Outcome> {
+    let layout = cluster::shard_table(stage, &ctx.config)?.filter(|t| !ctx.force && !t.done.is_empty());
+    let Some(table) = layout else { return run_shard(ctx, Shard::ALL) };
+    let remaining: Vec<String> = (1..=table.count).filter(|i| !table.done.contains(i)).map(|i| i.to_string()).collect();
+    if !remaining.is_empty() {
+        ctx.reporter.info(&format!(
+            "{stage}: {} of {} shards are done; computing the rest of that layout: {}",
+            table.done.len(),
+            table.count,
+            remaining.join(", ")
+        ));
+    }
+    // Every shard, done ones included: the last call writes the manifest once all parts are there.
+    let mut outcome = Outcome::UpToDate;
+    for i in 1..=table.count {
+        if run_shard(ctx, Shard::new(i, table.count)?)? == Outcome::Ran {
+            outcome = Outcome::Ran;
+        }
+    }
+    Ok(outcome)
 }
 
 /// Runs the stages in order, skipping those already up to date (and `rerank` when disabled).
