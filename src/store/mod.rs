@@ -81,8 +81,8 @@ pub enum StageState {
     Stale(Vec<String>),
     /// A current manifest, but files it lists are missing, unreadable, rewritten or cut short
     /// (deleted by hand, a damaged disk), or a manifest that does not parse: what is wrong with
-    /// each file, `<file>: <problem>`. `run`
-    /// recomputes the stage (a sharded stage's intact parts are kept) and readers refuse it.
+    /// each file, `<file>: <problem>`. `run` recomputes the stage (a sharded stage's intact parts
+    /// are kept) and readers refuse it.
     Damaged(Vec<String>),
     /// No current manifest, but some parts exist: which shards are fresh and which stale.
     Partial(Vec<PartState>),
@@ -132,7 +132,8 @@ impl StageDir {
         Ok(matches!(self.state()?, StageState::Done(_)))
     }
 
-    /// The stage's state: done, stale (with what changed), partial (which parts) or missing.
+    /// The stage's state: done, stale (with what changed), damaged (which files), partial (which
+    /// parts) or missing.
     pub fn state(&self) -> Result<StageState> {
         if let Some(manifest) = Manifest::read(&self.manifest_path())? {
             let manifest = match manifest {
@@ -346,8 +347,9 @@ impl StageDir {
     /// Claims `shard` for computing: `None` when the stage is done, however it was sharded, or
     /// the part is already fresh (and `force` is off), so a plain `qpert run` after an 8-way
     /// sharded `extract` does not compute it again; otherwise this worker's lock on it, held until
-    /// the returned claim is dropped (after the part is written). A shard a live worker holds is an error naming that worker (exit 1): two
-    /// workers never compute one shard. A stale lock (its owner died) is taken over.
+    /// the returned claim is dropped (after the part is written). A shard a live worker holds is
+    /// an error naming that worker (exit 1): two workers never compute one shard. A stale lock
+    /// (its owner died) is taken over.
     pub fn claim(&self, shard: Shard, force: bool) -> Result<Option<ShardClaim>> {
         if !force && (self.is_complete()? || self.part_is_fresh(shard)) {
             return Ok(None);
