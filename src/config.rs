@@ -213,7 +213,15 @@ impl Config {
                 .try_into::<Config>()
                 .map_err(|e| Error::config(path, format!("with --set {}: {}", overrides.join(" "), e.message())))?
         };
-        config.validate().map_err(|msg| Error::config(path, msg))?;
+        config.validate().map_err(|msg| {
+            // Blame the overrides only when the file alone does not fail the same way.
+            let file_fails_alike =
+                || toml::from_str::<Config>(&text).ok().and_then(|c| c.validate().err()) == Some(msg.clone());
+            match overrides.is_empty() || file_fails_alike() {
+                true => Error::config(path, msg),
+                false => Error::config(path, format!("with --set {}: {msg}", overrides.join(" "))),
+            }
+        })?;
         Ok(config)
     }
 
@@ -374,6 +382,12 @@ dir = "out"
         for o in ["dataset.box_origin=2", "qpert.npc=1.5", "qpert.npc=0", "rerank.k=0"] {
             let err = load(MINIMAL, &[o]).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{o}");
+            assert!(err.to_string().contains(&format!(": with --set {o}: ")), "{err}");
         }
+        // A range error of the file itself is the file's, whatever else is set; an override can fix it.
+        let zero_k = MINIMAL.replace("k = 64", "k = 0");
+        let msg = load(&zero_k, &["qpert.alpha=4"]).unwrap_err().to_string();
+        assert!(msg.ends_with("c.toml: rerank.k must be at least 1"), "{msg}");
+        assert_eq!(load(&zero_k, &["rerank.k=5"]).unwrap().rerank.k, 5);
     }
 }

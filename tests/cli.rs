@@ -217,7 +217,10 @@ fn run_goes_through_every_stage_and_then_finds_everything_up_to_date() {
     let ws = Workspace::new(LAVIS);
     let run = ws.qpert(&["run", "--config", "{config}"]);
     assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
-    assert!(stdout(&run).contains("index: 5 images"));
+    let log = stdout(&run);
+    assert!(log.contains("index: 5 images"), "{log}");
+    assert!(log.contains("extract 1/1: 5 images (3 perturbed)"), "{log}");
+    assert!(log.contains("report: small objects [0, 0.1): 1 image, 6 captions;"), "{log}");
     for stage in ["index", "extract", "text", "sim", "rerank", "report"] {
         assert!(ws.path().join("out").join(stage).join("manifest.json").exists(), "{stage}");
     }

@@ -92,7 +92,7 @@ fn index_keeps_the_exact_boxes_for_both_origins() {
             "{report}"
         );
         assert!(
-            report.contains("1 split images have no COCO Entities data (object size -1, not perturbed): 35498"),
+            report.contains("no COCO Entities data for 1 image of the split (object size -1, not perturbed): 35498"),
             "{report}"
         );
         let warnings = stderr(&out);
@@ -176,7 +176,7 @@ fn bad_coco_input_is_one_line_naming_the_file() {
     std::fs::write(&entities, "{}").unwrap();
     let out = run(&ws, &["stage", "index"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("4 split images have no COCO Entities data"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("no COCO Entities data for 4 images of the split"), "{}", stdout(&out));
     assert_eq!(f32s(&ws.table("index", "images"), "object_size"), [-1.0; 4]);
 }
 

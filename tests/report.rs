@@ -285,6 +285,7 @@ fn hand_checked_report_with_rerank() {
         "ITC + ITM re-rank",
         "recall_by_size.svg",
         "| [0.3, 0.4) | 1 | 2 |",
+        "small: 1 image, 2 captions.",
     ] {
         assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
     }

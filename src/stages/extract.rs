@@ -84,8 +84,8 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
     stage.write_part(shard, &batch.schema(), std::slice::from_ref(&batch))?;
     let summary = serde_json::json!({ "images": batch.num_rows(), "perturbed_images": perturbed });
     ctx.reporter.info(&format!(
-        "extract {shard}: {} images ({perturbed} perturbed) -> {}",
-        batch.num_rows(),
+        "extract {shard}: {} ({perturbed} perturbed) -> {}",
+        super::counted(batch.num_rows(), "image"),
         stage.path().display()
     ));
     stage.finish_parts(shard.count(), summary)?;

@@ -138,7 +138,11 @@ impl Source {
             }
             EntitiesKind::CocoJson => {
                 let ids = split.iter().map(|s| split_coco_id(ctx, s)).collect::<Result<HashSet<u64>>>()?;
-                ctx.reporter.info(&format!("index: streaming {} for {} images", entities.display(), ids.len()));
+                ctx.reporter.info(&format!(
+                    "index: streaming {} for {}",
+                    entities.display(),
+                    super::counted(ids.len(), "image")
+                ));
                 let coco = CocoEntities::load(entities, &ids)?;
                 let mut missing: Vec<u64> = ids.into_iter().filter(|id| !coco.images.contains_key(id)).collect();
                 if !missing.is_empty() {
@@ -146,8 +150,8 @@ impl Source {
                     let list: Vec<String> = missing.iter().take(20).map(u64::to_string).collect();
                     let more = if missing.len() > 20 { ", ..." } else { "" };
                     ctx.reporter.info(&format!(
-                        "index: {} split images have no COCO Entities data (object size -1, not perturbed): {}{more}",
-                        missing.len(),
+                        "index: no COCO Entities data for {} of the split (object size -1, not perturbed): {}{more}",
+                        super::counted(missing.len(), "image"),
                         list.join(", ")
                     ));
                 }

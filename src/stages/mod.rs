@@ -211,6 +211,11 @@ impl Context {
     }
 }
 
+/// `n` and `noun`, pluralised with `s` unless `n` is 1: `counted(1, "image")` is "1 image".
+pub fn counted(n: usize, noun: &str) -> String {
+    if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
+}
+
 /// What running a stage did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {

@@ -618,9 +618,9 @@ impl Report {
         let (_, head) = self.headline();
         let small = &head.small.summary;
         lines.push(format!(
-            "report: small objects [0, 0.1): {} images, {} captions; image->text R@1 {}, text->image R@1 {}",
-            small.n_images,
-            small.n_texts,
+            "report: small objects [0, 0.1): {}, {}; image->text R@1 {}, text->image R@1 {}",
+            super::counted(small.n_images, "image"),
+            super::counted(small.n_texts, "caption"),
             pct(small.txt_r1),
             pct(small.img_r1)
         ));

@@ -6,6 +6,7 @@ use std::fmt::Write;
 
 use super::{Block, MetricsFile, Summary, pct};
 use crate::config::Config;
+use crate::stages::counted;
 
 /// Published R@1/5/10 of one setting, as printed in the source.
 struct Published {
@@ -175,8 +176,8 @@ fn direction_table(out: &mut String, title: &str, m: &MetricsFile, pubs: &[&Publ
         }
     }
     let (_, head) = blocks[blocks.len() - 1];
-    let _ =
-        writeln!(out, "\nsmall: {} images, {} captions.\n", head.small.summary.n_images, head.small.summary.n_texts);
+    let small = &head.small.summary;
+    let _ = writeln!(out, "\nsmall: {}, {}.\n", counted(small.n_images, "image"), counted(small.n_texts, "caption"));
 }
 
 /// Reads one statistic of a summary.
