@@ -13,7 +13,8 @@ fn main() {
     qpert::error::install_panic_hook();
     let outcome = cli::parse().and_then(|parsed| match parsed {
         Parsed::Info(text) => {
-            print!("{text}");
+            // `qpert --help | head` closes stdout early: not an error.
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
             Ok(())
         }
         Parsed::Args(args) => {

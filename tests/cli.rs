@@ -230,6 +230,29 @@ fn run_goes_through_every_stage_and_then_finds_everything_up_to_date() {
     }
 }
 
+/// `qpert status | head -1`, `qpert run | head`: a reader that stops early is not an error, and
+/// the run goes on to the end (it used to panic on the first line it could not print).
+#[test]
+fn a_closed_stdout_is_not_an_error_and_the_run_goes_on() {
+    let ws = Workspace::new(LAVIS);
+    let closed_pipe = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        writer
+    };
+    for args in [vec!["run", "--config"], vec!["status", "--config"], vec!["--help"]] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_qpert"));
+        cmd.args(&args).current_dir(ws.path()).stdout(closed_pipe());
+        if args.len() > 1 {
+            cmd.arg(ws.config());
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("internal error"), "{args:?}: {}", stderr(&out));
+    }
+    assert!(ws.path().join("out/report/manifest.json").exists());
+}
+
 #[test]
 fn damaged_artifacts_are_reported_and_only_their_stages_recomputed() {
     let ws = Workspace::new(LAVIS);

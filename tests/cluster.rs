@@ -322,6 +322,42 @@ fn a_plain_run_computes_only_the_shards_missing_from_the_layout_it_finds() {
     assert_eq!(ok(&ws, &["status"], &[]).matches(" done (").count(), 6);
 }
 
+/// Nodes with their own copy of the model: a copy with other modification times (a plain `cp`, a
+/// separate download) stamps other fingerprints on its parts, and `status` says which entry differs.
+#[test]
+fn a_part_made_from_another_copy_of_the_model_is_stale_and_status_says_what_differs() {
+    let ws = Workspace::new("flickr30k_test.json");
+    let model = ws.path().join("model");
+    fs::create_dir(&model).unwrap();
+    for entry in fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_blip2_a")).unwrap() {
+        let path = entry.unwrap().path();
+        fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+    }
+    let weights = model.join("model.safetensors");
+    let set_mtime = |secs: u64| {
+        let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        fs::File::options().write(true).open(&weights).unwrap().set_modified(time).unwrap();
+    };
+    let set = format!("model.dir={}", model.display());
+    let text = |shard: &str| ok(&ws, &["stage", "text", "--shard", shard, "--set", &set], &[]);
+    ok(&ws, &["stage", "index"], &[]);
+    set_mtime(1_700_000_000);
+    text("1/2");
+    set_mtime(1_700_000_060);
+    text("2/2");
+    let status = ok(&ws, &["status", "--set", &set], &[]);
+    let line = status.lines().find(|l| l.starts_with("text")).unwrap();
+    assert_eq!(
+        line,
+        "text     partial: 1 of 2 shards done [2]; \
+         stale [1] (model.model.safetensors: mtime 1700000000000000000 -> mtime 1700000060000000000)"
+    );
+    assert!(status.contains("text: to finish, rerun only shards 1 of 2:"), "{status}");
+    text("1/2");
+    let status = ok(&ws, &["status", "--set", &set], &[]);
+    assert!(status.lines().any(|l| l.starts_with("text     done (2 files, 2 shard(s)")), "{status}");
+}
+
 fn read_parts(root: &Path, stage: &str) -> arrow::record_batch::RecordBatch {
     let batches: Vec<_> =
         stage_files(root, stage).iter().map(|(name, _)| read_parquet(&root.join(stage).join(name))).collect();

@@ -2,7 +2,7 @@
 //! (the only place that knows whether this binary was built with the `cuda` feature), and wires the
 //! output hooks to stdout/stderr, with progress bars only when stderr is a terminal.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use burn::tensor::Device;
 
@@ -78,10 +78,13 @@ fn wgpu_device() -> std::result::Result<Device, String> {
         .into())
 }
 
-/// Results to stdout, warnings to stderr, progress bars when stderr is a terminal.
+/// Results to stdout, warnings to stderr, progress bars when stderr is a terminal. A stdout that
+/// has gone (`qpert status | head -3`) is not an error: the lines are dropped and the work goes on.
 pub fn terminal_reporter() -> Reporter {
     Reporter::new(
-        Box::new(|msg| println!("{msg}")),
+        Box::new(|msg| {
+            let _ = writeln!(std::io::stdout().lock(), "{msg}");
+        }),
         Box::new(|msg| eprintln!("qpert: warning: {msg}")),
         std::io::stderr().is_terminal(),
     )

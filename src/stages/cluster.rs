@@ -21,8 +21,8 @@ pub struct ShardTable {
     pub running: Vec<(u32, String)>,
     /// Shards whose lock is stale (its owner died), with why.
     pub abandoned: Vec<(u32, String)>,
-    /// Shards whose part was made from other inputs.
-    pub stale: Vec<u32>,
+    /// Shards whose part was made from other inputs, with what differs.
+    pub stale: Vec<(u32, String)>,
     /// Shards with nothing on disk.
     pub missing: Vec<u32>,
 }
@@ -47,12 +47,12 @@ impl ShardTable {
             let lock = locks.iter().find(|(s, _)| (s.index(), s.count()) == (i, count)).map(|(_, l)| l);
             match (part, lock) {
                 (_, Some(l)) if l.stale.is_none() => table.running.push((i, l.describe_owner())),
-                (Some(p), _) if p.fresh => table.done.push(i),
+                (Some(p), _) if p.fresh() => table.done.push(i),
                 (_, Some(l)) => {
                     let why = l.stale.clone().unwrap_or_default();
                     table.abandoned.push((i, format!("{}: {why}", l.describe_owner())))
                 }
-                (Some(_), None) => table.stale.push(i),
+                (Some(p), None) => table.stale.push((i, p.stale.clone().unwrap_or_default())),
                 (None, None) => table.missing.push(i),
             }
         }
@@ -61,13 +61,14 @@ impl ShardTable {
 
     /// The shards to run again: those abandoned, stale or missing, in order.
     pub fn to_rerun(&self) -> Vec<u32> {
-        let mut shards: Vec<u32> = self.abandoned.iter().map(|(i, _)| *i).chain(self.stale.iter().copied()).collect();
+        let mut shards: Vec<u32> = self.abandoned.iter().chain(&self.stale).map(|(i, _)| *i).collect();
         shards.extend(&self.missing);
         shards.sort_unstable();
         shards
     }
 
-    /// `partial: 1 of 3 shards done [1]; running [2: host vm pid 12 since ...]; missing [3]`.
+    /// `partial: 1 of 3 shards done [1]; running [2: host vm pid 12 since ...]; missing [3]`; stale
+    /// shards are grouped by what differs: `stale [2, 3] (qpert.alpha: 8 -> 4)`.
     pub fn describe(&self) -> String {
         let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
         let with = |v: &[(u32, String)]| v.iter().map(|(i, w)| format!("{i}: {w}")).collect::<Vec<_>>().join("; ");
@@ -78,8 +79,15 @@ impl ShardTable {
         if !self.abandoned.is_empty() {
             line += &format!("; stale lock, owner gone [{}]", with(&self.abandoned));
         }
-        if !self.stale.is_empty() {
-            line += &format!("; stale [{}]", list(&self.stale));
+        let mut reasons: Vec<&str> = Vec::new();
+        for (_, why) in &self.stale {
+            if !reasons.contains(&why.as_str()) {
+                reasons.push(why);
+            }
+        }
+        for why in reasons {
+            let shards: Vec<u32> = self.stale.iter().filter(|(_, w)| w == why).map(|(i, _)| *i).collect();
+            line += &format!("; stale [{}] ({why})", list(&shards));
         }
         if !self.missing.is_empty() {
             line += &format!("; missing [{}]", list(&self.missing));

@@ -38,6 +38,11 @@ impl Fingerprint {
         self
     }
 
+    /// The fingerprint with exactly these entries, as a manifest or a file's footer records them.
+    pub fn from_entries(entries: BTreeMap<String, String>) -> Self {
+        Fingerprint { entries }
+    }
+
     /// Adds an upstream stage's fingerprint digest, as `input.<stage>`.
     pub fn with_input(self, stage: &str, upstream: &Fingerprint) -> Self {
         self.with(&format!("input.{stage}"), upstream.digest())
@@ -107,13 +112,24 @@ impl Fingerprint {
                 (Some(a), Some(b)) if a == b => None,
                 // An upstream stage's digest says only that it changed; its own status says how.
                 (Some(_), Some(_)) if k.starts_with("input.") => Some(format!("{} changed", &k["input.".len()..])),
-                (Some(a), Some(b)) => Some(format!("{k}: {a} -> {b}")),
+                (Some(a), Some(b)) => Some(format!("{k}: {}", changed_fields(a, b))),
                 (None, Some(_)) => Some(format!("{k}: added")),
                 (Some(_), None) => Some(format!("{k}: removed")),
                 (None, None) => None,
             })
             .collect()
     }
+}
+
+/// `a -> b`, or for values of the same comma-separated fields (`4588552 bytes, mtime 1, header
+/// sha256 dc7c...`) only the fields that differ (`mtime 1 -> mtime 2`).
+fn changed_fields(a: &str, b: &str) -> String {
+    let (fields_a, fields_b): (Vec<&str>, Vec<&str>) = (a.split(", ").collect(), b.split(", ").collect());
+    if fields_a.len() < 2 || fields_a.len() != fields_b.len() {
+        return format!("{a} -> {b}");
+    }
+    let (diff_a, diff_b): (Vec<&str>, Vec<&str>) = fields_a.iter().zip(&fields_b).filter(|(x, y)| x != y).unzip();
+    format!("{} -> {}", diff_a.join(", "), diff_b.join(", "))
 }
 
 fn identity(path: &Path) -> Result<String> {
@@ -198,7 +214,7 @@ pub struct Manifest {
 impl Manifest {
     /// The fingerprint recorded in this manifest.
     pub fn fingerprint(&self) -> Fingerprint {
-        Fingerprint { entries: self.fingerprint_entries.clone() }
+        Fingerprint::from_entries(self.fingerprint_entries.clone())
     }
 
     /// Reads a manifest: `Ok(None)` when the file does not exist, `Ok(Some(Err(why)))` when it
@@ -239,6 +255,10 @@ mod tests {
         let old = Fingerprint::new("index").with("dataset.box_origin", 1).with("gone", "x");
         let new = Fingerprint::new("index").with("dataset.box_origin", 0).with("fresh", "y");
         assert_eq!(new.changes_since(&old), vec!["dataset.box_origin: 1 -> 0", "fresh: added", "gone: removed"]);
+        // A file identity names only the fields that changed.
+        let old = Fingerprint::new("text").with("model.w", "10 bytes, mtime 5, header sha256 ab").with("p", "a, b");
+        let new = Fingerprint::new("text").with("model.w", "10 bytes, mtime 7, header sha256 ab").with("p", "a, b, c");
+        assert_eq!(new.changes_since(&old), vec!["model.w: mtime 5 -> mtime 7", "p: a, b -> a, b, c"]);
     }
 
     #[test]

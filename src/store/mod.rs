@@ -95,8 +95,17 @@ pub enum StageState {
 pub struct PartState {
     /// The shard that wrote it.
     pub shard: Shard,
-    /// Whether its embedded fingerprint matches the current one.
-    pub fresh: bool,
+    /// `None` when its embedded fingerprint matches the current one; else why not: the
+    /// fingerprint entries that differ (`model.model.safetensors: ... -> ...`), or that it cannot
+    /// be read.
+    pub stale: Option<String>,
+}
+
+impl PartState {
+    /// Whether the part was written with the current fingerprint (a resumed run keeps it).
+    pub fn fresh(&self) -> bool {
+        self.stale.is_none()
+    }
 }
 
 impl StageDir {
@@ -189,8 +198,8 @@ impl StageDir {
     pub fn part_states(&self) -> Result<Vec<PartState>> {
         let mut parts = Vec::new();
         for shard in self.parts_on_disk()? {
-            let fresh = self.file_is_fresh(&self.dir.join(shard.part_file_name()));
-            parts.push(PartState { shard, fresh });
+            let stale = self.why_stale(&self.dir.join(shard.part_file_name()));
+            parts.push(PartState { shard, stale });
         }
         parts.sort_by_key(|p| (p.shard.count(), p.shard.index()));
         Ok(parts)
@@ -208,15 +217,21 @@ impl StageDir {
             .collect())
     }
 
-    /// Whether `path` is a readable Parquet file with the current fingerprint (an unreadable one,
-    /// cut short by a full disk say, is not: it is recomputed).
-    fn file_is_fresh(&self, path: &Path) -> bool {
-        parquet::read_footer(path).is_ok_and(|footer| footer.fingerprint() == Some(self.fingerprint.digest().as_str()))
+    /// Why `path` is not a file of this stage as it stands: `None` when it is a readable Parquet
+    /// file with the current fingerprint; else the fingerprint entries that differ, or that it
+    /// cannot be read (cut short by a full disk, say: it is recomputed).
+    fn why_stale(&self, path: &Path) -> Option<String> {
+        let Ok(footer) = parquet::read_footer(path) else { return Some("not a readable Parquet file".into()) };
+        if footer.fingerprint() == Some(self.fingerprint.digest().as_str()) {
+            return None;
+        }
+        let changes = footer.fingerprint_entries().map(|old| self.fingerprint.changes_since(&old)).unwrap_or_default();
+        Some(if changes.is_empty() { "written from other inputs".into() } else { changes.join("; ") })
     }
 
     /// Whether `shard`'s part exists with the current fingerprint (a resumed run skips it).
     pub fn part_is_fresh(&self, shard: Shard) -> bool {
-        self.file_is_fresh(&self.dir.join(shard.part_file_name()))
+        self.why_stale(&self.dir.join(shard.part_file_name())).is_none()
     }
 
     /// Prepares the folder for writing: creates it and removes a manifest that no longer matches,
@@ -314,7 +329,7 @@ impl StageDir {
             Some(count) => count,
             None => {
                 let complete = |n: u32| {
-                    (1..=n).all(|i| parts.iter().any(|p| p.fresh && (p.shard.index(), p.shard.count()) == (i, n)))
+                    (1..=n).all(|i| parts.iter().any(|p| p.fresh() && (p.shard.index(), p.shard.count()) == (i, n)))
                 };
                 let mut counts: Vec<u32> = parts.iter().map(|p| p.shard.count()).collect();
                 counts.sort_unstable();
@@ -327,7 +342,7 @@ impl StageDir {
         };
         let missing: Vec<String> = Shard::all_of(count)?
             .into_iter()
-            .filter(|&s| !parts.iter().any(|p| p.shard == s && p.fresh))
+            .filter(|&s| !parts.iter().any(|p| p.shard == s && p.fresh()))
             .map(|s| s.index().to_string())
             .collect();
         if !missing.is_empty() {
@@ -501,7 +516,7 @@ mod tests {
             assert!(stage.finish_parts(3, serde_json::Value::Null).unwrap().is_none());
         }
         let StageState::Partial(parts) = stage.state().unwrap() else { panic!("expected partial") };
-        assert_eq!(parts.iter().map(|p| (p.shard.index(), p.fresh)).collect::<Vec<_>>(), [(1, true), (3, true)]);
+        assert_eq!(parts.iter().map(|p| (p.shard.index(), p.fresh())).collect::<Vec<_>>(), [(1, true), (3, true)]);
         assert!(stage.read_parts().is_err(), "an incomplete stage must not be readable");
         write_shard(&stage, Shard::new(2, 3).unwrap(), &items);
         let manifest = stage.finish_parts(3, serde_json::Value::Null).unwrap().unwrap();
@@ -588,7 +603,8 @@ mod tests {
         write_shard(&new, Shard::new(2, 2).unwrap(), &items);
         assert!(new.finish_parts(2, serde_json::Value::Null).unwrap().is_none());
         let StageState::Partial(parts) = new.state().unwrap() else { panic!("expected partial") };
-        assert_eq!(parts.iter().map(|p| p.fresh).collect::<Vec<_>>(), [false, true]);
+        let why: Vec<Option<&str>> = parts.iter().map(|p| p.stale.as_deref()).collect();
+        assert_eq!(why, [Some("k: 1 -> 2"), None]);
     }
 
     #[test]

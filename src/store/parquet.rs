@@ -17,6 +17,7 @@ use parquet::file::properties::WriterProperties;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
 use super::commit::write_atomically;
+use super::manifest::Fingerprint;
 use crate::error::{Error, Result};
 
 /// Key-value metadata key holding the producing stage's fingerprint digest.
@@ -98,6 +99,13 @@ impl Footer {
     /// The fingerprint digest of the stage that wrote the file, if it says.
     pub fn fingerprint(&self) -> Option<&str> {
         self.metadata.get(FINGERPRINT_KEY).map(String::as_str)
+    }
+
+    /// The whole fingerprint (its entries) of the stage that wrote the file, if it says, so that
+    /// `status` can tell what differs.
+    pub fn fingerprint_entries(&self) -> Option<Fingerprint> {
+        let json = self.metadata.get(FINGERPRINT_ENTRIES_KEY)?;
+        serde_json::from_str(json).ok().map(Fingerprint::from_entries)
     }
 }
 
