@@ -11,6 +11,8 @@ use std::fs;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
+use sha2::Digest;
+
 use common::{Workspace, assert_fails, read_parquet, stderr, stdout};
 
 /// Scheduler variables a test might inherit (e.g. when the suite itself runs in a Slurm job).
@@ -323,9 +325,11 @@ fn a_plain_run_computes_only_the_shards_missing_from_the_layout_it_finds() {
 }
 
 /// Nodes with their own copy of the model: a copy with other modification times (a plain `cp`, a
-/// separate download) stamps other fingerprints on its parts, and `status` says which entry differs.
+/// separate download) makes the same parts, as the fingerprint names the weights by content (hashed
+/// once per copy, remembered in `out/content-hashes.json`); a copy whose weights differ stamps
+/// another fingerprint on its parts, and `status` says which entry differs.
 #[test]
-fn a_part_made_from_another_copy_of_the_model_is_stale_and_status_says_what_differs() {
+fn copies_of_the_model_agree_whatever_their_times_and_status_names_weights_that_differ() {
     let ws = Workspace::new("flickr30k_test.json");
     let model = ws.path().join("model");
     fs::create_dir(&model).unwrap();
@@ -340,22 +344,42 @@ fn a_part_made_from_another_copy_of_the_model_is_stale_and_status_says_what_diff
     };
     let set = format!("model.dir={}", model.display());
     let text = |shard: &str| ok(&ws, &["stage", "text", "--shard", shard, "--set", &set], &[]);
+    let text_line = || {
+        let status = ok(&ws, &["status", "--set", &set], &[]);
+        status.lines().find(|l| l.starts_with("text")).unwrap().to_string()
+    };
     ok(&ws, &["stage", "index"], &[]);
     set_mtime(1_700_000_000);
     text("1/2");
     set_mtime(1_700_000_060);
     text("2/2");
-    let status = ok(&ws, &["status", "--set", &set], &[]);
-    let line = status.lines().find(|l| l.starts_with("text")).unwrap();
-    assert_eq!(
-        line,
-        "text     partial: 1 of 2 shards done [2]; \
-         stale [1] (model.model.safetensors: mtime 1700000000000000000 -> mtime 1700000060000000000)"
-    );
-    assert!(status.contains("text: to finish, rerun only shards 1 of 2:"), "{status}");
+    assert!(text_line().starts_with("text     done (2 files, 2 shard(s)"), "{}", text_line());
+    let cache = fs::read_to_string(ws.path().join("out/content-hashes.json")).unwrap();
+    let cache: Vec<serde_json::Value> = serde_json::from_str(&cache).unwrap();
+    let times: Vec<&serde_json::Value> = cache
+        .iter()
+        .filter(|e| e["path"].as_str().unwrap().ends_with("model.safetensors"))
+        .map(|e| &e["mtime_ns"])
+        .collect();
+    assert_eq!(times, [1_700_000_000_000_000_000u64, 1_700_000_060_000_000_000], "one entry per copy: {cache:?}");
+
+    // The same size and tensor layout, one weight changed: shard 2's part is now stale.
+    let sha =
+        |bytes: &[u8]| -> String { sha2::Sha256::digest(bytes).iter().take(6).map(|b| format!("{b:02x}")).collect() };
+    let mut bytes = fs::read(&weights).unwrap();
+    let before = sha(&bytes);
+    *bytes.last_mut().unwrap() ^= 0x01;
+    fs::write(&weights, &bytes).unwrap();
     text("1/2");
-    let status = ok(&ws, &["status", "--set", &set], &[]);
-    assert!(status.lines().any(|l| l.starts_with("text     done (2 files, 2 shard(s)")), "{status}");
+    assert_eq!(
+        text_line(),
+        format!(
+            "text     partial: 1 of 2 shards done [1]; stale [2] (model.model.safetensors: sha256 {before} -> sha256 {})",
+            sha(&bytes)
+        )
+    );
+    text("2/2");
+    assert!(text_line().starts_with("text     done (2 files, 2 shard(s)"), "{}", text_line());
 }
 
 fn read_parts(root: &Path, stage: &str) -> arrow::record_batch::RecordBatch {

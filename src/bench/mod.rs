@@ -534,6 +534,8 @@ pub fn run(options: &BenchOptions, device: DeviceChoice, reporter: Reporter) -> 
     synthetic::write_model(&model_dir, &model, options.seed, &burn_device)?;
     // The random weights were built in f32 on the device (4.6 GB for coco).
     release_pool_memory(&burn_device)?;
+    // Hashed here, once, so that no stage's time holds the first fingerprint's read of the weights.
+    crate::store::content_hash::size_and_sha256(&model_dir.join("model.safetensors"), &scratch.0)?;
     let setup_s = setup.elapsed().as_secs_f64();
     reporter.info(&format!(
         "bench: model {} in {} ({} attention), {} images x {} captions, {} boxes per image, k = {}, on {} (setup {setup_s:.1} s)",

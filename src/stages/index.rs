@@ -32,7 +32,7 @@ use crate::store::{DataWarning, FileEntry, Fingerprint, Notes, StageDir, StageSt
 /// Everything the index depends on: the split file's content, the split name, the image folder,
 /// the box origin, and the content of the Entities files (`Annotations/<id>.xml`,
 /// `Sentences/<id>.txt`) of the split's images, so an edited annotation makes the index stale. A
-/// COCO Entities JSON (about 400 MB) counts by identity (size and modification time), unread.
+/// COCO Entities JSON (about 400 MB) counts by content too, hashed once per copy.
 pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
     let d = &config.dataset;
     let mut fp = Fingerprint::new(Stage::Index.name())
@@ -43,7 +43,11 @@ pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
     if let Some(entities) =
         d.entities.as_ref().filter(|e| coco_entities::detect(e).ok() == Some(EntitiesKind::CocoJson))
     {
-        fp = fp.with("dataset.entities", entities.display()).with_file_identity("dataset.entities.file", entities)?;
+        fp = fp.with("dataset.entities", entities.display()).with_large_file(
+            "dataset.entities.file",
+            entities,
+            &config.output.dir,
+        )?;
         if let Some(shapes) = &d.image_shapes {
             fp = fp.with_file_contents("dataset.image_shapes", shapes)?;
         }

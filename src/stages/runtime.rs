@@ -25,9 +25,9 @@ pub static PREPROCESS_TIME: TimeCounter = TimeCounter::new();
 /// Wall time spent loading model weights (read by `qpert bench`).
 pub static LOAD_TIME: TimeCounter = TimeCounter::new();
 
-/// Adds the model folder's identity: `config.json` and tokenizer files by content, the
-/// safetensors files by size, mtime and header hash (hashing 4.7 GB on every run would cost more
-/// than the stage it guards), and the run precision.
+/// Adds the model folder's identity: `config.json`, the tokenizer files and the safetensors files
+/// by content (the weights hashed once per copy, remembered in the output folder), and the run
+/// precision and attention kernel.
 pub fn with_model(fp: Fingerprint, config: &Config) -> Result<Fingerprint> {
     let dir = &config.model.dir;
     let mut fp = fp
@@ -42,7 +42,7 @@ pub fn with_model(fp: Fingerprint, config: &Config) -> Result<Fingerprint> {
     }
     for path in safetensors_files(dir)? {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        fp = fp.with_safetensors(&format!("model.{name}"), &path)?;
+        fp = fp.with_large_file(&format!("model.{name}"), &path, &config.output.dir)?;
     }
     Ok(fp)
 }

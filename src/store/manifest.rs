@@ -7,9 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -76,16 +74,12 @@ impl Fingerprint {
         Ok(self.with(key, format!("{present} of {} files present, sha256 {digest}", paths.len())))
     }
 
-    /// Adds a large file (or folder) by identity: its size and modification time, without reading it.
-    pub fn with_file_identity(self, key: &str, path: &Path) -> Result<Self> {
-        Ok(self.with(key, identity(path)?))
-    }
-
-    /// Adds a `.safetensors` file by identity plus the SHA-256 of its header (tensor names, dtypes,
-    /// shapes and offsets), which changes whenever the tensor layout does.
-    pub fn with_safetensors(self, key: &str, path: &Path) -> Result<Self> {
-        let header = safetensors_header(path)?;
-        Ok(self.with(key, format!("{}, header sha256 {}", identity(path)?, hex(&Sha256::digest(&header)))))
+    /// Adds a large file (model weights, a COCO Entities JSON) by content, its size and SHA-256, read
+    /// once per copy and remembered in `cache_dir` ([`content_hash`](super::content_hash)): copies of
+    /// the file agree whatever their modification times.
+    pub fn with_large_file(self, key: &str, path: &Path, cache_dir: &Path) -> Result<Self> {
+        let (bytes, sha256) = super::content_hash::size_and_sha256(path, cache_dir)?;
+        Ok(self.with(key, format!("{bytes} bytes, sha256 {sha256}")))
     }
 
     /// The SHA-256 (hex) of the entries, one `key=value` line each, in key order.
@@ -121,39 +115,26 @@ impl Fingerprint {
     }
 }
 
-/// `a -> b`, or for values of the same comma-separated fields (`4588552 bytes, mtime 1, header
-/// sha256 dc7c...`) only the fields that differ (`mtime 1 -> mtime 2`).
+/// `a -> b`, or for values of the same comma-separated fields (`4588552 bytes, sha256 dc7c...`)
+/// only the fields that differ, hashes cut to 12 digits (`sha256 dc7c1b2a3f4e -> sha256 9f2e...`).
 fn changed_fields(a: &str, b: &str) -> String {
     let (fields_a, fields_b): (Vec<&str>, Vec<&str>) = (a.split(", ").collect(), b.split(", ").collect());
     if fields_a.len() < 2 || fields_a.len() != fields_b.len() {
         return format!("{a} -> {b}");
     }
     let (diff_a, diff_b): (Vec<&str>, Vec<&str>) = fields_a.iter().zip(&fields_b).filter(|(x, y)| x != y).unzip();
-    format!("{} -> {}", diff_a.join(", "), diff_b.join(", "))
+    let short = |fields: Vec<&str>| -> String {
+        let cut = |f: &str| match f.strip_prefix("sha256 ") {
+            Some(hash) if hash.len() > 12 => format!("sha256 {}", &hash[..12]),
+            _ => f.to_string(),
+        };
+        fields.into_iter().map(cut).collect::<Vec<_>>().join(", ")
+    };
+    format!("{} -> {}", short(diff_a), short(diff_b))
 }
 
-fn identity(path: &Path) -> Result<String> {
-    let meta = fs::metadata(path).map_err(|e| Error::input(path, e))?;
-    let mtime = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_nanos());
-    Ok(format!("{} bytes, mtime {}", meta.len(), mtime.unwrap_or(0)))
-}
-
-/// The JSON header of a safetensors file: an 8-byte little-endian length, then that many bytes.
-fn safetensors_header(path: &Path) -> Result<Vec<u8>> {
-    let err = |msg: String| Error::weights(path, msg);
-    let mut file = fs::File::open(path).map_err(|e| err(e.to_string()))?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(|e| err(format!("no safetensors header: {e}")))?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        return Err(err(format!("safetensors header of {len} bytes is implausibly large")));
-    }
-    let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header).map_err(|e| err(format!("truncated safetensors header: {e}")))?;
-    Ok(header)
-}
-
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex digits of `bytes`.
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -256,9 +237,13 @@ mod tests {
         let new = Fingerprint::new("index").with("dataset.box_origin", 0).with("fresh", "y");
         assert_eq!(new.changes_since(&old), vec!["dataset.box_origin: 1 -> 0", "fresh: added", "gone: removed"]);
         // A file identity names only the fields that changed.
-        let old = Fingerprint::new("text").with("model.w", "10 bytes, mtime 5, header sha256 ab").with("p", "a, b");
-        let new = Fingerprint::new("text").with("model.w", "10 bytes, mtime 7, header sha256 ab").with("p", "a, b, c");
-        assert_eq!(new.changes_since(&old), vec!["model.w: mtime 5 -> mtime 7", "p: a, b -> a, b, c"]);
+        let (ab, cd) = ("ab".repeat(32), "cd".repeat(32));
+        let old = Fingerprint::new("text").with("model.w", format!("10 bytes, sha256 {ab}")).with("p", "a, b");
+        let new = Fingerprint::new("text").with("model.w", format!("10 bytes, sha256 {cd}")).with("p", "a, b, c");
+        assert_eq!(
+            new.changes_since(&old),
+            vec!["model.w: sha256 abababababab -> sha256 cdcdcdcdcdcd", "p: a, b -> a, b, c"]
+        );
     }
 
     #[test]
@@ -291,20 +276,5 @@ mod tests {
         assert!(one.entries()["e"].starts_with("1 of 2 files present"));
         fs::write(&b, "").unwrap();
         assert_ne!(one, Fingerprint::new("s").with_files_contents("e", &paths).unwrap());
-    }
-
-    #[test]
-    fn safetensors_header_is_hashed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.safetensors");
-        let header = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
-        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-        bytes.extend_from_slice(header);
-        bytes.extend_from_slice(&[0, 0, 128, 63]);
-        fs::write(&path, &bytes).unwrap();
-        let fp = Fingerprint::new("s").with_safetensors("model", &path).unwrap();
-        assert!(fp.entries()["model"].contains("header sha256"));
-        fs::write(&path, [1u8, 0]).unwrap();
-        assert!(Fingerprint::new("s").with_safetensors("model", &path).is_err());
     }
 }

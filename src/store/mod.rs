@@ -21,6 +21,7 @@
 
 pub mod columns;
 pub mod commit;
+pub mod content_hash;
 pub mod lock;
 pub mod manifest;
 pub mod parquet;
