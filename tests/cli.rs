@@ -5,7 +5,7 @@
 mod common;
 
 use arrow::datatypes::DataType;
-use common::{Workspace, area, assert_fails, bools, boxes, chains, f32s, stderr, stdout, strings, u32s};
+use common::{Workspace, area, assert_fails, bools, boxes, chains, f32s, parts, stderr, stdout, strings, u32s};
 
 const LAVIS: &str = "flickr30k_test.json";
 const KARPATHY: &str = "dataset_flickr30k.json";
@@ -228,6 +228,48 @@ fn run_goes_through_every_stage_and_then_finds_everything_up_to_date() {
     for stage in ["index", "extract", "text", "sim", "rerank", "report"] {
         assert!(again.contains(&format!("{stage}: up to date, skipped")), "{again}");
     }
+}
+
+/// Images are in no fingerprint: one replaced in place (other pixels, same size) leaves every stage
+/// up to date, and `run --from extract` recomputes extract and the stages that use it, not text.
+#[test]
+fn run_from_a_stage_recomputes_it_and_the_stages_that_use_it() {
+    let ws = Workspace::with_copy(LAVIS);
+    assert!(ws.qpert(&["run", "--config", "{config}"]).status.success());
+    let features = |ws: &Workspace| {
+        let part = parts(ws, "extract");
+        let col = part.column_by_name("query_embeds").unwrap();
+        let list = col.as_any().downcast_ref::<arrow::array::FixedSizeListArray>().unwrap();
+        (0..arrow::array::Array::len(list)).map(|i| f32s_of(&list.value(i))).collect::<Vec<_>>()
+    };
+    let before = features(&ws);
+    let photo = ws.data.join("flickr30k-images/1000002.jpg");
+    let mut pixels = image::open(&photo).unwrap().to_rgb8();
+    image::imageops::invert(&mut pixels);
+    pixels.save(&photo).unwrap();
+
+    let again = stdout(&ws.qpert(&["run", "--config", "{config}"]));
+    assert!(again.contains("extract: up to date, skipped"), "no fingerprint sees the pixels: {again}");
+    let run = ws.qpert(&["run", "--config", "{config}", "--from", "extract"]);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let log = stdout(&run);
+    assert!(log.starts_with("run --from extract: recomputing extract, sim, rerank, report\n"), "{log}");
+    for skipped in ["index", "text"] {
+        assert!(log.contains(&format!("{skipped}: up to date, skipped")), "{log}");
+    }
+    for recomputed in ["extract 1/1: 5 images", "sim: 5 x 25 ITC scores", "rerank 1/1:", "report: wrote"] {
+        assert!(log.contains(recomputed), "{log}");
+    }
+    let after = features(&ws);
+    let changed: Vec<bool> = before.iter().zip(&after).map(|(b, a)| b != a).collect();
+    assert_eq!(changed, [false, true, false, false, false], "only the replaced image's features change");
+
+    let disabled = ws.qpert(&["run", "--config", "{config}", "--from", "rerank", "--set", "rerank.enabled=false"]);
+    assert_fails(&disabled, 2, &["--from rerank: rerank is disabled in the config"]);
+}
+
+fn f32s_of(array: &arrow::array::ArrayRef) -> Vec<f32> {
+    array.as_any().downcast_ref::<arrow::array::Float32Array>().unwrap().values().to_vec()
 }
 
 /// `qpert status | head -1`, `qpert run | head`: a reader that stops early is not an error, and

@@ -68,8 +68,13 @@ Examples:
     /// Run all stages in order, skipping those already up to date.
     #[command(after_help = "Examples:
   qpert run --config configs/flickr30k.toml
-  qpert run --config configs/flickr30k.toml --set qpert.alpha=4 --set output.dir=cache/alpha4")]
+  qpert run --config configs/flickr30k.toml --set qpert.alpha=4 --set output.dir=cache/alpha4
+  qpert run --config configs/flickr30k.toml --from extract   (after replacing images in place)")]
     Run {
+        /// Recompute this stage and every stage that uses its output (directly or not), even when
+        /// up to date; the others are still skipped when up to date.
+        #[arg(long, value_name = "STAGE", value_parser = PossibleValuesParser::new(Stage::NAMES).try_map(|s| s.parse::<Stage>()))]
+        from: Option<Stage>,
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -156,7 +161,7 @@ impl Command {
     /// The options shared by the verbs that take a config (all but `bench`).
     pub fn common(&self) -> Option<&CommonArgs> {
         match self {
-            Command::Stage { common, .. } | Command::Run { common } | Command::Status { common } => Some(common),
+            Command::Stage { common, .. } | Command::Run { common, .. } | Command::Status { common } => Some(common),
             Command::Bench(_) => None,
         }
     }

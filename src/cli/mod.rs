@@ -62,7 +62,7 @@ pub fn run(args: Args) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run { common } => stages::run_pipeline(&resolve::context(common, false)?),
+        Command::Run { common, from } => stages::run_pipeline(resolve::context(common, false)?, *from),
         Command::Bench(bench) => {
             let options = crate::bench::BenchOptions {
                 model: crate::bench::ModelChoice::parse(&bench.model_config),

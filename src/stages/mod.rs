@@ -274,18 +274,49 @@ fn run_remaining_shards(
     Ok(outcome)
 }
 
-/// Runs the stages in order, skipping those already up to date (and `rerank` when disabled).
-pub fn run_pipeline(ctx: &Context) -> Result<()> {
+/// Runs the stages in order, skipping those already up to date (and `rerank` when disabled); with
+/// `from`, recomputes that stage and every stage that uses its output (`qpert run --from`), for
+/// inputs no fingerprint sees (images replaced in place) or to redo work on purpose.
+pub fn run_pipeline(mut ctx: Context, from: Option<Stage>) -> Result<()> {
+    let recomputed = match from {
+        Some(from) => {
+            let stages = stage_and_its_users(from, &ctx.config)?;
+            let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
+            ctx.reporter.info(&format!("run --from {from}: recomputing {}", names.join(", ")));
+            stages
+        }
+        None => Vec::new(),
+    };
     for stage in Stage::ALL {
         if stage == Stage::Rerank && !ctx.config.rerank.enabled {
             ctx.reporter.info("rerank: disabled in the config ([rerank] enabled = false), skipped");
             continue;
         }
-        if run_stage(stage, ctx, None)? == Outcome::UpToDate {
+        ctx.force = recomputed.contains(&stage);
+        if run_stage(stage, &ctx, None)? == Outcome::UpToDate {
             ctx.reporter.info(&format!("{stage}: up to date, skipped"));
         }
     }
     Ok(())
+}
+
+/// `stage` and the stages that use its output, directly or through others, in pipeline order: those
+/// whose fingerprint names one of them as an input (`input.<stage>`). A disabled rerank is none.
+fn stage_and_its_users(stage: Stage, config: &Config) -> Result<Vec<Stage>> {
+    if stage == Stage::Rerank && !config.rerank.enabled {
+        return Err(Error::Usage("--from rerank: rerank is disabled in the config ([rerank] enabled = false)".into()));
+    }
+    let mut stages = vec![stage];
+    for later in Stage::ALL.into_iter().filter(|s| *s > stage) {
+        if later == Stage::Rerank && !config.rerank.enabled {
+            continue;
+        }
+        let inputs = later.fingerprint(config)?;
+        if stages.iter().any(|s| inputs.entries().contains_key(&format!("input.{}", s.name()))) {
+            stages.push(later);
+        }
+    }
+    Ok(stages)
 }
 
 /// One line of `qpert status` per stage: `index    done (3 files, fingerprint 1a2b3c4d5e6f)`,
