@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arrow::array::{
     ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, ListBuilder, StringArray, StringBuilder, UInt32Array,
@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::{Context, Outcome, Stage};
-use crate::config::Config;
+use crate::config::{Config, DatasetConfig};
 use crate::data::captions::clean_caption;
 use crate::data::coco_entities::{self, CocoEntities, EntitiesKind, ImageShapes};
 use crate::data::dataset::{SplitImage, load_split, resolve_image_path};
@@ -31,10 +31,15 @@ use crate::store::{DataWarning, FileEntry, Fingerprint, Notes, StageDir, StageSt
 
 /// Everything the index depends on: the split file's content, the split name, the image folder,
 /// the box origin, and the content of the Entities files (`Annotations/<id>.xml`,
-/// `Sentences/<id>.txt`) of the split's images, so an edited annotation makes the index stale. A
-/// COCO Entities JSON (about 400 MB) counts by content too, hashed once per copy.
+/// `Sentences/<id>.txt`) of the split's images, so an edited annotation makes the index stale, or
+/// of the COCO Entities JSON (hashed once per copy). Computed once per process and dataset config:
+/// every stage's fingerprint includes this one (`qpert status` asks for it 16 times).
 pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
     let d = &config.dataset;
+    let mut computed = COMPUTED.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((_, fp)) = computed.iter().find(|(dataset, _)| dataset == d) {
+        return Ok(fp.clone());
+    }
     let mut fp = Fingerprint::new(Stage::Index.name())
         .with_file_contents("dataset.annotations", &d.annotations)?
         .with("dataset.split", &d.split)
@@ -56,8 +61,12 @@ pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
         let files: Vec<PathBuf> = split.iter().flat_map(|s| entities_files(entities, &image_id(&s.path))).collect();
         fp = fp.with("dataset.entities", entities.display()).with_files_contents("dataset.entities.files", &files)?;
     }
+    computed.push((d.clone(), fp.clone()));
     Ok(fp)
 }
+
+/// The index fingerprints computed so far in this process, by dataset config.
+static COMPUTED: Mutex<Vec<(DatasetConfig, Fingerprint)>> = Mutex::new(Vec::new());
 
 /// An image's id: the stem of its file name (`flickr30k-images/123.jpg` -> `123`).
 fn image_id(path: &str) -> String {
