@@ -105,6 +105,48 @@ fn shard_auto_takes_the_shard_from_slurm_and_kubernetes_environments() {
     );
 }
 
+/// Shards take whole batches, so 25 captions in 2 batches of 16 leave one of 3 shards empty: it
+/// says why, writes its (empty) part, and the stage completes with the other two.
+#[test]
+fn a_shard_without_a_whole_batch_is_empty_and_says_why() {
+    let ws = Workspace::new("flickr30k_test.json");
+    ok(&ws, &["stage", "index"], &[]);
+    let text = |i: u32| ok(&ws, &["stage", "text", "--shard", &format!("{i}/3"), "--set", "model.text_batch=16"], &[]);
+    let first = text(1);
+    assert!(
+        first.contains("text 1/3: 0 captions -> ")
+            && first.contains(
+                "(a shard takes whole batches: 25 captions make 2 batches of model.text_batch = 16, fewer than 3 shards)"
+            ),
+        "{first}"
+    );
+    for (i, captions) in [(2, 16), (3, 9)] {
+        let out = text(i);
+        assert!(out.contains(&format!("text {i}/3: {captions} captions -> ")), "{out}");
+        assert!(!out.contains("whole batches"), "{out}");
+    }
+    assert!(ws.path().join("out/text/manifest.json").exists(), "the last shard writes the manifest");
+}
+
+/// An interrupted 2-shard run finished with 3 shards: the 3-shard manifest supersedes the 2-shard
+/// part, which is removed so that a reader globbing `part-*.parquet` does not count its rows twice.
+#[test]
+fn the_manifest_of_one_shard_count_removes_the_parts_of_another() {
+    let ws = Workspace::new("flickr30k_test.json");
+    ok(&ws, &["stage", "index"], &[]);
+    ok(&ws, &["stage", "text", "--shard", "1/2"], &[]);
+    for i in 1..=3 {
+        ok(&ws, &["stage", "text", "--shard", &format!("{i}/3")], &[]);
+        let expected = if i < 3 { 1 + i } else { 3 };
+        assert_eq!(parts(&ws, "text").len(), expected, "after shard {i}/3: {:?}", parts(&ws, "text"));
+    }
+    assert_eq!(
+        parts(&ws, "text"),
+        ["part-00001-of-00003.parquet", "part-00002-of-00003.parquet", "part-00003-of-00003.parquet"]
+    );
+    assert!(ok(&ws, &["status"], &[]).contains("text     done"), "{}", ok(&ws, &["status"], &[]));
+}
+
 /// A process that stays alive until killed, and its start time as the lock file records it.
 fn live_process() -> (Child, u64) {
     let child = Command::new("sleep").arg("60").stdout(Stdio::null()).spawn().unwrap();

@@ -83,10 +83,12 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
     let batch = features.into_batch(q, e).map_err(|err| Error::artifact(stage.path(), err))?;
     stage.write_part(shard, &batch.schema(), std::slice::from_ref(&batch))?;
     let summary = serde_json::json!({ "images": batch.num_rows(), "perturbed_images": perturbed });
+    let image_batch = ctx.config.model.image_batch;
     ctx.reporter.info(&format!(
-        "extract {shard}: {} ({perturbed} perturbed) -> {}",
+        "extract {shard}: {} ({perturbed} perturbed) -> {}{}",
         super::counted(batch.num_rows(), "image"),
-        stage.path().display()
+        stage.path().display(),
+        super::empty_shard_note(shard, index.images.len(), image_batch, "image", "model.image_batch")
     ));
     stage.finish_parts(shard.count(), summary)?;
     Ok(Outcome::Ran)

@@ -211,6 +211,22 @@ impl Context {
     }
 }
 
+/// Why a shard of a batched stage has no rows, as a suffix for its summary line; empty when it has
+/// some. Shards take whole batches ([`Shard::batch_range`], so that any sharding gives the same
+/// bits), and a split of fewer batches than shards leaves some shards empty.
+pub fn empty_shard_note(shard: Shard, len: usize, batch: usize, item: &str, batch_key: &str) -> String {
+    if len == 0 || !shard.batch_range(len, batch).is_empty() {
+        return String::new();
+    }
+    let batches = len.div_ceil(batch);
+    let batches = if batches == 1 { "1 batch".to_string() } else { format!("{batches} batches") };
+    format!(
+        " (a shard takes whole batches: {} make {batches} of {batch_key} = {batch}, fewer than {} shards)",
+        counted(len, item),
+        shard.count()
+    )
+}
+
 /// `n` and `noun`, pluralised with `s` unless `n` is 1: `counted(1, "image")` is "1 image".
 pub fn counted(n: usize, noun: &str) -> String {
     if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }

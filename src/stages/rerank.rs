@@ -137,7 +137,12 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
     let rows = out.image_idx.len();
     let batch = out.into_batch().map_err(|e| Error::artifact(stage.path(), e))?;
     stage.write_part(shard, &batch.schema(), std::slice::from_ref(&batch))?;
-    ctx.reporter.info(&format!("rerank {shard}: {rows} pairs scored with ITM -> {}", stage.path().display()));
+    ctx.reporter.info(&format!(
+        "rerank {shard}: {} scored with ITM -> {}{}",
+        super::counted(rows, "pair"),
+        stage.path().display(),
+        super::empty_shard_note(shard, index.images.len(), ctx.config.model.image_batch, "image", "model.image_batch")
+    ));
     stage.finish_parts(shard.count(), serde_json::json!({ "k": ctx.config.rerank.k }))?;
     Ok(Outcome::Ran)
 }

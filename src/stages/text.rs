@@ -67,7 +67,12 @@ pub fn run(ctx: &Context, shard: Shard) -> Result<Outcome> {
     let batch = text_batch(text_idx, embeddings, e, tokens.input_ids, tokens.attention_mask)
         .map_err(|err| Error::artifact(stage.path(), err))?;
     stage.write_part(shard, &batch.schema(), std::slice::from_ref(&batch))?;
-    ctx.reporter.info(&format!("text {shard}: {} captions -> {}", batch.num_rows(), stage.path().display()));
+    ctx.reporter.info(&format!(
+        "text {shard}: {} -> {}{}",
+        super::counted(batch.num_rows(), "caption"),
+        stage.path().display(),
+        super::empty_shard_note(shard, index.texts.len(), ctx.config.model.text_batch, "caption", "model.text_batch")
+    ));
     stage.finish_parts(shard.count(), serde_json::json!({ "texts": index.texts.len() }))?;
     Ok(Outcome::Ran)
 }

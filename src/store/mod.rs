@@ -302,7 +302,23 @@ impl StageDir {
             return Ok(Some(manifest));
         }
         let Some(files) = self.parts_ready(count)? else { return Ok(None) };
-        self.write_manifest(count, files, summary, Notes::default()).map(Some)
+        let manifest = self.write_manifest(count, files, summary, Notes::default())?;
+        self.remove_other_layouts(count)?;
+        Ok(Some(manifest))
+    }
+
+    /// Removes the parts of other shard counts once the manifest names this count's parts (an
+    /// interrupted 2-shard run finished with 3 shards, say): they are superseded, and a reader
+    /// globbing `part-*.parquet` (DuckDB, polars) would count their rows twice.
+    fn remove_other_layouts(&self, count: u32) -> Result<()> {
+        for shard in self.parts_on_disk()?.into_iter().filter(|s| s.count() != count) {
+            let path = self.dir.join(shard.part_file_name());
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::artifact(&path, e)),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// The file entries of all `count` parts if every one exists with the current fingerprint.
