@@ -11,6 +11,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     qpert::error::install_panic_hook();
+    // Test builds only: the fail points named in `FAILPOINTS` (e.g. `write-parquet=pause`, which
+    // tests/pipeline.rs uses to kill a run mid-write).
+    let _fail_points = fail::has_failpoints().then(fail::FailScenario::setup);
     let outcome = cli::parse().and_then(|parsed| match parsed {
         Parsed::Info(text) => {
             // `qpert --help | head` closes stdout early: not an error.

@@ -193,6 +193,25 @@ fn edited_entities_file_makes_index_stale() {
     assert_eq!(u32s(&ws.table("index", "images"), "num_boxes"), [4, 1, 2, 1, 0]);
 }
 
+/// An image replaced by another file (another size in bytes) makes the index stale; rewriting
+/// the same bytes does not.
+#[test]
+fn replaced_image_makes_index_stale() {
+    let ws = Workspace::with_copy(LAVIS);
+    assert!(index(&ws, &[]).status.success());
+    let images = ws.data.join("flickr30k-images");
+    let same = std::fs::read(images.join("1000005.jpg")).unwrap();
+    std::fs::write(images.join("1000005.jpg"), &same).unwrap();
+    assert!(stdout(&index(&ws, &[])).contains("index: up to date"));
+
+    let other = std::fs::read(images.join("1000004.jpg")).unwrap();
+    assert_ne!(other.len(), std::fs::metadata(images.join("1000003.jpg")).unwrap().len() as usize);
+    std::fs::write(images.join("1000003.jpg"), &other).unwrap();
+    let status = stdout(&ws.qpert(&["status", "--config", "{config}"]));
+    assert!(status.contains("index    stale (dataset.images.sizes: sha256 "), "{status}");
+    assert!(stdout(&index(&ws, &[])).contains("index: 5 images"), "index must be recomputed");
+}
+
 #[test]
 fn strict_fails_on_a_box_outside_its_image() {
     let ws = Workspace::new(LAVIS);
@@ -243,10 +262,13 @@ fn run_from_a_stage_recomputes_it_and_the_stages_that_use_it() {
         (0..arrow::array::Array::len(list)).map(|i| f32s_of(&list.value(i))).collect::<Vec<_>>()
     };
     let before = features(&ws);
+    // Other pixels in a file of the same byte size: the DC entry of the first quantisation table
+    // (the byte after the DQT marker's length and table id) is doubled.
     let photo = ws.data.join("flickr30k-images/1000002.jpg");
-    let mut pixels = image::open(&photo).unwrap().to_rgb8();
-    image::imageops::invert(&mut pixels);
-    pixels.save(&photo).unwrap();
+    let mut jpeg = std::fs::read(&photo).unwrap();
+    let dqt = jpeg.windows(2).position(|w| w == [0xFF, 0xDB]).unwrap();
+    jpeg[dqt + 5] = if jpeg[dqt + 5] < 128 { jpeg[dqt + 5] * 2 } else { jpeg[dqt + 5] / 2 };
+    std::fs::write(&photo, &jpeg).unwrap();
 
     let again = stdout(&ws.qpert(&["run", "--config", "{config}"]));
     assert!(again.contains("extract: up to date, skipped"), "no fingerprint sees the pixels: {again}");

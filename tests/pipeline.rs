@@ -285,46 +285,54 @@ fn assert_same_artifacts(a: &Workspace, b: &Workspace) {
     assert_eq!(report_metrics(a), report_metrics(b));
 }
 
-/// SIGKILLs `qpert run` while it is blocked reading an image inside `blocked` (the image is swapped
-/// for a named pipe that nobody writes), then restores the image and resumes: the stages done
-/// before are skipped, nothing half-written is read, and the artifacts equal an uninterrupted run.
+/// SIGKILLs `qpert run` while it is paused inside `blocked`, at the fail point `write-parquet`
+/// (the stage's part is written to its temporary file, not yet renamed into place), then resumes:
+/// the stages done before are skipped, the temporary file is removed, nothing half-written is
+/// read, and the artifacts equal an uninterrupted run.
 #[test]
 fn a_killed_run_resumes_to_identical_artifacts() {
     let uninterrupted = Workspace::new("flickr30k_test.json");
     run_all(&uninterrupted);
     for (blocked, done_before) in [("extract", &["index"][..]), ("rerank", &["index", "extract", "text", "sim"][..])] {
-        let ws = Workspace::with_copy("flickr30k_test.json");
+        let ws = Workspace::new("flickr30k_test.json");
         for name in done_before {
             let out = ws.qpert(&["stage", name, "--config", "{config}"]);
             assert!(out.status.success(), "{name}: {}", stderr(&out));
         }
-        let image = ws.data.join("flickr30k-images/1000003.jpg");
-        let saved = std::fs::read(&image).unwrap();
-        std::fs::remove_file(&image).unwrap();
-        assert!(std::process::Command::new("mkfifo").arg(&image).status().unwrap().success());
-
-        // rerank reads images only when it recomputes the vision tokens instead of using the cache.
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qpert"))
-            .args(["run", "--config", &ws.config().display().to_string(), "--set", "rerank.vision_cache=false"])
+            .args(["run", "--config", &ws.config().display().to_string()])
+            .env("FAILPOINTS", "write-parquet=pause")
             .current_dir(ws.path())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(1500));
-        assert!(child.try_wait().unwrap().is_none(), "{blocked}: the run should be blocked on the pipe");
+        let stage_dir = ws.path().join("out").join(blocked);
+        let temporary = || -> Vec<String> {
+            let names = std::fs::read_dir(&stage_dir).into_iter().flatten().map(|e| e.unwrap().file_name());
+            names
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(".part-00001-of-00001.parquet."))
+                .collect()
+        };
+        let start = std::time::Instant::now();
+        while temporary().is_empty() && start.elapsed().as_secs() < 120 {
+            assert!(child.try_wait().unwrap().is_none(), "{blocked}: the run ended instead of pausing");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(child.try_wait().unwrap().is_none(), "{blocked}: the run should be paused in its part's write");
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        let stage_dir = ws.path().join("out").join(blocked);
+        assert_eq!(temporary().len(), 1, "{blocked}: the killed run leaves its temporary part");
         assert!(!stage_dir.join("manifest.json").exists(), "{blocked}: no manifest after the kill");
         assert!(!stage_dir.join("part-00001-of-00001.parquet").exists(), "{blocked}: no part after the kill");
 
-        std::fs::remove_file(&image).unwrap();
-        std::fs::write(&image, saved).unwrap();
         let resumed = run_all(&ws);
         for name in done_before {
             assert!(resumed.contains(&format!("{name}: up to date, skipped")), "{name} must be kept: {resumed}");
         }
+        assert_eq!(temporary(), Vec::<String>::new(), "{blocked}: the resumed run removes the temporary part");
         assert_same_artifacts(&uninterrupted, &ws);
     }
 }

@@ -30,20 +30,28 @@ use crate::store::columns::Table;
 use crate::store::{DataWarning, FileEntry, Fingerprint, Notes, StageDir, StageState};
 
 /// Everything the index depends on: the split file's content, the split name, the image folder,
-/// the box origin, and the content of the Entities files (`Annotations/<id>.xml`,
-/// `Sentences/<id>.txt`) of the split's images, so an edited annotation makes the index stale, or
-/// of the COCO Entities JSON (hashed once per copy). Computed once per process and dataset config:
-/// every stage's fingerprint includes this one (`qpert status` asks for it 16 times).
+/// the byte size of each of the split's images (so an image replaced by another file makes every
+/// stage stale; one parallel `stat` each, not a read), the box origin, and the content of the
+/// Entities files (`Annotations/<id>.xml`, `Sentences/<id>.txt`) of the split's images, so an
+/// edited annotation makes the index stale, or of the COCO Entities JSON (hashed once per copy).
+/// Computed once per process and dataset config: every stage's fingerprint includes this one
+/// (`qpert status` asks for it 16 times).
 pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
     let d = &config.dataset;
     let mut computed = COMPUTED.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some((_, fp)) = computed.iter().find(|(dataset, _)| dataset == d) {
         return Ok(fp.clone());
     }
+    let (_, split) = load_split(&d.annotations, &d.split)?;
+    let images: Vec<PathBuf> = split
+        .par_iter()
+        .map(|s| resolve_image_path(&d.images, &s.path).unwrap_or_else(|| d.images.join(&s.path)))
+        .collect();
     let mut fp = Fingerprint::new(Stage::Index.name())
         .with_file_contents("dataset.annotations", &d.annotations)?
         .with("dataset.split", &d.split)
         .with("dataset.images", d.images.display())
+        .with_file_sizes("dataset.images.sizes", &images)?
         .with("dataset.box_origin", d.box_origin);
     if let Some(entities) =
         d.entities.as_ref().filter(|e| coco_entities::detect(e).ok() == Some(EntitiesKind::CocoJson))
@@ -57,7 +65,6 @@ pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
             fp = fp.with_file_contents("dataset.image_shapes", shapes)?;
         }
     } else if let Some(entities) = &d.entities {
-        let (_, split) = load_split(&d.annotations, &d.split)?;
         let files: Vec<PathBuf> = split.iter().flat_map(|s| entities_files(entities, &image_id(&s.path))).collect();
         fp = fp.with("dataset.entities", entities.display()).with_files_contents("dataset.entities.files", &files)?;
     }

@@ -20,6 +20,25 @@ pub fn is_temporary(name: &str) -> bool {
     name.starts_with('.') && name.ends_with(".tmp")
 }
 
+/// Removes the temporary files of `path` that earlier writers left behind (a worker killed
+/// mid-write leaves its `.<name>.<host>.<pid>.tmp`). Only for a caller whose lock makes it the one
+/// writer of `path`. Returns how many were removed.
+pub fn remove_temporaries(path: &Path) -> Result<usize> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return Ok(0) };
+    let Ok(entries) = fs::read_dir(dir) else { return Ok(0) };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::artifact(dir, e))?;
+        let entry_name = entry.file_name().to_string_lossy().into_owned();
+        if entry_name.starts_with(&prefix) && is_temporary(&entry_name) {
+            fs::remove_file(entry.path()).map_err(|e| Error::artifact(entry.path(), e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Writes `path` atomically: `write` fills a buffered temporary file, which is synced and renamed
 /// onto `path`. On any error the temporary file is removed and `path` is left as it was.
 pub fn write_atomically<F>(path: &Path, write: F) -> Result<()>
@@ -75,5 +94,28 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"two");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
         assert!(is_temporary(&temporary_path(&path).file_name().unwrap().to_string_lossy()));
+    }
+
+    #[test]
+    fn temporaries_of_one_file_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("part-00001-of-00002.parquet");
+        let keep = [
+            ".part-00002-of-00002.parquet.host.7.tmp",
+            "part-00001-of-00002.parquet",
+            ".part-00001-of-00002.parquet.x",
+        ];
+        for name in
+            keep.iter().chain(&[".part-00001-of-00002.parquet.host.7.tmp", ".part-00001-of-00002.parquet.b.9.tmp"])
+        {
+            fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        assert_eq!(remove_temporaries(&path).unwrap(), 2);
+        let mut left: Vec<String> =
+            fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        let mut expected: Vec<String> = keep.iter().map(|s| s.to_string()).collect();
+        expected.sort();
+        assert_eq!(left, expected);
     }
 }

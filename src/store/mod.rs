@@ -381,7 +381,7 @@ impl StageDir {
     /// sharded `extract` does not compute it again; otherwise this worker's lock on it, held until
     /// the returned claim is dropped (after the part is written). A shard a live worker holds is
     /// an error naming that worker (exit 1): two workers never compute one shard. A stale lock
-    /// (its owner died) is taken over.
+    /// (its owner died) is taken over, and the temporary part file a killed worker left is removed.
     pub fn claim(&self, shard: Shard, force: bool) -> Result<Option<ShardClaim>> {
         if !force && (self.is_complete()? || self.part_is_fresh(shard)) {
             return Ok(None);
@@ -402,7 +402,10 @@ impl StageDir {
             )),
             // Re-check under the lock: the previous holder may have just finished this part.
             lock::Acquired::Held(_) if !force && self.part_is_fresh(shard) => Ok(None),
-            lock::Acquired::Held(lock) => Ok(Some(ShardClaim { _lock: lock })),
+            lock::Acquired::Held(lock) => {
+                commit::remove_temporaries(&self.dir.join(shard.part_file_name()))?;
+                Ok(Some(ShardClaim { _lock: lock }))
+            }
         }
     }
 

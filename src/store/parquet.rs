@@ -50,6 +50,8 @@ pub fn write_parquet(
             writer.write(batch).map_err(pq)?;
         }
         writer.close().map_err(pq)?;
+        // The temporary file is complete but not yet in place: where tests kill a run mid-write.
+        fail::fail_point!("write-parquet");
         Ok(())
     })?;
     Ok(batches.iter().map(|b| b.num_rows() as u64).sum())
