@@ -286,6 +286,18 @@ fn run_from_a_stage_recomputes_it_and_the_stages_that_use_it() {
     let changed: Vec<bool> = before.iter().zip(&after).map(|(b, a)| b != a).collect();
     assert_eq!(changed, [false, true, false, false, false], "only the replaced image's features change");
 
+    // Another file (another byte size) in its place: every stage but text, whose fingerprint takes
+    // index's captions only, is stale and recomputed.
+    std::fs::copy(ws.data.join("flickr30k-images/1000004.jpg"), &photo).unwrap();
+    let status = stdout(&ws.qpert(&["status", "--config", "{config}"]));
+    assert!(status.contains("\ntext     done ("), "{status}");
+    assert!(status.contains("\nextract  stale (index changed)\n"), "{status}");
+    let log = stdout(&ws.qpert(&["run", "--config", "{config}"]));
+    assert!(log.contains("text: up to date, skipped"), "{log}");
+    for recomputed in ["index: 5 images", "extract 1/1: 5 images", "sim: 5 x 25 ITC scores", "report: wrote"] {
+        assert!(log.contains(recomputed), "{log}");
+    }
+
     let disabled = ws.qpert(&["run", "--config", "{config}", "--from", "rerank", "--set", "rerank.enabled=false"]);
     assert_fails(&disabled, 2, &["--from rerank: rerank is disabled in the config"]);
 }

@@ -34,7 +34,7 @@ use crate::store::{DataWarning, FileEntry, Fingerprint, Notes, StageDir, StageSt
 /// stage stale; one parallel `stat` each, not a read), the box origin, and the content of the
 /// Entities files (`Annotations/<id>.xml`, `Sentences/<id>.txt`) of the split's images, so an
 /// edited annotation makes the index stale, or of the COCO Entities JSON (hashed once per copy).
-/// Computed once per process and dataset config: every stage's fingerprint includes this one
+/// Computed once per process and dataset config: every stage but `text` includes this one
 /// (`qpert status` asks for it 16 times).
 pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
     let d = &config.dataset;
@@ -47,9 +47,7 @@ pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
         .par_iter()
         .map(|s| resolve_image_path(&d.images, &s.path).unwrap_or_else(|| d.images.join(&s.path)))
         .collect();
-    let mut fp = Fingerprint::new(Stage::Index.name())
-        .with_file_contents("dataset.annotations", &d.annotations)?
-        .with("dataset.split", &d.split)
+    let mut fp = with_captions(Fingerprint::new(Stage::Index.name()), d)?
         .with("dataset.images", d.images.display())
         .with_file_sizes("dataset.images.sizes", &images)?
         .with("dataset.box_origin", d.box_origin);
@@ -70,6 +68,18 @@ pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
     }
     computed.push((d.clone(), fp.clone()));
     Ok(fp)
+}
+
+/// What `texts.parquet` depends on: the split file's content and the split name. `text` takes
+/// this part of the index fingerprint in place of the whole, so a replaced image or an edited box
+/// annotation does not recompute its features.
+pub fn captions_fingerprint(config: &Config) -> Result<Fingerprint> {
+    with_captions(Fingerprint::new("index.texts"), &config.dataset)
+}
+
+/// Adds what the split's captions are read from.
+fn with_captions(fp: Fingerprint, d: &DatasetConfig) -> Result<Fingerprint> {
+    Ok(fp.with_file_contents("dataset.annotations", &d.annotations)?.with("dataset.split", &d.split))
 }
 
 /// The index fingerprints computed so far in this process, by dataset config.

@@ -19,9 +19,11 @@ use crate::error::{Error, Result};
 use crate::store::columns::{fixed_size_list, record_batch};
 use crate::store::{Fingerprint, Shard};
 
-/// The index and the model (Q-Pert settings do not touch text features).
+/// The index's captions (not its images or boxes) and the model (Q-Pert settings do not touch
+/// text features).
 pub fn fingerprint(config: &Config) -> Result<Fingerprint> {
-    let fp = Fingerprint::new(Stage::Text.name()).with_input(Stage::Index.name(), &index::fingerprint(config)?);
+    let captions = index::captions_fingerprint(config)?;
+    let fp = Fingerprint::new(Stage::Text.name()).with_input(Stage::Index.name(), &captions);
     runtime::with_model(fp, config)
 }
 
