@@ -3,6 +3,7 @@
 # with opt-level 3 (Cargo.toml), so `cargo test` is fast without a second, release build.
 
 CARGO ?= cargo
+RELEASE_BIN = $(or $(CARGO_TARGET_DIR),target)/release/qpert
 
 .PHONY: test test-cubecl test-slurm build demo reproduce-flickr reproduce-coco gpu-bench cuda-preflight
 
@@ -32,14 +33,12 @@ build:
 # first compiled 75 crates again for the test's dev-dependency features: 32 min cold on 2 cores).
 # The build log is tee'd (a cold build takes a while); a failed build leaves no Executable line and
 # stops the next step. Then carry target/gpu-bench and run the script there.
-GPU_BENCH_BIN = $(or $(CARGO_TARGET_DIR),target)/release/qpert
-
 gpu-bench:
 	mkdir -p target/gpu-bench
 	$(CARGO) test --release --features cuda --test parity --no-run 2>&1 | tee target/gpu-bench/build.log
 	strip -o target/gpu-bench/parity "$$(sed -n 's/.*Executable tests\/parity.rs (\(.*\))/\1/p' target/gpu-bench/build.log)"
 	xz -6 -f target/gpu-bench/parity
-	strip -o target/gpu-bench/qpert $(GPU_BENCH_BIN)
+	strip -o target/gpu-bench/qpert $(RELEASE_BIN)
 	xz -6 -f target/gpu-bench/qpert
 	echo "$(CURDIR)" > target/gpu-bench/manifest-dir
 	git describe --always --dirty > target/gpu-bench/commit
@@ -64,12 +63,22 @@ demo:
 
 # Other settings for the reproduce targets, e.g. make reproduce-coco QPERT_ARGS="--set rerank.k=128".
 QPERT_ARGS ?=
+# The GPUs of the reproduce targets: empty, one process on the first GPU (`qpert run`); a list such
+# as GPUS=0,1,2,3, one worker per GPU in each sharded stage (pipelines/local/run-gpus.sh; QPERT_ARGS
+# then go to every `qpert stage`: --set, --strict, --force, but not run's --from).
+GPUS ?=
+
+# $(call reproduce,CONFIG): the whole pipeline of CONFIG on CUDA, on one GPU or on $(GPUS).
+define reproduce
+	$(CARGO) build --release --features cuda
+	$(if $(GPUS),QPERT=$(RELEASE_BIN) QPERT_CONFIG=$(1) pipelines/local/run-gpus.sh --gpus $(GPUS) -- $(QPERT_ARGS),$(RELEASE_BIN) run --config $(1) $(QPERT_ARGS))
+endef
 
 # The published Flickr30K evaluation (method.md section 7) on CUDA. Checks its inputs first and says
 # what to download where (README: Reproducing the paper).
 reproduce-flickr:
 	@sh .ci/missing-inputs configs/flickr30k.toml
-	$(CARGO) run --release --features cuda -- run --config configs/flickr30k.toml $(QPERT_ARGS)
+	$(call reproduce,configs/flickr30k.toml)
 	@echo "reproduce-flickr: the report is in cache/flickr30k-test/report/report.md"
 
 # COCO 5K: pre-flight checks (each missing input is named with what to download and where), then
@@ -77,4 +86,4 @@ reproduce-flickr:
 reproduce-coco:
 	@echo "make reproduce-coco: checking the inputs of configs/coco.toml"
 	@sh .ci/missing-inputs configs/coco.toml
-	$(CARGO) run --release --features cuda -- run --config configs/coco.toml $(QPERT_ARGS)
+	$(call reproduce,configs/coco.toml)

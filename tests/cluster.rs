@@ -2,8 +2,8 @@
 //! process, as Slurm or Kubernetes would), two processes racing for one shard, a stale lock taken
 //! over, `--finalize`, `qpert status` with running/stale/missing shards and the rerun command,
 //! three shards in parallel processes giving the same artifacts as one process, and a plain `run`
-//! finishing the shard layout it finds. The real scheduler
-//! test is `tests/slurm/run.sh`.
+//! finishing the shard layout it finds, and `pipelines/local/run-gpus.sh` (one worker per GPU of
+//! one machine). The real scheduler test is `tests/slurm/run.sh`.
 
 mod common;
 
@@ -428,4 +428,86 @@ fn read_parts(root: &Path, stage: &str) -> arrow::record_batch::RecordBatch {
     let batches: Vec<_> =
         stage_files(root, stage).iter().map(|(name, _)| read_parquet(&root.join(stage).join(name))).collect();
     arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+}
+
+/// `pipelines/local/run-gpus.sh <--gpus LIST>` in the workspace, with the test's binary and config.
+fn run_gpus(ws: &Workspace, gpus: &str) -> Output {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/local/run-gpus.sh");
+    // The binary behind a wrapper that records each call's CUDA_VISIBLE_DEVICES and arguments.
+    let wrapper = ws.path().join("qpert-wrapper");
+    let record = format!(
+        "#!/bin/sh\necho \"$CUDA_VISIBLE_DEVICES $*\" >> calls.txt\nexec '{}' \"$@\"\n",
+        env!("CARGO_BIN_EXE_qpert")
+    );
+    fs::write(&wrapper, record).unwrap();
+    fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut cmd = Command::new("bash");
+    cmd.arg(script).args(["--gpus", gpus]).current_dir(ws.path());
+    cmd.env("QPERT", &wrapper).env("QPERT_CONFIG", ws.config()).env("QPERT_LOGS", "logs");
+    for var in SCHEDULER_VARS.iter().chain(&["CUDA_VISIBLE_DEVICES"]) {
+        cmd.env_remove(var);
+    }
+    cmd.output().unwrap()
+}
+
+/// The one-machine path: one worker per listed GPU, each seeing only its own GPU; a worker that
+/// fails stops the script before the stages after it, a rerun computes only what is missing, and
+/// the artifacts equal one process's.
+#[test]
+fn the_local_gpu_script_runs_a_worker_per_gpu_and_resumes_after_a_failed_one() {
+    let single = Workspace::new("flickr30k_test.json");
+    ok(&single, &["run"], &[]);
+
+    let ws = Workspace::new("flickr30k_test.json");
+    let (mut holder, start) = live_process();
+    write_lock(&ws, "rerank", "part-00002-of-00003", holder.id(), start);
+    let out = run_gpus(&ws, "4,5,GPU-7");
+    assert_eq!(out.status.code(), Some(1), "{}\n{}", stdout(&out), stderr(&out));
+    let said = stdout(&out);
+    assert!(said.contains("run-gpus: extract 2/3 on GPU 5: ok ("), "{said}");
+    assert!(said.contains("): extract 2/3: 2 images (1 perturbed) -> out/extract\n"), "{said}");
+    assert!(said.contains("run-gpus: rerank 1/3 on GPU 4: ok ("), "{said}");
+    assert!(said.contains("run-gpus: rerank 2/3 on GPU 5: FAILED (exit 1): qpert: "), "{said}");
+    assert!(said.contains("shard 2/3 of rerank is being computed by host "), "{said}");
+    assert!(
+        said.contains("run-gpus: rerank failed in shard(s) 2 of 3 (logs above); fix the cause and rerun"),
+        "{said}"
+    );
+    assert!(said.trim_end().ends_with("done shards are skipped"), "report is not started: {said}");
+    let calls = fs::read_to_string(ws.path().join("calls.txt")).unwrap();
+    let config = ws.config().display().to_string();
+    for (gpu, stage, shard) in [
+        ("4", "index", ""),
+        ("GPU-7", "extract", " --shard 3/3"),
+        ("5", "text", " --shard 2/3"),
+        ("4", "sim", ""),
+        ("4", "rerank", " --shard 1/3"),
+    ] {
+        let call = format!("{gpu} stage {stage} --config {config}{shard}");
+        assert!(calls.lines().any(|l| l == call), "each worker sees its own GPU: `{call}` in\n{calls}");
+    }
+    let log = fs::read_to_string(ws.path().join("logs/extract-3-of-3.log")).unwrap();
+    assert!(log.contains(" CUDA_VISIBLE_DEVICES=GPU-7: ") && log.contains(" --shard 3/3"), "{log}");
+
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let out = run_gpus(&ws, "4,5,GPU-7");
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", stdout(&out), stderr(&out));
+    let said = stdout(&out);
+    assert!(said.contains("run-gpus: extract 1/3 on GPU 4: ok (") && said.contains("extract: up to date"), "{said}");
+    assert!(said.contains("run-gpus: rerank 2/3 on GPU 5: ok ("), "{said}");
+    assert!(said.contains("): rerank 2/3: "), "the missing shard is computed: {said}");
+    assert!(!said.contains("): rerank 1/3: ") && !said.contains("): rerank 3/3: "), "done shards are kept: {said}");
+    assert!(said.contains("run-gpus: done up to report"), "{said}");
+
+    let (a, b) = (single.path().join("out"), ws.path().join("out"));
+    for stage in ["extract", "text", "rerank"] {
+        assert_eq!(read_parts(&a, stage), read_parts(&b, stage), "{stage}");
+    }
+    for stage in ["sim", "report"] {
+        assert_eq!(stage_files(&a, stage), stage_files(&b, stage), "{stage}");
+    }
+    let bad = run_gpus(&ws, "0,,1");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).starts_with("run-gpus.sh: --gpus 0,,1: an empty entry\nusage: "), "{}", stderr(&bad));
 }
