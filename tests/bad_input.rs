@@ -269,3 +269,17 @@ fn no_adapter_for_the_cubecl_backend_is_named() {
         .unwrap();
     assert_fails(&out, 1, &["model.device = \"wgpu\" but wgpu finds no adapter", "mesa-vulkan-drivers"]);
 }
+
+#[test]
+fn progress_interval_that_is_not_a_number() {
+    let ws = Workspace::new(LAVIS);
+    let config = ws.config().display().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qpert"))
+        .args(["stage", "index", "--config", &config])
+        .env("QPERT_PROGRESS_SECS", "soon")
+        .current_dir(ws.path())
+        .output()
+        .unwrap();
+    assert_fails(&out, 2, &["QPERT_PROGRESS_SECS=soon: not a number of seconds"]);
+    assert!(!ws.path().join("out/index").exists(), "nothing runs");
+}

@@ -375,3 +375,28 @@ fn help_has_examples() {
         assert!(stdout(&out).contains("Examples:"), "{verb}");
     }
 }
+
+/// Without a terminal (a log file, a pipe) progress is a line on stderr every `QPERT_PROGRESS_SECS`
+/// instead of a bar; 0 turns the lines off.
+#[test]
+fn progress_is_a_line_on_stderr_when_stderr_is_not_a_terminal() {
+    let ws = Workspace::new(LAVIS);
+    assert_eq!(index(&ws, &[]).status.code(), Some(0));
+    let extract = |secs: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_qpert"))
+            .args(["stage", "extract", "--force", "--config"])
+            .arg(ws.config())
+            .env("QPERT_PROGRESS_SECS", secs)
+            .current_dir(ws.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        stderr(&out).lines().filter(|l| l.starts_with("qpert: progress: ")).map(String::from).collect::<Vec<_>>()
+    };
+    let lines = extract("0.001");
+    assert!(!lines.is_empty(), "a line every millisecond while extract runs");
+    for line in &lines {
+        assert!(line.starts_with("qpert: progress: extract 1/1: ") && line.contains("/5 ("), "{line}");
+    }
+    assert!(extract("0").is_empty());
+}

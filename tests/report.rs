@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use qpert::config::Config;
 use qpert::error::Error;
-use qpert::stages::{Context, DeviceChoice, Outcome, Reporter, Stage, index, report, rerank, run_stage, sim};
+use qpert::stages::{Context, DeviceChoice, Outcome, Progress, Reporter, Stage, index, report, rerank, run_stage, sim};
 use qpert::store::{FileEntry, Notes, Shard, StageDir};
 
 fn config(out: &Path, rerank: bool) -> Config {
@@ -33,7 +33,7 @@ fn context(config: Config, lines: Arc<Mutex<Vec<String>>>) -> Context {
         device: DeviceChoice { kind: qpert::config::DeviceKind::Cpu, device: Ok(burn::tensor::Device::flex()) },
         strict: false,
         force: false,
-        reporter: Reporter::new(info, Box::new(|_| {}), false),
+        reporter: Reporter::new(info, Box::new(|_| {}), Progress::Off),
     }
 }
 

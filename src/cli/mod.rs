@@ -87,7 +87,7 @@ pub fn run(args: Args) -> Result<()> {
                 warmup: bench.warmup,
                 json: bench.json.clone(),
             };
-            crate::bench::run(&options, resolve::device_choice(bench.device), resolve::terminal_reporter()).map(|_| ())
+            crate::bench::run(&options, resolve::device_choice(bench.device), resolve::terminal_reporter()?).map(|_| ())
         }
         Command::Status { common } => {
             let ctx = resolve::context(common, false)?;

@@ -3,19 +3,21 @@
 //! output hooks to stdout/stderr, with progress bars only when stderr is a terminal.
 
 use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::time::Duration;
 
 use burn::tensor::Device;
 
 use super::args::CommonArgs;
 use crate::config::{Config, DeviceKind};
-use crate::error::Result;
-use crate::stages::{Context, DeviceChoice, Reporter};
+use crate::error::{Error, Result};
+use crate::stages::{Context, DeviceChoice, Progress, Reporter};
 
 /// Builds the run context for a verb.
 pub fn context(common: &CommonArgs, force: bool) -> Result<Context> {
     let config = Config::load(&common.config, &common.overrides)?;
     let device = device_choice(config.model.device);
-    Ok(Context { config, device, strict: common.strict, force, reporter: terminal_reporter() })
+    Ok(Context { config, device, strict: common.strict, force, reporter: terminal_reporter()? })
 }
 
 /// The device for `requested`: burn-flex on the CPU; CUDA only in a `cuda` build on a machine whose
@@ -78,14 +80,39 @@ fn wgpu_device() -> std::result::Result<Device, String> {
         .into())
 }
 
-/// Results to stdout, warnings to stderr, progress bars when stderr is a terminal. A stdout that
-/// has gone (`qpert status | head -3`) is not an error: the lines are dropped and the work goes on.
-pub fn terminal_reporter() -> Reporter {
-    Reporter::new(
+/// Results to stdout, warnings to stderr, progress as bars when stderr is a terminal and else as a
+/// line every `QPERT_PROGRESS_SECS` (default 30; 0 turns them off). A stdout that has gone (`qpert
+/// status | head -3`) is not an error: the lines are dropped and the work goes on.
+pub fn terminal_reporter() -> Result<Reporter> {
+    let progress = if std::io::stderr().is_terminal() {
+        Progress::Bars
+    } else {
+        match progress_every()? {
+            Some(every) => Progress::Lines { every, sink: Arc::new(|msg| eprintln!("qpert: progress: {msg}")) },
+            None => Progress::Off,
+        }
+    };
+    Ok(Reporter::new(
         Box::new(|msg| {
             let _ = writeln!(std::io::stdout().lock(), "{msg}");
         }),
         Box::new(|msg| eprintln!("qpert: warning: {msg}")),
-        std::io::stderr().is_terminal(),
-    )
+        progress,
+    ))
 }
+
+/// The interval of progress lines: `QPERT_PROGRESS_SECS` (seconds, fractions allowed), default 30 s;
+/// `None` for 0.
+fn progress_every() -> Result<Option<Duration>> {
+    let Ok(value) = std::env::var(PROGRESS_SECS_VAR) else { return Ok(Some(Duration::from_secs(30))) };
+    match value.trim().parse::<f64>() {
+        Ok(0.0) => Ok(None),
+        Ok(secs) if secs.is_finite() && secs > 0.0 => Ok(Some(Duration::from_secs_f64(secs))),
+        _ => Err(Error::Usage(format!(
+            "{PROGRESS_SECS_VAR}={value}: not a number of seconds (e.g. 30 for a progress line every 30 s, 0 for none)"
+        ))),
+    }
+}
+
+/// The environment variable setting the interval of progress lines in logs.
+pub const PROGRESS_SECS_VAR: &str = "QPERT_PROGRESS_SECS";

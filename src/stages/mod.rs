@@ -17,9 +17,11 @@ pub mod vision_cache;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use burn::tensor::Device;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanDuration, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::config::{Config, DeviceKind};
 use crate::error::{Error, Result};
@@ -110,22 +112,33 @@ impl fmt::Display for Stage {
 pub type Sink = Box<dyn Fn(&str) + Send + Sync>;
 
 /// Where stages send what they have to say: results (`info`, stdout in the CLI), data warnings
-/// (`warn`, stderr) and progress bars (drawn on stderr only when it is a terminal).
+/// (`warn`, stderr) and the progress of long loops (see [`Progress`]).
 pub struct Reporter {
     info: Sink,
     warn: Sink,
-    bars: bool,
+    progress: Progress,
+}
+
+/// How a [`Reporter`] shows the progress of a long loop.
+pub enum Progress {
+    /// indicatif bars (stderr is a terminal).
+    Bars,
+    /// A plain line through the sink every `every`, for logs (Slurm, Kubernetes, `run-gpus.sh`,
+    /// a redirected run), where bars are not drawn.
+    Lines { every: Duration, sink: Arc<dyn Fn(&str) + Send + Sync> },
+    /// Nothing.
+    Off,
 }
 
 impl Reporter {
-    /// A reporter with the given sinks; `bars` enables progress bars.
-    pub fn new(info: Sink, warn: Sink, bars: bool) -> Self {
-        Reporter { info, warn, bars }
+    /// A reporter with the given sinks and progress display.
+    pub fn new(info: Sink, warn: Sink, progress: Progress) -> Self {
+        Reporter { info, warn, progress }
     }
 
     /// A reporter that says nothing (library use and tests).
     pub fn quiet() -> Self {
-        Reporter::new(Box::new(|_| {}), Box::new(|_| {}), false)
+        Reporter::new(Box::new(|_| {}), Box::new(|_| {}), Progress::Off)
     }
 
     /// Reports a result line.
@@ -138,16 +151,46 @@ impl Reporter {
         (self.warn)(msg)
     }
 
-    /// A progress bar over `len` items with throughput and ETA; hidden when bars are off.
+    /// A progress bar over `len` items labelled `label`: drawn, reported as lines, or hidden.
     pub fn bar(&self, len: u64, label: &str) -> ProgressBar {
-        if !self.bars {
-            return ProgressBar::hidden();
+        match &self.progress {
+            Progress::Off => ProgressBar::hidden(),
+            Progress::Bars => {
+                let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({per_sec}, ETA {eta})")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> ");
+                ProgressBar::new(len).with_style(style).with_message(label.to_string())
+            }
+            Progress::Lines { every, sink } => {
+                let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::hidden())
+                    .with_message(label.to_string());
+                let (weak, every, sink) = (bar.downgrade(), *every, sink.clone());
+                // Wakes every `every` until the bar is finished or dropped; never holds the bar.
+                std::thread::spawn(move || {
+                    loop {
+                        std::thread::sleep(every);
+                        match weak.upgrade() {
+                            Some(bar) if !bar.is_finished() => sink(&progress_line(&bar)),
+                            _ => return,
+                        }
+                    }
+                });
+                bar
+            }
         }
-        let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({per_sec}, ETA {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-        ProgressBar::new(len).with_style(style).with_message(label.to_string())
     }
+}
+
+/// One progress line: `extract 2/4: 120/250 (48%) after 1m, 2.0/s, about 1m 5s left` (no rate
+/// before the first item is done).
+fn progress_line(bar: &ProgressBar) -> String {
+    let (pos, len) = (bar.position(), bar.length().unwrap_or(0));
+    let percent = (pos * 100).checked_div(len).unwrap_or(100);
+    let mut line = format!("{}: {pos}/{len} ({percent}%) after {:#}", bar.message(), HumanDuration(bar.elapsed()));
+    if pos > 0 {
+        line += &format!(", {:.1}/s, about {:#} left", bar.per_sec(), HumanDuration(bar.eta()));
+    }
+    line
 }
 
 /// The compute device a model stage will use, as resolved by the CLI from `model.device` and the
@@ -366,6 +409,31 @@ fn describe(stage: Stage, config: &Config) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_lines_report_a_bar_until_it_is_finished() {
+        let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let sink_lines = lines.clone();
+        let sink = Arc::new(move |line: &str| sink_lines.lock().unwrap().push(line.to_string()));
+        let every = Duration::from_millis(10);
+        let reporter = Reporter::new(Box::new(|_| {}), Box::new(|_| {}), Progress::Lines { every, sink });
+        let bar = reporter.bar(5, "extract 2/4");
+        bar.inc(2);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while lines.lock().unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "no progress line within 20 s");
+            std::thread::sleep(every);
+        }
+        let first = lines.lock().unwrap()[0].clone();
+        assert!(first.starts_with("extract 2/4: 2/5 (40%) after "), "{first}");
+        assert!(first.contains("/s, about ") && first.ends_with(" left"), "{first}");
+
+        bar.finish_and_clear();
+        std::thread::sleep(5 * every);
+        let after_finish = lines.lock().unwrap().len();
+        std::thread::sleep(5 * every);
+        assert_eq!(lines.lock().unwrap().len(), after_finish, "no line once the bar is finished");
+    }
 
     #[test]
     fn stages_round_trip_through_their_names_in_pipeline_order() {
