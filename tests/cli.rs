@@ -353,7 +353,24 @@ fn damaged_artifacts_are_reported_and_only_their_stages_recomputed() {
         &["out/sim: damaged (t2i_ranks.parquet: missing); rerun `qpert stage sim`"],
     );
 
+    // A killed run leaves temporary files; those idle for longer than the lock limit (10 min) go
+    // when their folder is written again, a fresh one (a live writer's) stays.
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    let abandoned = [
+        "sim/.i2t_ranks.parquet.gone.4242.tmp",
+        "report/.metrics.json.gone.7.tmp",
+        "extract/vision/.batch-000000.arrow.gone.7.tmp",
+    ];
+    for name in abandoned {
+        std::fs::File::create(out.join(name)).unwrap().set_modified(hour_ago).unwrap();
+    }
+    std::fs::write(out.join("sim/.i2t_ranks.parquet.live.8.tmp"), "").unwrap();
+
     let run = stdout(&ws.qpert(&["run", "--config", "{config}"]));
+    for name in abandoned {
+        assert!(!out.join(name).exists(), "{name} is removed");
+    }
+    assert!(out.join("sim/.i2t_ranks.parquet.live.8.tmp").exists());
     for stage in ["index", "text", "rerank"] {
         assert!(run.contains(&format!("{stage}: up to date, skipped")), "{run}");
     }

@@ -433,10 +433,12 @@ fn read_parts(root: &Path, stage: &str) -> arrow::record_batch::RecordBatch {
 /// `pipelines/local/run-gpus.sh <--gpus LIST>` in the workspace, with the test's binary and config.
 fn run_gpus(ws: &Workspace, gpus: &str) -> Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/local/run-gpus.sh");
-    // The binary behind a wrapper that records each call's CUDA_VISIBLE_DEVICES and arguments.
+    // The binary behind a wrapper that records each call's CUDA_VISIBLE_DEVICES and arguments, and
+    // makes rerank's first worker slow (to see workers reported as they end, not in shard order).
     let wrapper = ws.path().join("qpert-wrapper");
     let record = format!(
-        "#!/bin/sh\necho \"$CUDA_VISIBLE_DEVICES $*\" >> calls.txt\nexec '{}' \"$@\"\n",
+        "#!/bin/sh\necho \"$CUDA_VISIBLE_DEVICES $*\" >> calls.txt\n\
+         case \"$*\" in *'stage rerank '*'--shard 1/3'*) sleep 2 ;; esac\nexec '{}' \"$@\"\n",
         env!("CARGO_BIN_EXE_qpert")
     );
     fs::write(&wrapper, record).unwrap();
@@ -450,8 +452,8 @@ fn run_gpus(ws: &Workspace, gpus: &str) -> Output {
     cmd.output().unwrap()
 }
 
-/// The one-machine path: one worker per listed GPU, each seeing only its own GPU; a worker that
-/// fails stops the script before the stages after it, a rerun computes only what is missing, and
+/// The one-machine path: one worker per listed GPU, each seeing only its own GPU and reported when
+/// it ends; a worker that fails stops the script before the stages after it, a rerun computes only what is missing, and
 /// the artifacts equal one process's.
 #[test]
 fn the_local_gpu_script_runs_a_worker_per_gpu_and_resumes_after_a_failed_one() {
@@ -466,8 +468,10 @@ fn the_local_gpu_script_runs_a_worker_per_gpu_and_resumes_after_a_failed_one() {
     let said = stdout(&out);
     assert!(said.contains("run-gpus: extract 2/3 on GPU 5: ok ("), "{said}");
     assert!(said.contains("): extract 2/3: 2 images (1 perturbed) -> out/extract\n"), "{said}");
-    assert!(said.contains("run-gpus: rerank 1/3 on GPU 4: ok ("), "{said}");
-    assert!(said.contains("run-gpus: rerank 2/3 on GPU 5: FAILED (exit 1): qpert: "), "{said}");
+    let (done, failed) =
+        ("run-gpus: rerank 1/3 on GPU 4: ok (", "run-gpus: rerank 2/3 on GPU 5: FAILED (exit 1): qpert: ");
+    assert!(said.contains(done) && said.contains(failed), "{said}");
+    assert!(said.find(failed) < said.find(done), "the failed worker is named before the slow one ends: {said}");
     assert!(said.contains("shard 2/3 of rerank is being computed by host "), "{said}");
     assert!(
         said.contains("run-gpus: rerank failed in shard(s) 2 of 3 (logs above); fix the cause and rerun"),

@@ -88,19 +88,29 @@ run_sharded() {
         } >"$log" 2>&1 &
         workers+=($!)
     done
-    for i in $(seq 1 "$shards"); do
-        log="$logs/$stage-$i-of-$shards.log"
-        if wait "${workers[i - 1]}"; then
-            say "$stage $i/$shards on GPU ${gpu[i - 1]}: ok ($(( $(date +%s) - start )) s): $(grep -v '^qpert: warning' "$log" | tail -n 1)"
-        else
-            local code=$?
-            say "$stage $i/$shards on GPU ${gpu[i - 1]}: FAILED (exit $code): $(tail -n 1 "$log")"
-            failed+=("$i")
-        fi
+    # Report each worker when it ends, not in shard order, so a failed shard is named at once.
+    # (Polled rather than `wait -n -p`, which needs bash 5.1; RHEL 8 clusters have 4.4.)
+    local pending=$(seq 1 "$shards") still ended
+    while [ -n "$pending" ]; do
+        still= ended=0
+        for i in $pending; do
+            if kill -0 "${workers[i - 1]}" 2>/dev/null; then still="$still $i"; continue; fi
+            ended=1
+            log="$logs/$stage-$i-of-$shards.log"
+            if wait "${workers[i - 1]}"; then
+                say "$stage $i/$shards on GPU ${gpu[i - 1]}: ok ($(( $(date +%s) - start )) s): $(grep -v '^qpert: \(warning\|progress\)' "$log" | tail -n 1)"
+            else
+                local code=$?
+                say "$stage $i/$shards on GPU ${gpu[i - 1]}: FAILED (exit $code): $(tail -n 1 "$log")"
+                failed+=("$i")
+            fi
+        done
+        pending=$still
+        [ -z "$pending" ] || [ "$ended" -eq 1 ] || sleep 1
     done
     workers=()
     if [ ${#failed[@]} -gt 0 ]; then
-        say "$stage failed in shard(s) ${failed[*]} of $shards (logs above); fix the cause and rerun: done shards are skipped"
+        say "$stage failed in shard(s) $(printf '%s\n' "${failed[@]}" | sort -n | paste -sd " " -) of $shards (logs above); fix the cause and rerun: done shards are skipped"
         exit 1
     fi
 }

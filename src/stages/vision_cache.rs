@@ -28,7 +28,8 @@ use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use super::runtime::VisionBatch;
 use crate::error::{Error, Result};
 use crate::model::read_back;
-use crate::store::commit::write_atomically;
+use crate::store::commit::{remove_abandoned_temporaries, write_atomically};
+use crate::store::lock;
 
 const FINGERPRINT_KEY: &str = "qpert.extract_fingerprint";
 const IMAGE_BATCH_KEY: &str = "qpert.image_batch";
@@ -120,12 +121,12 @@ impl VisionCache {
     }
 
     /// Removes the batch files of earlier runs (another fingerprint or batch size, or unreadable),
-    /// which would otherwise stay on disk unused, e.g. after `model.image_batch` changed. Files of
-    /// this run, including those another shard is writing, are current and stay. Returns how many
-    /// were removed.
+    /// which would otherwise stay on disk unused, e.g. after `model.image_batch` changed, and the
+    /// temporary files of killed writers. Files of this run, including those another shard is
+    /// writing, are current and stay. Returns how many were removed.
     pub fn remove_stale(&self) -> Result<usize> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return Ok(0) };
-        let mut removed = 0;
+        let mut removed = remove_abandoned_temporaries(&self.dir, lock::stale_after());
         for entry in entries {
             let path = entry.map_err(|e| Error::artifact(&self.dir, e))?.path();
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -5,6 +5,7 @@
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 
@@ -37,6 +38,19 @@ pub fn remove_temporaries(path: &Path) -> Result<usize> {
         }
     }
     Ok(removed)
+}
+
+/// Removes the temporary files in `dir` that nobody has written to for longer than `idle`: those
+/// of a run killed mid-write (a sim table can be hundreds of MB). A live writer writes its file in
+/// one go from data it already holds, so it touches the file all along. Best effort: a file that
+/// cannot be removed stays (readers skip it). Returns how many were removed.
+pub fn remove_abandoned_temporaries(dir: &Path, idle: Duration) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    let abandoned = |entry: &fs::DirEntry| {
+        is_temporary(&entry.file_name().to_string_lossy())
+            && entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age > idle))
+    };
+    entries.flatten().filter(abandoned).filter(|entry| fs::remove_file(entry.path()).is_ok()).count()
 }
 
 /// Writes `path` atomically: `write` fills a buffered temporary file, which is synced and renamed
@@ -117,5 +131,26 @@ mod tests {
         let mut expected: Vec<String> = keep.iter().map(|s| s.to_string()).collect();
         expected.sort();
         assert_eq!(left, expected);
+    }
+
+    #[test]
+    fn only_temporaries_idle_longer_than_the_limit_are_abandoned() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        for (name, old) in [
+            (".pairs.parquet.host.7.tmp", true),
+            (".manifest.json.other.9.tmp", false),
+            ("pairs.parquet", true),
+            (".hidden", true),
+        ] {
+            let file = File::create(dir.path().join(name)).unwrap();
+            if old {
+                file.set_modified(hour_ago).unwrap();
+            }
+        }
+        assert_eq!(remove_abandoned_temporaries(dir.path(), Duration::from_secs(600)), 1);
+        assert!(!dir.path().join(".pairs.parquet.host.7.tmp").exists());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 3);
+        assert_eq!(remove_abandoned_temporaries(&dir.path().join("missing"), Duration::ZERO), 0);
     }
 }

@@ -235,10 +235,13 @@ impl StageDir {
         self.why_stale(&self.dir.join(shard.part_file_name())).is_none()
     }
 
-    /// Prepares the folder for writing: creates it and removes a manifest that no longer matches,
-    /// so the stage reads as in progress rather than stale or done while it is recomputed.
+    /// Prepares the folder for writing: creates it, removes the temporary files of killed writers
+    /// (idle for longer than a lock may go without a heartbeat), and removes a manifest that no
+    /// longer matches, so the stage reads as in progress rather than stale or done while it is
+    /// recomputed.
     pub fn begin(&self) -> Result<()> {
         fs::create_dir_all(&self.dir).map_err(|e| Error::artifact(&self.dir, e))?;
+        commit::remove_abandoned_temporaries(&self.dir, lock::stale_after());
         if let StageState::Stale(_) | StageState::Damaged(_) = self.state()? {
             // Several workers starting at once may race here: the file being gone already is fine.
             match fs::remove_file(self.manifest_path()) {
