@@ -434,11 +434,13 @@ fn read_parts(root: &Path, stage: &str) -> arrow::record_batch::RecordBatch {
 fn run_gpus(ws: &Workspace, gpus: &str) -> Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/local/run-gpus.sh");
     // The binary behind a wrapper that records each call's CUDA_VISIBLE_DEVICES and arguments, and
-    // makes rerank's first worker slow (to see workers reported as they end, not in shard order).
+    // makes the first workers of extract and rerank slow (to see workers reported as they end, not
+    // in shard order, and text's workers running beside extract's).
     let wrapper = ws.path().join("qpert-wrapper");
     let record = format!(
         "#!/bin/sh\necho \"$CUDA_VISIBLE_DEVICES $*\" >> calls.txt\n\
-         case \"$*\" in *'stage rerank '*'--shard 1/3'*) sleep 2 ;; esac\nexec '{}' \"$@\"\n",
+         case \"$*\" in *'stage rerank '*'--shard 1/3'* | *'stage extract '*'--shard 1/3'*) sleep 2 ;; esac\n\
+         exec '{}' \"$@\"\n",
         env!("CARGO_BIN_EXE_qpert")
     );
     fs::write(&wrapper, record).unwrap();
@@ -453,21 +455,39 @@ fn run_gpus(ws: &Workspace, gpus: &str) -> Output {
 }
 
 /// The one-machine path: one worker per listed GPU, each seeing only its own GPU and reported when
-/// it ends; a worker that fails stops the script before the stages after it, a rerun computes only what is missing, and
-/// the artifacts equal one process's.
+/// it ends, text's workers beside extract's; a worker that fails stops the script before the stages
+/// after it, a rerun computes only what is missing, and the artifacts equal one process's.
 #[test]
 fn the_local_gpu_script_runs_a_worker_per_gpu_and_resumes_after_a_failed_one() {
     let single = Workspace::new("flickr30k_test.json");
     ok(&single, &["run"], &[]);
 
+    // First text's shard 3 is held by another process: extract and text run, nothing after them.
     let ws = Workspace::new("flickr30k_test.json");
     let (mut holder, start) = live_process();
-    write_lock(&ws, "rerank", "part-00002-of-00003", holder.id(), start);
+    write_lock(&ws, "text", "part-00003-of-00003", holder.id(), start);
     let out = run_gpus(&ws, "4,5,GPU-7");
     assert_eq!(out.status.code(), Some(1), "{}\n{}", stdout(&out), stderr(&out));
     let said = stdout(&out);
     assert!(said.contains("run-gpus: extract 2/3 on GPU 5: ok ("), "{said}");
     assert!(said.contains("): extract 2/3: 2 images (1 perturbed) -> out/extract\n"), "{said}");
+    let (text_done, extract_done) = ("run-gpus: text 1/3 on GPU 4: ok (", "run-gpus: extract 1/3 on GPU 4: ok (");
+    assert!(said.contains(text_done) && said.contains(extract_done), "{said}");
+    assert!(said.find(text_done) < said.find(extract_done), "text runs beside extract: {said}");
+    assert!(said.contains("run-gpus: text 3/3 on GPU GPU-7: FAILED (exit 1): qpert: "), "{said}");
+    assert!(
+        said.contains("run-gpus: text failed in shard(s) 3 of 3 (logs above)") && !said.contains("extract failed"),
+        "{said}"
+    );
+    assert!(!said.contains("run-gpus: rerank") && !said.contains("ITC scores"), "sim and rerank wait: {said}");
+
+    // Then rerank's shard 2 is held: the script gets as far as rerank.
+    fs::remove_file(ws.path().join("out/text/part-00003-of-00003.lock")).unwrap();
+    write_lock(&ws, "rerank", "part-00002-of-00003", holder.id(), start);
+    let out = run_gpus(&ws, "4,5,GPU-7");
+    assert_eq!(out.status.code(), Some(1), "{}\n{}", stdout(&out), stderr(&out));
+    let said = stdout(&out);
+    assert!(said.contains("): text 3/3: "), "the missing text shard is computed: {said}");
     let (done, failed) =
         ("run-gpus: rerank 1/3 on GPU 4: ok (", "run-gpus: rerank 2/3 on GPU 5: FAILED (exit 1): qpert: ");
     assert!(said.contains(done) && said.contains(failed), "{said}");

@@ -2,7 +2,9 @@
 # The qpert pipeline on the GPUs of one machine, without a scheduler: each sharded stage (extract,
 # text, rerank) runs as one worker process per GPU (`qpert stage STAGE --shard I/N`, with
 # CUDA_VISIBLE_DEVICES set to that GPU), the unsharded ones (index, sim, report) as one process, sim
-# on the first GPU. The workers coordinate as on a cluster (a lock per shard; the last one to finish
+# on the first GPU. Extract and text need only the index, so they run at the same time (two
+# processes on each GPU: text is seconds of GPU work, and its model load and tokenising then hide
+# behind extract). The workers coordinate as on a cluster (a lock per shard; the last one to finish
 # writes the manifest), so after a failure or Ctrl-C a rerun computes only what is not done.
 #
 #   index ─┬─> extract (N workers) ─┬─> sim ─> rerank (N workers) ─> report
@@ -74,52 +76,63 @@ run_single() {
         { say "$stage failed (exit $?); fix the cause and rerun: done stages and shards are skipped"; exit 1; }
 }
 
-# A sharded stage: one worker per GPU, each with its own log; waits for all, reports each.
+# Sharded stages, run at the same time: one worker per GPU and stage, each with its own log; waits
+# for all, and reports each worker as it ends (not in shard order), so a failed shard is named at once.
 run_sharded() {
-    local stage=$1 i log start failed=()
+    local stage i j log start labels=() failed=()
     start=$(date +%s)
     workers=()
-    say "$stage: $shards shard(s) on GPUs ${gpus}; logs: $logs/$stage-*-of-$shards.log"
-    for i in $(seq 1 "$shards"); do
-        log="$logs/$stage-$i-of-$shards.log"
-        {
-            echo "$(date -u +%FT%TZ) $(hostname) CUDA_VISIBLE_DEVICES=${gpu[i - 1]}: $qpert stage $stage --config $config --shard $i/$shards ${options[*]}"
-            CUDA_VISIBLE_DEVICES=${gpu[i - 1]} exec "$qpert" stage "$stage" --config "$config" --shard "$i/$shards" "${options[@]}"
-        } >"$log" 2>&1 &
-        workers+=($!)
+    for stage in "$@"; do
+        say "$stage: $shards shard(s) on GPUs ${gpus}; logs: $logs/$stage-*-of-$shards.log"
+        for i in $(seq 1 "$shards"); do
+            log="$logs/$stage-$i-of-$shards.log"
+            {
+                echo "$(date -u +%FT%TZ) $(hostname) CUDA_VISIBLE_DEVICES=${gpu[i - 1]}: $qpert stage $stage --config $config --shard $i/$shards ${options[*]}"
+                CUDA_VISIBLE_DEVICES=${gpu[i - 1]} exec "$qpert" stage "$stage" --config "$config" --shard "$i/$shards" "${options[@]}"
+            } >"$log" 2>&1 &
+            workers+=($!)
+            labels+=("$stage $i")
+        done
     done
-    # Report each worker when it ends, not in shard order, so a failed shard is named at once.
-    # (Polled rather than `wait -n -p`, which needs bash 5.1; RHEL 8 clusters have 4.4.)
-    local pending=$(seq 1 "$shards") still ended
+    # Polled rather than `wait -n -p`, which needs bash 5.1; RHEL 8 clusters have 4.4.
+    local pending still ended
+    pending=$(seq 0 $((${#workers[@]} - 1)))
     while [ -n "$pending" ]; do
         still= ended=0
-        for i in $pending; do
-            if kill -0 "${workers[i - 1]}" 2>/dev/null; then still="$still $i"; continue; fi
+        for j in $pending; do
+            if kill -0 "${workers[j]}" 2>/dev/null; then still="$still $j"; continue; fi
             ended=1
+            read -r stage i <<<"${labels[j]}"
             log="$logs/$stage-$i-of-$shards.log"
-            if wait "${workers[i - 1]}"; then
+            if wait "${workers[j]}"; then
                 say "$stage $i/$shards on GPU ${gpu[i - 1]}: ok ($(( $(date +%s) - start )) s): $(grep -v '^qpert: \(warning\|progress\)' "$log" | tail -n 1)"
             else
                 local code=$?
                 say "$stage $i/$shards on GPU ${gpu[i - 1]}: FAILED (exit $code): $(tail -n 1 "$log")"
-                failed+=("$i")
+                failed+=("${labels[j]}")
             fi
         done
         pending=$still
         [ -z "$pending" ] || [ "$ended" -eq 1 ] || sleep 1
     done
     workers=()
-    if [ ${#failed[@]} -gt 0 ]; then
-        say "$stage failed in shard(s) $(printf '%s\n' "${failed[@]}" | sort -n | paste -sd " " -) of $shards (logs above); fix the cause and rerun: done shards are skipped"
-        exit 1
-    fi
+    [ ${#failed[@]} -gt 0 ] || return 0
+    for stage in "$@"; do
+        local shards_failed
+        shards_failed=$(printf '%s\n' "${failed[@]}" | sed -n "s/^$stage //p" | sort -n | paste -sd " " -)
+        [ -z "$shards_failed" ] ||
+            say "$stage failed in shard(s) $shards_failed of $shards (logs above); fix the cause and rerun: done shards are skipped"
+    done
+    exit 1
 }
 
 say "$qpert, config $config, $shards GPU(s): $gpus"
 for stage in "${order[@]}"; do
     case "$stage" in
         index | sim | report) run_single "$stage" ;;
-        *) run_sharded "$stage" ;;
+        extract) if [ "$until" = extract ]; then run_sharded extract; else run_sharded extract text; fi ;;
+        text) ;; # ran beside extract
+        rerank) run_sharded rerank ;;
     esac
     [ "$stage" != "$until" ] || break
 done
