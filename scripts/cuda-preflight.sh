@@ -23,7 +23,7 @@
 # the lent GPUs' driver is CUDA 13.0 (580.159; KINDS.md of the device tool), which cannot load PTX
 # from a newer NVRTC. Knobs: STEPS ("parity bench mini oom"), IMAGES (64), K (64), PRECISION (bf16),
 # ATTENTION (aligned), CUBECL_AUTOTUNE_SHORT_CIRCUIT (0, see below), CUDA_VERSION (13.0), PYTHON
-# (python3, with pip), REHEARSE (0; 1 also runs
+# (python3, with pip), XZ_CARRY (the Makefile's: how the seeds are compressed), REHEARSE (0; 1 also runs
 # scripts/gpu-bench.sh itself against the stand-ins, about 8 min more), TORCH_PYTHON (the Python
 # with PyTorch for the rehearsal's reference step; without it that step fails and the rest runs).
 # Logs in $OUT (default target/fake-cuda/out).
@@ -37,6 +37,7 @@ IMAGES="${IMAGES:-64}"
 K="${K:-64}"
 PRECISION="${PRECISION:-bf16}"
 ATTENTION="${ATTENTION:-aligned}"
+XZ_CARRY="${XZ_CARRY:-xz -T1 --lzma2=preset=9e,dict=256MiB}"
 export CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}"
 # Autotune stops compiling a key's candidates at the first one measured near the card's peak (its
 # short circuit). Kernels take no time on the stand-in, so that fired at the first candidate and
@@ -189,18 +190,23 @@ TOML
 fi
 
 # Keep only the compilation cache (PTX by kernel, and by source hash) for the device run,
-# xz-compressed (the device run's carry limit is 64 MiB in all); only after the steps that compile
-# every kernel of the device run, else the seed there stays. A seed already there from the same
-# binaries and NVRTC is merged in: which kernels follow an autotune decision depends on the winner
-# the stand-in's timings picked, so each preflight adds some (cad850e: 28 of an earlier run's 665
-# were not among the next run's 821). `rm -r cache/cubecl` starts afresh.
+# compressed with XZ_CARRY (the device run's carry limit is 64 MiB in all). A seed already there
+# from the same binaries and NVRTC is merged in: which kernels follow an autotune decision depends
+# on the winner the stand-in's timings picked, so each preflight adds some (cad850e: 28 of an
+# earlier run's 665 were not among the next run's 821); so does a run of only some steps
+# (STEPS=parity: the parity binary's kernels). Without such a seed, only a run of the steps that
+# compile every kernel of the device run writes one. `rm -r cache/cubecl` starts afresh.
 ran() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
-if ran parity && ran bench && ran mini; then
+seed_of_these_binaries() {
+    [ -f "$REPO/cache/cubecl/ptx-sm90.db.xz" ] \
+        && [ "$(cat "$REPO/cache/cubecl/ptx-sm90.commit" 2>/dev/null)" = "$(cat "$REPO/target/gpu-bench/commit")" ] \
+        && [ "$(cat "$REPO/cache/cubecl/ptx-sm90.nvrtc" 2>/dev/null)" = "$NVRTC_VERSION" ]
+}
+ptx_xz=""
+if { ran parity && ran bench && ran mini; } || { [ -n "$STEPS" ] && seed_of_these_binaries; }; then
     mkdir -p "$REPO/cache/cubecl"
     earlier=()
-    if [ -f "$REPO/cache/cubecl/ptx-sm90.db.xz" ] \
-        && [ "$(cat "$REPO/cache/cubecl/ptx-sm90.commit" 2>/dev/null)" = "$(cat "$REPO/target/gpu-bench/commit")" ] \
-        && [ "$(cat "$REPO/cache/cubecl/ptx-sm90.nvrtc" 2>/dev/null)" = "$NVRTC_VERSION" ]; then
+    if seed_of_these_binaries; then
         xz -dc "$REPO/cache/cubecl/ptx-sm90.db.xz" > "$WORK/ptx-sm90.earlier.db" && earlier=("$WORK/ptx-sm90.earlier.db")
     fi
     "$PY" - "$ENV_DIR/preflight.db" "$WORK/ptx-sm90.db" "${earlier[@]}" <<'PY' 2>&1 | tee -a "$OUT/log.txt"
@@ -230,10 +236,10 @@ print(f"ptx-sm90.db: {kernels} kernels{merged}, {os.path.getsize(target) / 2**20
 PY
     rm -f "$WORK/ptx-sm90.earlier.db"
     kernels_seeded="$(count_kernels "$WORK/ptx-sm90.db")"
-    xz -6 -T0 -c "$WORK/ptx-sm90.db" > "$REPO/cache/cubecl/ptx-sm90.db.xz"
-    echo "$NVRTC_VERSION" > "$REPO/cache/cubecl/ptx-sm90.nvrtc"
-    cp "$REPO/target/gpu-bench/commit" "$REPO/cache/cubecl/ptx-sm90.commit"
-    rm -f "$REPO/cache/cubecl/cubin-sm90a."* # made again below from this PTX
+    # The seed in cache/cubecl is replaced only once all of the new one is written (below).
+    # One core each: this one and the cubins' below (several minutes each at XZ_CARRY's setting).
+    $XZ_CARRY -c "$WORK/ptx-sm90.db" > "$WORK/ptx-sm90.db.xz" &
+    ptx_xz=$!
 else
     [ -f "$REPO/cache/cubecl/ptx-sm90.db.xz" ] || fail "cache/cubecl/ptx-sm90.db.xz is missing: run every step once (STEPS unset)"
     xz -dc "$REPO/cache/cubecl/ptx-sm90.db.xz" > "$WORK/ptx-sm90.db"
@@ -241,11 +247,18 @@ else
 fi
 # The same kernels as sm_90a cubins (scripts/cubin_seed.py), so that the device's driver loads them
 # without JIT-compiling their PTX; the PTX seed stays as the fallback.
-if [ ! -f "$REPO/cache/cubecl/cubin-sm90a.db.xz" ] || [ ! -f "$REPO/cache/cubecl/cubin-sm90a.probe" ]; then
+if [ -n "$ptx_xz" ] || [ ! -f "$REPO/cache/cubecl/cubin-sm90a.db.xz" ] || [ ! -f "$REPO/cache/cubecl/cubin-sm90a.probe" ]; then
     PYTHONPATH="$WHEELS" "$PY" "$REPO/scripts/cubin_seed.py" "$WORK/ptx-sm90.db" "$WORK/cubin-sm90a.db" \
-        "$REPO/cache/cubecl/cubin-sm90a.probe" "$CUDA/lib/libnvJitLink.so.13" 2>&1 | tee -a "$OUT/log.txt"
+        "$WORK/cubin-sm90a.probe" "$CUDA/lib/libnvJitLink.so.13" 2>&1 | tee -a "$OUT/log.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || fail "scripts/cubin_seed.py failed"
-    xz -6 -T0 -c "$WORK/cubin-sm90a.db" > "$REPO/cache/cubecl/cubin-sm90a.db.xz"
+    $XZ_CARRY -c "$WORK/cubin-sm90a.db" > "$WORK/cubin-sm90a.db.xz" || fail "cannot compress $WORK/cubin-sm90a.db"
+    if [ -n "$ptx_xz" ]; then
+        wait "$ptx_xz" || fail "cannot compress $WORK/ptx-sm90.db"
+        mv "$WORK/ptx-sm90.db.xz" "$REPO/cache/cubecl/"
+        echo "$NVRTC_VERSION" > "$REPO/cache/cubecl/ptx-sm90.nvrtc"
+        cp "$REPO/target/gpu-bench/commit" "$REPO/cache/cubecl/ptx-sm90.commit"
+    fi
+    mv "$WORK/cubin-sm90a.db.xz" "$WORK/cubin-sm90a.probe" "$REPO/cache/cubecl/"
 fi
 # The rehearsal (REHEARSE=1): scripts/gpu-bench.sh itself, as the device runs it, against the
 # stand-in driver and a stand-in nvidia-smi, from a scratch copy of the repository's layout, so

@@ -19,12 +19,13 @@
 #   4. with the time left (up to 530 s in all), the whole mini pipeline on the GPU (configs/mini.toml,
 #      principal projector) and its metrics against the Python reference's (mini.txt).
 # Everything lands in $OUT (default /tmp/gpu-bench): *.txt logs, *.json reports, gpu.txt, and
-# cubecl/<gpu>.db.xz: CubeCL's autotune results and compiled kernels for this GPU model. Decompress
-# it into cache/cubecl/ here and carry that folder too (run tool: carry ["target/gpu-bench",
-# "cache/cubecl"]) so that the next device run starts warm; the script points CubeCL at
-# cache/cubecl through a cubecl.toml in its run folder. A cold run starts from the kernels that
-# scripts/cuda-preflight.sh compiled here (cache/cubecl/cubin-sm90a.db.xz, ptx-sm90.db.xz), so it
-# skips NVRTC and the driver's PTX JIT.
+# cubecl/<gpu>.db.xz: what this run added to CubeCL's database for this GPU model beyond the seed
+# below (autotune results, kernels compiled here). Copy it as it is into cache/cubecl/ here, which
+# is carried (run tool: carry ["target/gpu-bench", "cache/cubecl"]), so that the next device run
+# starts warm; the script points CubeCL at cache/cubecl through a cubecl.toml in its run folder. A
+# cold run starts from the kernels that scripts/cuda-preflight.sh compiled here
+# (cache/cubecl/cubin-sm90a.db.xz, ptx-sm90.db.xz), so it skips NVRTC and the driver's PTX JIT, and
+# adds cache/cubecl/<gpu>.db.xz on top.
 # Knobs (environment): IMAGES (64), K (64), PRECISION (bf16 | f16 | f32), ATTENTION (aligned | fused |
 # explicit: `model.attention`; a run that fails fast is retried with the explicit attention, then in
 # f16 and f32; the bench times the vision tower with all three kernels and ITM with both
@@ -62,6 +63,15 @@ PY="${PYTHON:-$(command -v python3 || command -v python)}"
 unxz_to() { # archive output
     if command -v xz > /dev/null; then xz -dc "$1" > "$2"
     else "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"; fi
+}
+# A SQLite statement on CubeCL's database (Python's sqlite3: the image may have no sqlite3 command).
+sql() { # database statement [attached database]
+    "$PY" -c 'import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+if len(sys.argv) > 3:
+    db.execute("attach database ? as other", (sys.argv[3],))
+print(db.execute(sys.argv[2]).rowcount)
+db.commit()' "$@"
 }
 xz_to() { # file archive
     if command -v xz > /dev/null; then xz -6 -T0 -c "$1" > "$2"
@@ -109,7 +119,10 @@ path = { directory = "$REPO/cache/cubecl" }
 cache = true
 TOML
 DB="$REPO/cache/cubecl/${GPU_MODEL:-gpu}.db"
-say "CubeCL environment: $DB ($( [ -f "$DB" ] && echo "carried in, warm" || echo "new, cold" ))"
+# The seed's keys (namespace, key), written when this run seeds the database: what the run adds
+# beyond them is what comes back (the whole database would pass the 16 MiB that files come back in).
+SEED_KEYS="$DB.seed-keys"
+say "CubeCL environment: $DB ($( [ -f "$DB" ] && echo "there, warm" || echo "new, cold" ))"
 # A cold environment starts from the kernels that scripts/cuda-preflight.sh compiled on the build
 # machine (CubeCL's compilation cache only), so NVRTC need not run here for them: as sm_90a cubins
 # (cache/cubecl/cubin-sm90a.db.xz), which the driver loads as they are, else as PTX
@@ -150,8 +163,18 @@ PY
         else
             unxz_to "$SEED" "$DB" && say "seeded it with the precompiled PTX of $seeded_from ($(du -h "$SEED" | cut -f1), NVRTC $nvrtc; driver CUDA $driver_cuda; cubin probe: $(echo "${probe:-no cubin seed}" | tail -1))"
         fi
+        [ -f "$DB" ] && rm -f "$SEED_KEYS" && sql "$SEED_KEYS" "create table keys as select namespace, key from other.entries" "$DB" > /dev/null
     else
         say "not seeded with ptx-sm90.db.xz: compute capability '${cap:-?}', driver CUDA '${driver_cuda:-?}', PTX from NVRTC $nvrtc"
+    fi
+    # What an earlier device run on this GPU model added (its $OUT/cubecl/<gpu>.db.xz, copied here).
+    if [ -f "$DB.xz" ]; then
+        unxz_to "$DB.xz" "$RUN_DIR/earlier.db" && if [ -f "$DB" ]; then
+            say "added $(sql "$DB" "insert or replace into entries select * from other.entries" "$RUN_DIR/earlier.db") entries of an earlier run on this GPU model ($DB.xz)"
+            rm -f "$RUN_DIR/earlier.db"
+        else
+            mv "$RUN_DIR/earlier.db" "$DB" && say "started from an earlier run on this GPU model ($DB.xz)"
+        fi
     fi
 fi
 cd "$RUN_DIR" || exit 1
@@ -214,11 +237,31 @@ if [ -f "$OUT/torch.json" ] && [ -f "$OUT/qpert-bench.json" ]; then
 else
     say "no ratio table: a report is missing (see torch.txt / qpert-bench-*.txt)"
 fi
-# xz-compressed: files come back from the device at 16 MiB at most, and the kernels make it larger.
-# SQLite keeps recent writes in a -wal file beside it until a checkpoint folds them in.
-[ -f "$DB" ] && "$PY" -c 'import sqlite3, sys; sqlite3.connect(sys.argv[1]).execute("pragma wal_checkpoint(truncate)")' "$DB"
-mkdir -p "$OUT/cubecl" && [ -f "$DB" ] && xz_to "$DB" "$OUT/cubecl/$(basename "$DB").xz" \
-    && say "CubeCL cache for the next run: $OUT/cubecl/ ($(du -sh "$OUT/cubecl" | cut -f1)); xz -d it into cache/cubecl/ and carry that folder next time"
+# What this run added beyond the seed (all of it where nothing was seeded), xz-compressed: files
+# come back from the device at 16 MiB at most. SQLite keeps recent writes in a -wal file beside the
+# database until a checkpoint folds them in.
+if [ -f "$DB" ]; then
+    sql "$DB" "pragma wal_checkpoint(truncate)" > /dev/null
+    added="$RUN_DIR/added.db"
+    rm -f "$added"
+    "$PY" - "$DB" "$added" "$SEED_KEYS" <<'PY'
+import os, sqlite3, sys
+source, target, seed_keys = sys.argv[1:4]
+db = sqlite3.connect(target)
+db.execute("attach database ? as run", (source,))
+db.execute("create table meta as select * from run.meta")
+db.execute(db.execute("select sql from run.sqlite_master where name = 'entries'").fetchone()[0])
+if os.path.exists(seed_keys):
+    db.execute("attach database ? as seed", (seed_keys,))
+    db.execute("insert into entries select * from run.entries e where not exists"
+               " (select 1 from seed.keys s where s.namespace = e.namespace and s.key = e.key)")
+else:
+    db.execute("insert into entries select * from run.entries")
+db.commit()
+PY
+    mkdir -p "$OUT/cubecl" && xz_to "$added" "$OUT/cubecl/$(basename "$DB").xz" \
+        && say "CubeCL cache for the next run: $OUT/cubecl/$(basename "$DB").xz ($(du -h "$OUT/cubecl/$(basename "$DB").xz" | cut -f1)): copy it into cache/cubecl/ as it is, which is carried"
+fi
 say "4 the mini pipeline on $DEVICE against the Python reference"
 left=$(( 530 - ($(date +%s) - start) ))
 if [ "$left" -gt 20 ]; then
