@@ -194,8 +194,9 @@ fi
 # from the same binaries and NVRTC is merged in: which kernels follow an autotune decision depends
 # on the winner the stand-in's timings picked, so each preflight adds some (cad850e: 28 of an
 # earlier run's 665 were not among the next run's 821); so does a run of only some steps
-# (STEPS=parity: the parity binary's kernels). Without such a seed, only a run of the steps that
-# compile every kernel of the device run writes one. `rm -r cache/cubecl` starts afresh.
+# (STEPS=parity: the parity binary's kernels). A run of some steps also writes a seed where there
+# is none; a seed of other binaries is replaced only by a run of the steps that compile every
+# kernel of the device run. `rm -r cache/cubecl` starts afresh.
 ran() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
 seed_of_these_binaries() {
     [ -f "$REPO/cache/cubecl/ptx-sm90.db.xz" ] \
@@ -203,7 +204,8 @@ seed_of_these_binaries() {
         && [ "$(cat "$REPO/cache/cubecl/ptx-sm90.nvrtc" 2>/dev/null)" = "$NVRTC_VERSION" ]
 }
 ptx_xz=""
-if { ran parity && ran bench && ran mini; } || { [ -n "$STEPS" ] && seed_of_these_binaries; }; then
+if { ran parity && ran bench && ran mini; } \
+    || { [ -n "$STEPS" ] && { seed_of_these_binaries || [ ! -f "$REPO/cache/cubecl/ptx-sm90.db.xz" ]; }; }; then
     mkdir -p "$REPO/cache/cubecl"
     earlier=()
     if seed_of_these_binaries; then
