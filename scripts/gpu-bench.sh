@@ -122,7 +122,10 @@ DB="$REPO/cache/cubecl/${GPU_MODEL:-gpu}.db"
 # The seed's keys (namespace, key), written when this run seeds the database: what the run adds
 # beyond them is what comes back (the whole database would pass the 16 MiB that files come back in).
 SEED_KEYS="$DB.seed-keys"
-say "CubeCL environment: $DB ($( [ -f "$DB" ] && echo "there, warm" || echo "new, cold" ))"
+cold=1
+[ -f "$DB" ] && cold=0
+[ "$cold" = 1 ] && rm -f "$SEED_KEYS" # a database removed by hand leaves its seed's keys behind
+say "CubeCL environment: $DB ($( [ "$cold" = 0 ] && echo "there, warm" || echo "new, cold" ))"
 # A cold environment starts from the kernels that scripts/cuda-preflight.sh compiled on the build
 # machine (CubeCL's compilation cache only), so NVRTC need not run here for them: as sm_90a cubins
 # (cache/cubecl/cubin-sm90a.db.xz), which the driver loads as they are, else as PTX
@@ -131,7 +134,7 @@ say "CubeCL environment: $DB ($( [ -f "$DB" ] && echo "there, warm" || echo "new
 # only if the driver loads their probe (one of them) in a throwaway context first.
 SEED="$REPO/cache/cubecl/ptx-sm90.db.xz"
 CUBIN_SEED="$REPO/cache/cubecl/cubin-sm90a.db.xz"
-if [ ! -f "$DB" ] && [ -f "$SEED" ]; then
+if [ "$cold" = 1 ] && [ -f "$SEED" ]; then
     cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)"
     driver_cuda="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9.]*\).*/\1/p' | head -1)"
     nvrtc="$(cat "$REPO/cache/cubecl/ptx-sm90.nvrtc" 2>/dev/null || echo 99)"
@@ -167,14 +170,16 @@ PY
     else
         say "not seeded with ptx-sm90.db.xz: compute capability '${cap:-?}', driver CUDA '${driver_cuda:-?}', PTX from NVRTC $nvrtc"
     fi
-    # What an earlier device run on this GPU model added (its $OUT/cubecl/<gpu>.db.xz, copied here).
-    if [ -f "$DB.xz" ]; then
-        unxz_to "$DB.xz" "$RUN_DIR/earlier.db" && if [ -f "$DB" ]; then
-            say "added $(sql "$DB" "insert or replace into entries select * from other.entries" "$RUN_DIR/earlier.db") entries of an earlier run on this GPU model ($DB.xz)"
-            rm -f "$RUN_DIR/earlier.db"
-        else
-            mv "$RUN_DIR/earlier.db" "$DB" && say "started from an earlier run on this GPU model ($DB.xz)"
-        fi
+fi
+# A cold environment also takes what an earlier device run on this GPU model added (its
+# $OUT/cubecl/<gpu>.db.xz, copied into cache/cubecl): on top of the seed, or alone without one.
+# The seed wins where both hold a kernel (a cubin there, where the earlier run compiled PTX).
+if [ "$cold" = 1 ] && [ -f "$DB.xz" ]; then
+    unxz_to "$DB.xz" "$RUN_DIR/earlier.db" && if [ -f "$DB" ]; then
+        say "added $(sql "$DB" "insert or ignore into entries select * from other.entries" "$RUN_DIR/earlier.db") entries of an earlier run on this GPU model ($DB.xz)"
+        rm -f "$RUN_DIR/earlier.db"
+    else
+        mv "$RUN_DIR/earlier.db" "$DB" && say "started from an earlier run on this GPU model ($DB.xz)"
     fi
 fi
 cd "$RUN_DIR" || exit 1
