@@ -48,6 +48,15 @@ fn malformed_entities_xml_gives_its_position() {
 }
 
 #[test]
+fn a_box_coordinate_that_is_not_finite_is_named() {
+    let ws = Workspace::with_copy(LAVIS);
+    let xml = ws.data.join("flickr30k_entities/Annotations/1000001.xml");
+    let text = fs::read_to_string(&xml).unwrap().replacen("<xmax>401</xmax>", "<xmax>nan</xmax>", 1);
+    fs::write(&xml, text).unwrap();
+    assert_fails(&index(&ws, &[]), 1, &["Annotations/1000001.xml", "<xmax> is not a finite number: `nan`"]);
+}
+
+#[test]
 fn malformed_sentences_file_gives_its_line() {
     let ws = Workspace::with_copy(LAVIS);
     let txt = ws.data.join("flickr30k_entities/Sentences/1000002.txt");

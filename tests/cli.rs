@@ -5,7 +5,7 @@
 mod common;
 
 use arrow::datatypes::DataType;
-use common::{Workspace, area, assert_fails, bools, boxes, chains, f32s, parts, stderr, stdout, strings, u32s};
+use common::{Workspace, area, assert_fails, bools, boxes, chains, f64s, parts, stderr, stdout, strings, u32s};
 
 const LAVIS: &str = "flickr30k_test.json";
 const KARPATHY: &str = "dataset_flickr30k.json";
@@ -45,7 +45,7 @@ fn index_writes_exact_images_boxes_and_texts() {
         0.0,
         -1.0,
     ];
-    assert_eq!(f32s(&images, "object_size"), sizes);
+    assert_eq!(f64s(&images, "object_size"), sizes);
     assert_eq!(sizes[1], 0.375);
     assert_eq!(u32s(&images, "num_boxes"), [4, 1, 2, 0, 0]);
     assert_eq!(u32s(&images, "num_captions"), [5, 5, 4, 6, 5]);
@@ -63,9 +63,9 @@ fn index_writes_exact_images_boxes_and_texts() {
     ];
     assert_eq!(boxes(&b), expected.map(|e| e.map(|v| v as f32)));
     let sizes = [(512.0, 512.0); 5].into_iter().chain([(451.0, 300.0); 2]);
-    let areas: Vec<f32> = expected.iter().zip(sizes).map(|(e, (w, h))| area(*e, w, h)).collect();
-    assert_eq!(f32s(&b, "area"), areas);
-    assert_eq!(f32s(&b, "area")[2], 1600.0 / 262144.0);
+    let areas: Vec<f64> = expected.iter().zip(sizes).map(|(e, (w, h))| area(*e, w, h)).collect();
+    assert_eq!(f64s(&b, "area"), areas);
+    assert_eq!(f64s(&b, "area")[2], 1600.0 / 262144.0);
     assert_eq!(chains(&b), [vec!["1"], vec!["2", "3"], vec!["4"], vec!["4"], vec!["10"], vec!["20"], vec!["21"]]);
     assert_eq!(bools(&b, "outside_image"), [false, false, false, false, false, true, false]);
     let DataType::FixedSizeList(item, 4) = b.schema().field_with_name("box").unwrap().data_type().clone() else {
@@ -247,6 +247,83 @@ fn run_goes_through_every_stage_and_then_finds_everything_up_to_date() {
     for stage in ["index", "extract", "text", "sim", "rerank", "report"] {
         assert!(again.contains(&format!("{stage}: up to date, skipped")), "{again}");
     }
+}
+
+fn metrics(ws: &Workspace) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(ws.path().join("out/report/metrics.json")).unwrap()).unwrap()
+}
+
+/// An image without captions is in the gallery but is no image-to-text query (a split need not give
+/// every image five captions; `report` used to reject sim's rank for it), and a `rerank.k` past the
+/// gallery selects every pair both ways.
+#[test]
+fn an_image_without_captions_and_a_k_past_the_gallery_run_to_the_report() {
+    let ws = Workspace::with_copy(LAVIS);
+    let split = ws.data.join("annotations/flickr30k_test.json");
+    let mut images: serde_json::Value = serde_json::from_slice(&std::fs::read(&split).unwrap()).unwrap();
+    images[1]["caption"] = serde_json::json!([]);
+    std::fs::write(&split, images.to_string()).unwrap();
+
+    let run = ws.qpert(&["run", "--config", "{config}", "--set", "rerank.k=4000000000"]);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let ranks = ws.table("sim", "i2t_ranks");
+    assert_eq!(u32s(&ranks, "image_idx"), [0, 2, 3, 4], "image 1 has no caption: no i2t query");
+    assert!(u32s(&ranks, "itc_rank").iter().all(|&r| r < 20));
+    // Every pair selected both ways: 5 images x 20 texts.
+    let rerank = parts(&ws, "rerank");
+    assert_eq!(rerank.num_rows(), 100);
+    assert!(bools(&rerank, "in_i2t").iter().chain(&bools(&rerank, "in_t2i")).all(|&b| b));
+    let m = metrics(&ws);
+    assert_eq!((m["counts"]["images"].as_u64(), m["counts"]["texts"].as_u64()), (Some(5), Some(20)));
+    assert_eq!(m["counts"]["images_without_captions"], 1);
+    assert_eq!(ws.table("report", "per_query").num_rows(), 4 + 20);
+}
+
+/// Object sizes are f64, as in the released evaluation: an area of exactly 0.3 is below numpy's
+/// threshold 3 * 0.1 = 0.30000000000000004, so in [0.2, 0.3) (as an f32, 0.3000000119, it was in
+/// the bin above).
+#[test]
+fn an_object_size_on_a_bin_threshold_is_in_the_bin_below_it() {
+    let ws = Workspace::with_copy(LAVIS);
+    // Image 1000004 (600 x 400): its box of chain 30 becomes a mentioned one (33) of 180 x 400 px.
+    let xml = ws.data.join("flickr30k_entities/Annotations/1000004.xml");
+    let text = std::fs::read_to_string(&xml).unwrap().replacen("<name>30</name>", "<name>33</name>", 1);
+    let text = text.replacen("<xmin>201</xmin>", "<xmin>1</xmin>", 1).replacen("<ymin>101</ymin>", "<ymin>1</ymin>", 1);
+    let text = text.replacen("<xmax>401</xmax>", "<xmax>181</xmax>", 1).replacen("<ymax>301</ymax>", "<ymax>401</ymax>", 1);
+    std::fs::write(&xml, text).unwrap();
+
+    let run = ws.qpert(&["run", "--config", "{config}"]);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    let sizes = f64s(&ws.table("index", "images"), "object_size");
+    assert_eq!(sizes[3], 0.3);
+    assert_eq!(ws.table("index", "images").schema().field_with_name("object_size").unwrap().data_type(), &DataType::Float64);
+    // Sizes 0.55 (bin 5), 0.375 (bin 3), 0.66 (bin 6), 0.3 (bin 2), -1 (none).
+    let bins = &metrics(&ws)["itc"]["bins"];
+    let n_images: Vec<u64> = (0..10).map(|k| bins[k]["n_images"].as_u64().unwrap()).collect();
+    assert_eq!(n_images, [0, 0, 1, 1, 0, 1, 1, 0, 0, 0]);
+    assert_eq!(bins[2]["n_texts"], 6, "the captions of image 1000004");
+}
+
+/// A kept box without area (here zero width) has an empty mask: warned (a data warning, so fatal
+/// under `--strict`) and counted; its image is still perturbed, by the projector of a zero Gram
+/// matrix.
+#[test]
+fn a_box_without_area_is_warned_and_counted() {
+    let ws = Workspace::with_copy(LAVIS);
+    let xml = ws.data.join("flickr30k_entities/Annotations/1000004.xml");
+    let text = std::fs::read_to_string(&xml).unwrap().replacen("<name>30</name>", "<name>33</name>", 1);
+    std::fs::write(&xml, text.replacen("<xmax>401</xmax>", "<xmax>201</xmax>", 1)).unwrap();
+
+    let out = index(&ws, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("1 outside their image, 1 without area;"), "{}", stdout(&out));
+    let warnings = stderr(&out);
+    assert!(warnings.contains("1000004.xml: image 1000004: kept box 1 (chains 33) [200.0, 100.0, 200.0, 300.0] has no area"), "{warnings}");
+    assert_eq!(f64s(&ws.table("index", "images"), "object_size")[3], 0.0);
+
+    let run = ws.qpert(&["run", "--config", "{config}"]);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    assert!(stdout(&run).contains("extract 1/1: 5 images (4 perturbed)"), "{}", stdout(&run));
 }
 
 /// Images are in no fingerprint: one replaced in place (other pixels, same size) leaves every stage

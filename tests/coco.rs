@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{
-    Workspace, area, assert_fails, bools, boxes, chains, copy_dir, f32s, parts, stderr, stdout, strings, u32s,
+    Workspace, area, assert_fails, bools, boxes, chains, copy_dir, f32s, f64s, parts, stderr, stdout, strings, u32s,
 };
 
 fn fixture() -> PathBuf {
@@ -116,7 +116,7 @@ fn index_keeps_the_exact_boxes_for_both_origins() {
         assert_eq!(u32s(&images, "width"), [512, 451, 600, 640]);
         assert_eq!(u32s(&images, "height"), [512, 300, 400, 427]);
         let sizes = [area(KEPT[0].1, 512.0, 512.0), area(KEPT[4].1, 451.0, 300.0), area(KEPT[5].1, 600.0, 400.0), -1.0];
-        assert_eq!(f32s(&images, "object_size"), sizes, "origin {origin}");
+        assert_eq!(f64s(&images, "object_size"), sizes, "origin {origin}");
         assert_eq!(sizes[2], 0.375);
         assert_eq!(u32s(&images, "num_boxes"), [4, 1, 1, 0]);
         assert_eq!(u32s(&images, "num_captions"), [5, 5, 6, 5]);
@@ -126,7 +126,7 @@ fn index_keeps_the_exact_boxes_for_both_origins() {
         assert_eq!(u32s(&b, "image_idx"), KEPT.map(|k| k.0));
         assert_eq!(boxes(&b), KEPT.map(|k| k.1.map(|v| (v - shift) as f32)), "origin {origin}");
         let areas = KEPT.map(|k| area(k.1, k.3.0 as f64, k.3.1 as f64));
-        assert_eq!(f32s(&b, "area"), areas, "the shift does not change areas");
+        assert_eq!(f64s(&b, "area"), areas, "the shift does not change areas");
         assert_eq!(chains(&b).iter().map(|c| c.join(",")).collect::<Vec<_>>(), KEPT.map(|k| k.2));
         assert_eq!(u32s(&b, "mask_width"), KEPT.map(|k| k.3.0));
         assert_eq!(u32s(&b, "mask_height"), KEPT.map(|k| k.3.1));
@@ -177,7 +177,7 @@ fn bad_coco_input_is_one_line_naming_the_file() {
     let out = run(&ws, &["stage", "index"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("no COCO Entities data for 4 images of the split"), "{}", stdout(&out));
-    assert_eq!(f32s(&ws.table("index", "images"), "object_size"), [-1.0; 4]);
+    assert_eq!(f64s(&ws.table("index", "images"), "object_size"), [-1.0; 4]);
 }
 
 #[test]
@@ -188,7 +188,7 @@ fn the_pipeline_runs_end_to_end_and_skips_the_image_without_coco_entities() {
     let extract = parts(&ws, "extract");
     assert_eq!(u32s(&extract, "image_idx"), [0, 1, 2, 3]);
     assert_eq!(bools(&extract, "perturbed"), [true, true, true, false], "35498 has no COCO Entities data");
-    assert_eq!(f32s(&ws.table("index", "images"), "object_size")[3], -1.0);
+    assert_eq!(f64s(&ws.table("index", "images"), "object_size")[3], -1.0);
 
     // Every caption gets its ITC rank; the re-ranked pairs cover each query's top-2.
     assert_eq!(ws.table("sim", "t2i_ranks").num_rows(), 21);

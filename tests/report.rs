@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use arrow::array::{Array, ArrayRef, BooleanArray, Float32Array, StringArray, UInt32Array};
+use arrow::array::{Array, ArrayRef, BooleanArray, Float32Array, Float64Array, StringArray, UInt32Array};
 use arrow::datatypes::{Field, Schema};
 use arrow::record_batch::RecordBatch;
 use serde_json::Value;
@@ -58,7 +58,7 @@ fn write_tables(dir: &StageDir, tables: &[(&str, RecordBatch)]) {
 }
 
 /// Sizes: image 0 small (0.05), image 1 in [0.3, 0.4), image 2 without annotation (-1).
-const SIZES: [f32; 3] = [0.05, 0.35, -1.0];
+const SIZES: [f64; 3] = [0.05, 0.35, -1.0];
 /// Texts 0, 1 -> image 0; 2, 3 -> image 1; 4, 5 -> image 2.
 const TEXT_IMAGE: [u32; 6] = [0, 0, 1, 1, 2, 2];
 const ITC_I2T: [u32; 3] = [0, 3, 1];
@@ -89,7 +89,7 @@ const PAIRS: [Pair; 15] = [
 fn write_index(config: &Config) {
     let dir = StageDir::open(&config.output.dir, "index", index::fingerprint(config).unwrap());
     let ids: ArrayRef = Arc::new(StringArray::from(vec!["a", "b", "c"]));
-    let images = batch(vec![("image_idx", u32s(&[0, 1, 2])), ("image_id", ids), ("object_size", f32s(&SIZES))]);
+    let images = batch(vec![("image_idx", u32s(&[0, 1, 2])), ("image_id", ids), ("object_size", Arc::new(Float64Array::from(SIZES.to_vec())))]);
     let texts = batch(vec![("text_idx", u32s(&[0, 1, 2, 3, 4, 5])), ("image_idx", u32s(&TEXT_IMAGE))]);
     write_tables(&dir, &[("images", images), ("texts", texts)]);
 }
@@ -269,8 +269,8 @@ fn hand_checked_report_with_rerank() {
     assert_eq!(u32_column(&pq, "query_idx"), [0, 1, 2, 0, 1, 2, 3, 4, 5].map(Some));
     assert_eq!(u32_column(&pq, "itc_rank"), [0, 3, 1, 0, 1, 2, 0, 1, 0].map(Some));
     assert_eq!(u32_column(&pq, "rerank_rank"), [1, 0, 1, 1, 1, 1, 0, 1, 2].map(Some));
-    let size: Vec<f32> =
-        pq.column_by_name("object_size").unwrap().as_any().downcast_ref::<Float32Array>().unwrap().values().to_vec();
+    let size: Vec<f64> =
+        pq.column_by_name("object_size").unwrap().as_any().downcast_ref::<Float64Array>().unwrap().values().to_vec();
     assert_eq!(size, [0.05, 0.35, -1.0, 0.05, 0.05, 0.35, 0.35, -1.0, -1.0]);
     let meta = qpert::store::parquet::read_footer(&dir.join("per_query.parquet")).unwrap().metadata;
     assert_eq!(meta["qpert.stage"], "report");

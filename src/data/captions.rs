@@ -15,7 +15,10 @@ pub const MAX_WORDS: usize = 50;
 /// The characters LAVIS replaces with a space.
 const PUNCTUATION: &[char] = &['.', '!', '"', '(', ')', '*', '#', ':', ';', '~'];
 
-static WHITESPACE_RUN: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\s{2,}").expect("valid regex"));
+/// Python's `\s` on a `str` (the characters for which `str.isspace()` holds): Unicode White_Space,
+/// which is Rust's `\s`, plus the four separators U+001C to U+001F.
+static WHITESPACE_RUN: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"[\s\x1C-\x1F]{2,}").expect("valid regex"));
 
 /// The LAVIS-cleaned form of `caption`.
 pub fn clean_caption(caption: &str) -> String {
@@ -50,6 +53,10 @@ mod tests {
         assert_eq!(clean_caption("a\t\tb"), "a b");
         assert_eq!(clean_caption("a \nb"), "a b");
         assert_eq!(clean_caption("a\nb"), "a\nb");
+        // Python's `\s` also matches the separators U+001C-U+001F (`re.sub(r"\s{2,}", " ", ...)`).
+        assert_eq!(clean_caption("a\x1c\x1cb"), "a b");
+        assert_eq!(clean_caption("a\u{2003}\u{3000}b"), "a b");
+        assert_eq!(clean_caption("a\x1cb"), "a\x1cb");
     }
 
     #[test]

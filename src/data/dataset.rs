@@ -28,10 +28,12 @@ pub enum SplitFormat {
 
 /// Reads the split at `path`; `split` selects Karpathy images (ignored for LAVIS).
 pub fn load_split(path: &Path, split: &str) -> Result<(SplitFormat, Vec<SplitImage>)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::input(path, e))?;
-    let images = match detect_format(&text) {
-        Some(SplitFormat::Lavis) => (SplitFormat::Lavis, lavis_json::parse(&text, path)?),
-        Some(SplitFormat::Karpathy) => (SplitFormat::Karpathy, karpathy_json::parse(&text, path, split)?),
+    let file = std::fs::read_to_string(path).map_err(|e| Error::input(path, e))?;
+    // A UTF-8 byte order mark (some editors on Windows write one) is not JSON: skip it.
+    let text = file.strip_prefix('\u{feff}').unwrap_or(&file);
+    let images = match detect_format(text) {
+        Some(SplitFormat::Lavis) => (SplitFormat::Lavis, lavis_json::parse(text, path)?),
+        Some(SplitFormat::Karpathy) => (SplitFormat::Karpathy, karpathy_json::parse(text, path, split)?),
         None => {
             return Err(Error::input(
                 path,
@@ -46,7 +48,7 @@ pub fn load_split(path: &Path, split: &str) -> Result<(SplitFormat, Vec<SplitIma
 }
 
 fn detect_format(text: &str) -> Option<SplitFormat> {
-    match text.trim_start_matches('\u{feff}').trim_start().chars().next()? {
+    match text.trim_start().chars().next()? {
         '[' => Some(SplitFormat::Lavis),
         '{' => Some(SplitFormat::Karpathy),
         _ => None,
@@ -78,9 +80,19 @@ mod tests {
     #[test]
     fn format_is_detected_by_first_character() {
         assert_eq!(detect_format("  [ {} ]"), Some(SplitFormat::Lavis));
-        assert_eq!(detect_format("\u{feff}{\"images\": []}"), Some(SplitFormat::Karpathy));
+        assert_eq!(detect_format("{\"images\": []}"), Some(SplitFormat::Karpathy));
         assert_eq!(detect_format("nope"), None);
         assert_eq!(detect_format(""), None);
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("split.json");
+        std::fs::write(&path, "\u{feff}[{\"image\": \"a.jpg\", \"caption\": [\"A dog.\"]}]").unwrap();
+        let (format, images) = load_split(&path, "test").unwrap();
+        assert_eq!(format, SplitFormat::Lavis);
+        assert_eq!(images, vec![SplitImage { path: "a.jpg".into(), captions: vec!["A dog.".into()] }]);
     }
 
     #[test]

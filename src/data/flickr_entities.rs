@@ -189,7 +189,11 @@ impl PartialObject {
                 if let (Some(slot), Some(bndbox)) =
                     (COORDS.iter().position(|c| *c == element), self.bndboxes.last_mut())
                 {
-                    bndbox[slot] = Some(parse_number(element, text)?);
+                    let value: f64 = parse_number(element, text)?;
+                    if !value.is_finite() {
+                        return Err(format!("<{element}> is not a finite number: `{text}`"));
+                    }
+                    bndbox[slot] = Some(value);
                 }
             }
             _ => {}

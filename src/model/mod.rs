@@ -11,9 +11,9 @@
 //! - [`weights`]: safetensors loading, HF names, `fuse_qkv_bias`.
 //!
 //! Precision: the weights are stored and the activations computed in the run dtype
-//! ([`Blip2Model::load_with_dtype`]: f32, bf16 or f16), except LayerNorm, softmax and the vision
-//! patch convolution, which cast up to f32, compute and cast back ([`LayerNorm`], `softmax`,
-//! `vision::VisionEmbeddings`). Every public forward casts its
+//! ([`Blip2Model::load_with_dtype`]: f32, bf16 or f16), except LayerNorm, softmax, GELU and the
+//! vision patch convolution, which cast up to f32, compute and cast back ([`LayerNorm`], `softmax`,
+//! `gelu`, `vision::VisionEmbeddings`), and the vision attention's scale, applied in f32. Every public forward casts its
 //! float inputs to the run dtype and returns f32; the final L2 normalisation and the ITM mean run
 //! in f32. In f32 every cast is a no-op, so the f32 path is the plain burn computation.
 
@@ -139,7 +139,9 @@ fn explicit_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, key_bias: Option
     let d = q.dims()[3];
     let dtype = FloatDType::from(q.dtype());
     let (k, v, key_bias) = pad_keys(k, v, key_bias, FloatDType::F32);
-    let scores = (q.matmul(k.swap_dims(2, 3)) * (d as f64).powf(-0.5)).cast(FloatDType::F32);
+    // Scaled in f32: burn rounds a scalar to the tensor's dtype, and 88^-0.5 in bf16 is 0.15% low,
+    // the same bias on every score of ViT-g (PyTorch keeps the scalar in f32).
+    let scores = q.matmul(k.swap_dims(2, 3)).cast(FloatDType::F32) * (d as f64).powf(-0.5);
     let scores = match key_bias {
         Some(bias) => scores + bias,
         None => scores,
@@ -267,11 +269,19 @@ fn fused_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
             false => x,
         }
     };
-    let q = pad(q * (d_pad as f64 / d as f64).sqrt(), 1.0, 1.0);
+    // The factor applied in f32 (in bf16 sqrt(96/88) would round 0.23% high), then cast back.
+    let q = pad((q.cast(FloatDType::F32) * (d_pad as f64 / d as f64).sqrt()).cast(dtype), 1.0, 1.0);
     let k = pad(k, 0.0, PADDED_KEY_SCORE * (d_pad as f64).sqrt());
     let v = pad(v, 0.0, 0.0);
     let options = burn::tensor::ops::AttentionModuleOptions::default();
     burn::tensor::module::attention(q, k, v, None, None, options).slice([0..b, 0..h, 0..t, 0..d])
+}
+
+/// Exact (erf) GELU computed in f32, returned in the dtype of `x`: burn's CubeCL GELU otherwise
+/// rounds each of its steps (and the 1/sqrt(2) scalar) to bf16/f16.
+fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let dtype = FloatDType::from(x.dtype());
+    burn::tensor::activation::gelu(x.cast(FloatDType::F32)).cast(dtype)
 }
 
 /// Softmax along `dim` computed in f32, returned in the dtype of `x`.

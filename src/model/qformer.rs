@@ -7,11 +7,10 @@
 
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::activation::gelu;
 use burn::tensor::{Device, FloatDType, Tensor};
 
 use super::config::QFormerConfig;
-use super::{AttentionKernel, LayerNorm, linear, pad_keys, pad_tokens, padded_key_bias, softmax};
+use super::{AttentionKernel, LayerNorm, gelu, linear, pad_keys, pad_tokens, padded_key_bias, softmax};
 
 /// Query, key and value projections of one attention block (`attention.attention` or
 /// `crossattention.attention`).

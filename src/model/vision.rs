@@ -7,13 +7,12 @@
 use burn::module::{Initializer, Module, Param};
 use burn::nn::Linear;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::tensor::activation::gelu;
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, FloatDType, Tensor};
 
 use super::config::VisionConfig;
-use super::{AttentionKernel, LayerNorm, attention, linear};
+use super::{AttentionKernel, LayerNorm, attention, gelu, linear};
 
 /// Patch, class and position embeddings (`vision_model.embeddings`).
 #[derive(Module, Debug)]

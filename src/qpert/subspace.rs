@@ -94,8 +94,18 @@ pub struct KeySubspace {
 
 impl KeySubspace {
     /// Decomposes a symmetric `gram` (row-major d x d) in f64.
+    ///
+    /// A zero matrix (a box whose mask covers no patch: a zero-area box, one outside the image, or
+    /// one too thin to survive the resize) has every basis as eigenvectors, and m = 1 keeps one of
+    /// them, so its projector is arbitrary. qpert takes the standard basis in index order, as
+    /// LAPACK (`numpy`/`torch.linalg.eigh`) returns for a zero matrix and a stable descending sort
+    /// keeps it: V = I, so P = e1 e1^T for either projector.
     pub fn of_gram(gram: &[f64], dim: usize) -> Self {
         assert_eq!(gram.len(), dim * dim, "gram matrix must be d x d");
+        if gram.iter().all(|&g| g == 0.0) {
+            let identity = (0..dim * dim).map(|i| if i % (dim + 1) == 0 { 1.0 } else { 0.0 }).collect();
+            return KeySubspace { eigenvalues: vec![0.0; dim], eigenvectors: identity, dim };
+        }
         let a = Mat::<f64>::from_fn(dim, dim, |i, j| gram[i * dim + j]);
         let mut values = faer::diag::Diag::<f64>::zeros(dim);
         let mut vectors = Mat::<f64>::zeros(dim, dim);
@@ -219,9 +229,12 @@ mod tests {
     }
 
     #[test]
-    fn zero_gram_keeps_one_component() {
-        let s = KeySubspace::of_gram(&[0.0; 4], 2);
+    fn zero_gram_keeps_one_component_the_first_basis_vector() {
+        let s = KeySubspace::of_gram(&[0.0; 9], 3);
         assert_eq!(s.num_components(Components::Ratio(0.99)), 1);
+        let e1 = vec![1., 0., 0., 0., 0., 0., 0., 0., 0.];
+        assert_eq!(s.projector(ProjectorKind::Principal, 1), e1);
+        assert_eq!(s.projector(ProjectorKind::Official, 1), e1);
     }
 
     #[test]

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arrow::array::{
-    ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, ListBuilder, StringArray, StringBuilder, UInt32Array,
+    ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, Float64Array, ListBuilder, StringArray, StringBuilder,
+    UInt32Array,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -114,6 +115,9 @@ pub struct Coverage {
     pub boxes_dropped: usize,
     /// Kept boxes reaching outside their image (warned; fatal under `--strict`).
     pub boxes_outside_image: usize,
+    /// Kept boxes without area (xmax <= xmin or ymax <= ymin): an empty mask, so a zero Gram matrix
+    /// and the arbitrary projector of `KeySubspace::of_gram` (warned; fatal under `--strict`).
+    pub boxes_without_area: usize,
     /// COCO Entities only: boxes dropped as near-duplicates (L1 < 0.1) of a box of the same image.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub boxes_duplicate: Option<usize>,
@@ -122,9 +126,13 @@ pub struct Coverage {
 impl Coverage {
     fn line(&self) -> String {
         let duplicates = self.boxes_duplicate.map(|n| format!(", {n} dropped (duplicate)")).unwrap_or_default();
+        let without_area = match self.boxes_without_area {
+            0 => String::new(),
+            n => format!(", {n} without area"),
+        };
         format!(
             "index: {} images, {} captions; {} images with Entities annotations ({} without); \
-             boxes: {} kept, {} dropped (chain not mentioned){duplicates}, {} outside their image; \
+             boxes: {} kept, {} dropped (chain not mentioned){duplicates}, {} outside their image{without_area}; \
              annotated images without a kept box: {}",
             self.images,
             self.captions,
@@ -249,11 +257,13 @@ struct ImageRecord {
 }
 
 impl ImageRecord {
-    /// -1 without annotation, 0 with no kept box, else the largest kept-box area ratio.
-    fn object_size(&self) -> f32 {
+    /// -1 without annotation, 0 with no kept box, else the largest kept-box area ratio, in f64 as
+    /// the released evaluation computes it: an f32 size would move images on a bin threshold to the
+    /// next bin (f32 0.3 is above numpy's threshold 0.30000000000000004).
+    fn object_size(&self) -> f64 {
         match &self.boxes {
             None => -1.0,
-            Some(b) => b.kept.iter().map(|k| k.area as f32).fold(0.0, f32::max),
+            Some(b) => b.kept.iter().map(|k| k.area).reduce(f64::max).unwrap_or(0.0),
         }
     }
 }
@@ -385,6 +395,18 @@ fn report_boxes(
             );
             warnings.push(ctx.data_warning(&xml, &msg)?);
         }
+        for (i, b) in boxes.kept.iter().enumerate().filter(|(_, b)| b.coords[2] <= b.coords[0] || b.coords[3] <= b.coords[1]) {
+            coverage.boxes_without_area += 1;
+            let msg = format!(
+                "image {}: kept box {} (chains {}) {:?} has no area (its end is not past its start): its mask is \
+                 empty and its projector arbitrary (e1 e1^T, see README: The method)",
+                record.image_id,
+                i + 1,
+                b.chains.join(","),
+                b.coords,
+            );
+            warnings.push(ctx.data_warning(&xml, &msg)?);
+        }
     }
     Ok((coverage, warnings))
 }
@@ -420,7 +442,7 @@ fn images_batch(split: &[SplitImage], records: &[ImageRecord]) -> ArrowResult<Re
         ("path", Arc::new(StringArray::from_iter_values(records.iter().map(|r| r.path.to_string_lossy())))),
         ("width", Arc::new(UInt32Array::from_iter_values(records.iter().map(|r| r.width)))),
         ("height", Arc::new(UInt32Array::from_iter_values(records.iter().map(|r| r.height)))),
-        ("object_size", Arc::new(Float32Array::from_iter_values(records.iter().map(ImageRecord::object_size)))),
+        ("object_size", Arc::new(Float64Array::from_iter_values(records.iter().map(ImageRecord::object_size)))),
         ("num_boxes", u32_column(records.iter().map(|r| r.boxes.as_ref().map_or(0, |b| b.kept.len())))),
         ("num_captions", u32_column(split.iter().map(|s| s.captions.len()))),
     ])
@@ -446,7 +468,7 @@ fn boxes_batch(records: &[ImageRecord]) -> ArrowResult<RecordBatch> {
     batch(vec![
         ("image_idx", u32_column(kept.iter().map(|(i, _, _)| *i))),
         ("box", Arc::new(boxes)),
-        ("area", Arc::new(Float32Array::from_iter_values(kept.iter().map(|(_, k, _)| k.area as f32)))),
+        ("area", Arc::new(Float64Array::from_iter_values(kept.iter().map(|(_, k, _)| k.area)))),
         ("chains", Arc::new(chains.finish())),
         ("outside_image", Arc::new(BooleanArray::from_iter(kept.iter().map(|(_, k, _)| Some(k.outside))))),
         ("mask_width", Arc::new(UInt32Array::from_iter_values(kept.iter().map(|(_, _, size)| size.0)))),
@@ -480,13 +502,13 @@ pub struct IndexTables {
 pub struct IndexImage {
     pub path: PathBuf,
     /// Max kept-box area ratio; 0 with no kept box; -1 without annotation.
-    pub object_size: f32,
+    pub object_size: f64,
 }
 
 /// One kept box, as the Q-Pert weights need it.
 pub struct IndexBox {
     pub object: ObjectBox,
-    pub area: f32,
+    pub area: f64,
     /// The annotation's image size, at which the released code builds the box mask.
     pub mask_width: u32,
     pub mask_height: u32,
@@ -509,13 +531,13 @@ impl IndexTables {
 
         let t = Table::new(&images, &images_path);
         let paths = t.strings("path")?;
-        let sizes = t.f32s("object_size")?;
+        let sizes = t.f64s("object_size")?;
         let images: Vec<IndexImage> = (0..images.num_rows())
             .map(|i| IndexImage { path: PathBuf::from(paths.value(i)), object_size: sizes[i] })
             .collect();
 
         let t = Table::new(&boxes, &boxes_path);
-        let (owner, coords, area) = (t.u32s("image_idx")?, t.f32_rows("box", 4)?, t.f32s("area")?);
+        let (owner, coords, area) = (t.u32s("image_idx")?, t.f32_rows("box", 4)?, t.f64s("area")?);
         let (mask_width, mask_height) = (t.u32s("mask_width")?, t.u32s("mask_height")?);
         let mut per_image: Vec<Vec<IndexBox>> = (0..images.len()).map(|_| Vec::new()).collect();
         for (o, &image) in owner.iter().enumerate() {

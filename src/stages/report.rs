@@ -14,7 +14,7 @@ mod svg;
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float32Array, StringArray, UInt32Array};
+use arrow::array::{ArrayRef, Float64Array, StringArray, UInt32Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use rayon::prelude::*;
@@ -239,7 +239,7 @@ fn query_ranks(
 
 /// Everything the report reads, checked.
 struct Inputs {
-    object_size: Vec<f32>,
+    object_size: Vec<f64>,
     truth: GroundTruth,
     itc: Ranks,
     rerank: Option<Ranks>,
@@ -254,6 +254,9 @@ struct Counts {
     /// Images with an object size (an Entities annotation); only these fall in a bin.
     images_with_size: usize,
     images_without_annotation: usize,
+    /// Images of size 1 or more (a kept box covering the whole image, or reaching outside it with
+    /// its unclamped area): past the last bin [0.9, 1.0), so in no bin.
+    images_beyond_last_bin: usize,
     /// Images without captions: no image-to-text query.
     images_without_captions: usize,
     small_images: usize,
@@ -275,7 +278,7 @@ impl Inputs {
         if image_idx.iter().enumerate().any(|(i, &v)| v as usize != i) {
             return Err(Error::artifact(&images_path, "image_idx is not 0, 1, 2, ... in row order"));
         }
-        let object_size = Table::new(&images, &images_path).f32s("object_size")?.to_vec();
+        let object_size = Table::new(&images, &images_path).f64s("object_size")?.to_vec();
         let texts = index_dir.read_table("texts")?;
         let text_idx = Table::new(&texts, &texts_path).u32s("text_idx")?.to_vec();
         if text_idx.iter().enumerate().any(|(t, &v)| v as usize != t) {
@@ -292,6 +295,7 @@ impl Inputs {
             texts: truth.num_texts(),
             images_with_size: object_size.iter().filter(|&&s| s >= 0.0).count(),
             images_without_annotation: object_size.iter().filter(|&&s| s < 0.0).count(),
+            images_beyond_last_bin: object_size.iter().filter(|&&s| s >= bin_bounds(NUM_BINS - 1).1).count(),
             images_without_captions: truth.image_texts.iter().filter(|t| t.is_empty()).count(),
             ..Counts::default()
         };
@@ -484,7 +488,7 @@ fn display_bounds(k: usize) -> (f64, f64) {
 
 impl Block {
     /// The metrics of `ranks`; bins by each image's `object_size` (a text by its image's).
-    pub fn of(ranks: &Ranks, truth: &GroundTruth, object_size: &[f32]) -> Block {
+    pub fn of(ranks: &Ranks, truth: &GroundTruth, object_size: &[f64]) -> Block {
         let image_bin: Vec<Option<usize>> = object_size.iter().map(|&s| bin_of(s)).collect();
         let select = |bin: Option<usize>| -> (Vec<usize>, Vec<usize>) {
             let keep = |i: usize| bin.is_none() || image_bin[i] == bin;
@@ -713,14 +717,14 @@ fn per_query_batch(inputs: &Inputs) -> std::result::Result<RecordBatch, arrow::e
     let schema = Arc::new(Schema::new(vec![
         Field::new("direction", DataType::Utf8, false),
         Field::new("query_idx", DataType::UInt32, false),
-        Field::new("object_size", DataType::Float32, false),
+        Field::new("object_size", DataType::Float64, false),
         Field::new("itc_rank", DataType::UInt32, false),
         Field::new("rerank_rank", DataType::UInt32, true),
     ]));
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(direction)),
         Arc::new(UInt32Array::from(query)),
-        Arc::new(Float32Array::from(size)),
+        Arc::new(Float64Array::from(size)),
         Arc::new(UInt32Array::from(itc)),
         Arc::new(UInt32Array::from(rerank)),
     ];

@@ -176,7 +176,7 @@ pub fn batch_boxes(index: &IndexTables, images: &[usize], grid: PatchGrid) -> Ba
     let mut boxes = BatchBoxes::default();
     for (slot, &image) in images.iter().enumerate() {
         for b in &index.boxes[image] {
-            boxes.push(slot, &b.object, b.area, b.mask_width, b.mask_height, grid);
+            boxes.push(slot, &b.object, b.area as f32, b.mask_width, b.mask_height, grid);
         }
     }
     boxes

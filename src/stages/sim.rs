@@ -75,8 +75,10 @@ pub fn run(ctx: &Context) -> Result<Outcome> {
 
     let scoring = std::time::Instant::now();
     // Pass 1: top-k both ways and the ground-truth scores.
-    let mut i2t: Vec<TopK> = (0..features.n_images).map(|_| TopK::new(k)).collect();
-    let mut t2i: Vec<TopK> = (0..features.n_texts).map(|_| TopK::new(k)).collect();
+    // A list never holds more than the gallery: a k past it selects everything, and reserving k
+    // slots for each of COCO's 30,010 queries at k = 4e9 would exceed the address space.
+    let mut i2t: Vec<TopK> = (0..features.n_images).map(|_| TopK::new(k.min(features.n_texts))).collect();
+    let mut t2i: Vec<TopK> = (0..features.n_texts).map(|_| TopK::new(k.min(features.n_images))).collect();
     let mut gt_score = vec![f32::NAN; features.n_texts];
     let blocks = block_count(&features);
     let bar = ctx.reporter.bar(2 * blocks as u64, "sim");
@@ -117,11 +119,13 @@ pub fn run(ctx: &Context) -> Result<Outcome> {
     bar.finish_and_clear();
     SCORE_TIME.add(scoring.elapsed());
 
-    let image_ranks: Vec<u32> = texts_of_image
+    // An image without captions is no image-to-text query: it gets no row.
+    let image_ranks: Vec<(u32, u32)> = texts_of_image
         .iter()
-        .map(|texts| texts.iter().map(|&t| in_row[t].rank() as u32).min().unwrap_or(u32::MAX))
+        .enumerate()
+        .filter_map(|(i, texts)| Some((i as u32, texts.iter().map(|&t| in_row[t].rank() as u32).min()?)))
         .collect();
-    let text_ranks: Vec<u32> = in_column.iter().map(|c| c.rank() as u32).collect();
+    let text_ranks: Vec<(u32, u32)> = in_column.iter().enumerate().map(|(t, c)| (t as u32, c.rank() as u32)).collect();
 
     let artifact = |e: arrow::error::ArrowError| Error::artifact(stage.path(), e);
     let tables = [
@@ -249,10 +253,11 @@ fn topk_batch(names: [&str; 4], lists: Vec<TopK>) -> std::result::Result<RecordB
     ])
 }
 
-fn ranks_batch(query: &str, ranks: Vec<u32>) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
+/// One row per (query, its ITC rank).
+fn ranks_batch(query: &str, ranks: Vec<(u32, u32)>) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
     record_batch(vec![
-        (query, Arc::new(UInt32Array::from_iter_values(0..ranks.len() as u32))),
-        ("itc_rank", Arc::new(UInt32Array::from(ranks))),
+        (query, Arc::new(UInt32Array::from_iter_values(ranks.iter().map(|&(q, _)| q)))),
+        ("itc_rank", Arc::new(UInt32Array::from_iter_values(ranks.iter().map(|&(_, r)| r)))),
     ])
 }
 

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, ArrowPrimitiveType, BooleanArray, FixedSizeListArray, Float32Array, PrimitiveArray, StringArray,
-    UInt32Array,
+    Array, ArrayRef, ArrowPrimitiveType, BooleanArray, FixedSizeListArray, Float32Array, Float64Array, PrimitiveArray,
+    StringArray, UInt32Array,
 };
 use arrow::datatypes::{Field, Float32Type, Int32Type, Schema, UInt8Type};
 use arrow::error::ArrowError;
@@ -47,6 +47,11 @@ impl<'a> Table<'a> {
     /// A non-null float32 column.
     pub fn f32s(&self, name: &str) -> Result<&'a [f32]> {
         Ok(self.column::<Float32Array>(name, "float32")?.values())
+    }
+
+    /// A non-null float64 column.
+    pub fn f64s(&self, name: &str) -> Result<&'a [f64]> {
+        Ok(self.column::<Float64Array>(name, "float64")?.values())
     }
 
     /// A non-null utf8 column.

@@ -9,7 +9,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use arrow::array::{Array, BooleanArray, FixedSizeListArray, Float32Array, ListArray, StringArray, UInt32Array};
+use arrow::array::{
+    Array, BooleanArray, FixedSizeListArray, Float32Array, Float64Array, ListArray, StringArray, UInt32Array,
+};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
@@ -167,6 +169,10 @@ pub fn f32s(batch: &RecordBatch, name: &str) -> Vec<f32> {
     batch.column_by_name(name).unwrap().as_any().downcast_ref::<Float32Array>().unwrap().values().to_vec()
 }
 
+pub fn f64s(batch: &RecordBatch, name: &str) -> Vec<f64> {
+    batch.column_by_name(name).unwrap().as_any().downcast_ref::<Float64Array>().unwrap().values().to_vec()
+}
+
 pub fn bools(batch: &RecordBatch, name: &str) -> Vec<bool> {
     let c = batch.column_by_name(name).unwrap().as_any().downcast_ref::<BooleanArray>().unwrap();
     (0..c.len()).map(|i| c.value(i)).collect()
@@ -196,7 +202,7 @@ pub fn chains(batch: &RecordBatch) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// Area ratio as qpert computes it: f64, then stored as f32.
-pub fn area(b: [f64; 4], w: f64, h: f64) -> f32 {
-    ((b[2] - b[0]) * (b[3] - b[1]) / (w * h)) as f32
+/// Area ratio as qpert computes and stores it, in f64.
+pub fn area(b: [f64; 4], w: f64, h: f64) -> f64 {
+    (b[2] - b[0]) * (b[3] - b[1]) / (w * h)
 }

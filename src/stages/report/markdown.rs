@@ -111,7 +111,11 @@ pub fn render(config: &Config, m: &MetricsFile, plain: Option<&serde_json::Value
     let _ = writeln!(
         out,
         "Each bin holds the images whose largest kept box covers [lo, hi) of the image (image to text) \
-         and those images' captions (text to image); images without an Entities annotation are in no bin.\n"
+         and those images' captions (text to image); images without an Entities annotation are in no bin{}.\n",
+        match c.images_beyond_last_bin {
+            0 => String::new(),
+            n => format!(", nor (here: {}) are those whose largest box covers the whole image or more", counted(n, "image")),
+        }
     );
     bin_table(&mut out, "ITC", &m.itc);
     if let Some(b) = &m.rerank {
