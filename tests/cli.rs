@@ -289,19 +289,33 @@ fn an_object_size_on_a_bin_threshold_is_in_the_bin_below_it() {
     let xml = ws.data.join("flickr30k_entities/Annotations/1000004.xml");
     let text = std::fs::read_to_string(&xml).unwrap().replacen("<name>30</name>", "<name>33</name>", 1);
     let text = text.replacen("<xmin>201</xmin>", "<xmin>1</xmin>", 1).replacen("<ymin>101</ymin>", "<ymin>1</ymin>", 1);
-    let text = text.replacen("<xmax>401</xmax>", "<xmax>181</xmax>", 1).replacen("<ymax>301</ymax>", "<ymax>401</ymax>", 1);
+    let text =
+        text.replacen("<xmax>401</xmax>", "<xmax>181</xmax>", 1).replacen("<ymax>301</ymax>", "<ymax>401</ymax>", 1);
     std::fs::write(&xml, text).unwrap();
+    // Image 1000002 (512 x 512): its box covers the whole image, size 1: past the last bin.
+    let xml = ws.data.join("flickr30k_entities/Annotations/1000002.xml");
+    let text = std::fs::read_to_string(&xml).unwrap().replacen("<xmin>129</xmin>", "<xmin>1</xmin>", 1);
+    let text =
+        text.replacen("<ymin>65</ymin>", "<ymin>1</ymin>", 1).replacen("<xmax>385</xmax>", "<xmax>513</xmax>", 1);
+    std::fs::write(&xml, text.replacen("<ymax>449</ymax>", "<ymax>513</ymax>", 1)).unwrap();
 
     let run = ws.qpert(&["run", "--config", "{config}"]);
     assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
     let sizes = f64s(&ws.table("index", "images"), "object_size");
-    assert_eq!(sizes[3], 0.3);
-    assert_eq!(ws.table("index", "images").schema().field_with_name("object_size").unwrap().data_type(), &DataType::Float64);
-    // Sizes 0.55 (bin 5), 0.375 (bin 3), 0.66 (bin 6), 0.3 (bin 2), -1 (none).
-    let bins = &metrics(&ws)["itc"]["bins"];
+    assert_eq!((sizes[1], sizes[3]), (1.0, 0.3));
+    assert_eq!(
+        ws.table("index", "images").schema().field_with_name("object_size").unwrap().data_type(),
+        &DataType::Float64
+    );
+    // Sizes 0.55 (bin 5), 1 (none), 0.66 (bin 6), 0.3 (bin 2), -1 (none).
+    let m = metrics(&ws);
+    let bins = &m["itc"]["bins"];
     let n_images: Vec<u64> = (0..10).map(|k| bins[k]["n_images"].as_u64().unwrap()).collect();
-    assert_eq!(n_images, [0, 0, 1, 1, 0, 1, 1, 0, 0, 0]);
+    assert_eq!(n_images, [0, 0, 1, 0, 0, 1, 1, 0, 0, 0]);
     assert_eq!(bins[2]["n_texts"], 6, "the captions of image 1000004");
+    assert_eq!(m["counts"]["images_beyond_last_bin"], 1);
+    let md = std::fs::read_to_string(ws.path().join("out/report/report.md")).unwrap();
+    assert!(md.contains("nor (here: 1 image) are those whose largest box covers the whole image or more"), "{md}");
 }
 
 /// A kept box without area (here zero width) has an empty mask: warned (a data warning, so fatal
@@ -318,7 +332,11 @@ fn a_box_without_area_is_warned_and_counted() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("1 outside their image, 1 without area;"), "{}", stdout(&out));
     let warnings = stderr(&out);
-    assert!(warnings.contains("1000004.xml: image 1000004: kept box 1 (chains 33) [200.0, 100.0, 200.0, 300.0] has no area"), "{warnings}");
+    assert!(
+        warnings
+            .contains("1000004.xml: image 1000004: kept box 1 (chains 33) [200.0, 100.0, 200.0, 300.0] has no area"),
+        "{warnings}"
+    );
     assert_eq!(f64s(&ws.table("index", "images"), "object_size")[3], 0.0);
 
     let run = ws.qpert(&["run", "--config", "{config}"]);

@@ -181,7 +181,11 @@ fn parity_outliers(dir: &Path, device: &Device, tolerance: f32, attention: Atten
         eprintln!("{name} {attention:?}: {output:<24} max abs error {error:.2e}");
     }
     assert!(errors.len() >= 14, "every head was compared: {errors:?}");
-    errors.iter().filter(|(_, e)| *e > tolerance).map(|(output, e)| format!("{name} {attention:?} {output} {e:.2e}")).collect()
+    errors
+        .iter()
+        .filter(|(_, e)| *e > tolerance)
+        .map(|(output, e)| format!("{name} {attention:?} {output} {e:.2e}"))
+        .collect()
 }
 
 fn assert_parity(dir: &Path, device: &Device, tolerance: f32, attention: AttentionKernel) {

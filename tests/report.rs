@@ -89,7 +89,11 @@ const PAIRS: [Pair; 15] = [
 fn write_index(config: &Config) {
     let dir = StageDir::open(&config.output.dir, "index", index::fingerprint(config).unwrap());
     let ids: ArrayRef = Arc::new(StringArray::from(vec!["a", "b", "c"]));
-    let images = batch(vec![("image_idx", u32s(&[0, 1, 2])), ("image_id", ids), ("object_size", Arc::new(Float64Array::from(SIZES.to_vec())))]);
+    let images = batch(vec![
+        ("image_idx", u32s(&[0, 1, 2])),
+        ("image_id", ids),
+        ("object_size", Arc::new(Float64Array::from(SIZES.to_vec()))),
+    ]);
     let texts = batch(vec![("text_idx", u32s(&[0, 1, 2, 3, 4, 5])), ("image_idx", u32s(&TEXT_IMAGE))]);
     write_tables(&dir, &[("images", images), ("texts", texts)]);
 }

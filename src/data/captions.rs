@@ -17,8 +17,7 @@ const PUNCTUATION: &[char] = &['.', '!', '"', '(', ')', '*', '#', ':', ';', '~']
 
 /// Python's `\s` on a `str` (the characters for which `str.isspace()` holds): Unicode White_Space,
 /// which is Rust's `\s`, plus the four separators U+001C to U+001F.
-static WHITESPACE_RUN: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"[\s\x1C-\x1F]{2,}").expect("valid regex"));
+static WHITESPACE_RUN: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"[\s\x1C-\x1F]{2,}").expect("valid regex"));
 
 /// The LAVIS-cleaned form of `caption`.
 pub fn clean_caption(caption: &str) -> String {

@@ -70,6 +70,13 @@ pub struct KeptBox {
     pub outside: bool,
 }
 
+impl KeptBox {
+    /// Whether the box has no area (its end is not past its start on some axis): its mask is empty.
+    pub fn is_empty(&self) -> bool {
+        self.coords[2] <= self.coords[0] || self.coords[3] <= self.coords[1]
+    }
+}
+
 /// An image's boxes after the keep-if-mentioned filter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageBoxes {

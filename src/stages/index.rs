@@ -395,7 +395,7 @@ fn report_boxes(
             );
             warnings.push(ctx.data_warning(&xml, &msg)?);
         }
-        for (i, b) in boxes.kept.iter().enumerate().filter(|(_, b)| b.coords[2] <= b.coords[0] || b.coords[3] <= b.coords[1]) {
+        for (i, b) in boxes.kept.iter().enumerate().filter(|(_, b)| b.is_empty()) {
             coverage.boxes_without_area += 1;
             let msg = format!(
                 "image {}: kept box {} (chains {}) {:?} has no area (its end is not past its start): its mask is \

@@ -114,7 +114,10 @@ pub fn render(config: &Config, m: &MetricsFile, plain: Option<&serde_json::Value
          and those images' captions (text to image); images without an Entities annotation are in no bin{}.\n",
         match c.images_beyond_last_bin {
             0 => String::new(),
-            n => format!(", nor (here: {}) are those whose largest box covers the whole image or more", counted(n, "image")),
+            n => format!(
+                ", nor (here: {}) are those whose largest box covers the whole image or more",
+                counted(n, "image")
+            ),
         }
     );
     bin_table(&mut out, "ITC", &m.itc);
