@@ -52,7 +52,21 @@ pub fn decode_rgb_bytes(path: &Path, bytes: &[u8]) -> Result<RgbImage> {
         let name = format.extensions_str().first().map_or_else(|| format!("{format:?}"), |x| x.to_uppercase());
         Error::input(path, format!("{name} decode failed: {e}"))
     })?;
+    // The png crate turns a 16-bit grey PNG's tRNS chunk into an alpha channel; Pillow opens that
+    // file as `I;16` and ignores the transparency in `convert("RGB")`. Drop the alpha, so that the
+    // grey is clipped as `I;16` is, not shifted as a true 16-bit grey + alpha PNG (Pillow: RGBA).
+    let img = match img {
+        DynamicImage::ImageLumaA16(la) if is_png_grey16(bytes) => DynamicImage::ImageLumaA16(la).to_luma16().into(),
+        other => other,
+    };
     Ok(dynamic_to_rgb(img))
+}
+
+/// Whether `bytes` are a PNG whose header says 16-bit grey (bit depth 16, colour type 0).
+fn is_png_grey16(bytes: &[u8]) -> bool {
+    // The signature (8 bytes), the IHDR chunk's length and type (8), width and height (8), then
+    // the bit depth and the colour type.
+    bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.get(24..26) == Some(&[16, 0])
 }
 
 fn io_reason(e: &std::io::Error) -> String {
@@ -422,6 +436,25 @@ pub fn preprocess_batch<P: AsRef<Path> + Sync>(paths: &[P], size: u32) -> Vec<Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    }
+
+    /// 4 x 1 PNGs written with Python's zlib (grey values 100, 0x1234, 65535, 0), decoded by Pillow
+    /// 13.0: 16-bit grey with a tRNS chunk opens as `I;16` (clipped: 100, 255, 255, 0); 16-bit grey
+    /// + alpha as RGBA (high byte: 0, 18, 255, 0).
+    #[test]
+    fn sixteen_bit_grey_pngs_convert_as_pillow_does() {
+        let grey_trns = "89504e470d0a1a0a0000000d49484452000000040000000110000000008cc78c520000000274524e5300007693cd380000\
+                         001149444154789c6360481132f9ff9f8101000b2e02a9ff2644240000000049454e44ae426082";
+        let grey_alpha = "89504e470d0a1a0a0000000d494844520000000400000001100400000003a51b050000001649444154789c636048f9ff5fc8\
+                          e43f183030fcff0f0053b60aa12bade62a0000000049454e44ae426082";
+        for (png, grey) in [(grey_trns, [100, 255, 255, 0]), (grey_alpha, [0, 18, 255, 0])] {
+            let rgb = decode_rgb_bytes(Path::new("x.png"), &hex(&png.replace(' ', ""))).unwrap();
+            assert_eq!(rgb.as_raw(), &grey.iter().flat_map(|&g| [g; 3]).collect::<Vec<u8>>(), "{png}");
+        }
+    }
 
     #[test]
     fn coefficients_sum_to_one_in_fixed_point() {
