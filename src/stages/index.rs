@@ -115,8 +115,8 @@ pub struct Coverage {
     pub boxes_dropped: usize,
     /// Kept boxes reaching outside their image (warned; fatal under `--strict`).
     pub boxes_outside_image: usize,
-    /// Kept boxes without area (xmax <= xmin or ymax <= ymin): an empty mask, so a zero Gram matrix
-    /// and the arbitrary projector of `KeySubspace::of_gram` (warned; fatal under `--strict`).
+    /// Kept boxes without area (xmax <= xmin or ymax <= ymin): an empty mask, so a zero Gram matrix,
+    /// whose projector is e1 e1^T by convention (`KeySubspace::of_gram`; warned; fatal under `--strict`).
     pub boxes_without_area: usize,
     /// COCO Entities only: boxes dropped as near-duplicates (L1 < 0.1) of a box of the same image.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -399,7 +399,7 @@ fn report_boxes(
             coverage.boxes_without_area += 1;
             let msg = format!(
                 "image {}: kept box {} (chains {}) {:?} has no area (its end is not past its start): its mask is \
-                 empty and its projector arbitrary (e1 e1^T, see README: The method)",
+                 empty, so Q-Pert gives it the projector of a zero Gram matrix, e1 e1^T (README: The method)",
                 record.image_id,
                 i + 1,
                 b.chains.join(","),
