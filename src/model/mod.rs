@@ -13,10 +13,9 @@
 //! Precision: the weights are stored and the activations computed in the run dtype
 //! ([`Blip2Model::load_with_dtype`]: f32, bf16 or f16), except LayerNorm, softmax, GELU and the
 //! vision patch convolution, which cast up to f32, compute and cast back ([`LayerNorm`], `softmax`,
-//! `gelu`, `vision::VisionEmbeddings`), and the vision attention's scale, applied in f32.
-//! Every public forward casts its
-//! float inputs to the run dtype and returns f32; the final L2 normalisation and the ITM mean run
-//! in f32. In f32 every cast is a no-op, so the f32 path is the plain burn computation.
+//! `gelu`, `vision::VisionEmbeddings`), and the vision attention's scale, applied in f32. Every
+//! public forward casts its float inputs to the run dtype and returns f32; the final L2
+//! normalisation and the ITM mean run in f32. In f32 every cast is a no-op, so the f32 path is the plain burn computation.
 
 pub mod blip2;
 pub mod config;
